@@ -1,0 +1,613 @@
+"""Grouped GEMM: m-grouped ``gmm`` (forward and dgrad) and k-grouped ``gmm_k`` (wgrad).
+
+Legend: M rows of x (routed rows), K reduction dim, N output columns, G groups (experts).
+
+    gmm(x [M, K], w [G, K, N], sizes [G]) -> out [M, N]      out[rows of g] = x[rows of g] @ w[g]
+    gmm_k(a [M, Ka], b [M, Nb], sizes [G]) -> out [G, Ka, Nb]  out[g] = a[rows of g]^T @ b[rows of g]
+
+Rows are grouped contiguously: group g owns rows [end[g-1], end[g]). Group sizes stay on the device: a tiny
+one-program Triton kernel turns them into a tile schedule (row ends and cumulative m-tile counts) and the GEMM
+kernel is persistent over an upper bound of tiles, each program finding its tile's group by binary search.
+Nothing reads the sizes on the host, so every launch here can be captured in a CUDA graph.
+
+Layout of this file: tuning constants, Triton kernels, launchers, autograd, public functions, references.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _env
+from .._checks import check_row_major, check_same_device, check_same_dtype, check_shape, check_tensor
+
+# ---------------------------------------------------------------------------------------------------------
+# Tuning constants
+# ---------------------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Tiles the CPU interpreter uses: 16 is the smallest tl.dot takes, so tiny test shapes still span many tiles
+# and exercise the tile schedule, group edges and K tails.
+_INTERPRETER_CONFIG = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=1, num_stages=1)
+
+# Consecutive m-tiles that share one sweep over N before moving on (the L2 swizzle of Triton's matmul
+# tutorial): a band of GROUP_M row tiles re-reads the same w[g] column panels while they are hot in L2.
+_GROUP_M = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool) -> dict:
+    """Tile config for the m-grouped kernel, keyed on (dtype, N, K) and never on M, so a new batch size
+    reuses the compiled kernel."""
+    if on_cpu:
+        return dict(_INTERPRETER_CONFIG)
+    if dtype == torch.float32:
+        return dict(BM=128, BN=64, BK=32, GROUP_M=_GROUP_M, num_warps=4, num_stages=3)
+    if n >= 256:
+        return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=3)
+    return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=4, num_stages=4)
+
+
+def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
+    """Tile config for the k-grouped kernel: BK x BN output tile per program, BM rows reduced per step."""
+    if on_cpu:
+        return dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BK=64, BN=64, BM=32, num_warps=4, num_stages=3)
+    return dict(BK=128, BN=128, BM=64, num_warps=8, num_stages=3)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own TF32 switch, so a user comparing against torch.matmul gets the same
+    # arithmetic; fp16/bf16 ignore it.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _interpreter_upcast(t: torch.Tensor) -> bool:
+    # Triton's CPU interpreter (3.9) computes tl.dot on bf16 tiles wrongly (it multiplies the raw bits), so
+    # there the tiles go to fp32 first: exact for bf16, and the accumulation is fp32 either way.
+    return (not t.is_cuda) and t.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_schedule_kernel(
+    sizes_ptr,  # [G] counts, or [G] cumulative ends when SIZES_ARE_ENDS
+    row_end_ptr,  # out [G + 1] int32: end row of each group; entry G is M (the zero-filled tail)
+    tile_end_ptr,  # out [G + 1] int32: cumulative count of BM-row tiles, tail included
+    M,
+    G,
+    SIZES_ARE_ENDS: tl.constexpr,
+    BM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """One program: sanitize the sizes (clamp to [0, M]) and build the schedule. Clamping means invalid
+    sizes can never drive a kernel out of bounds; debug mode rejects them on the host instead."""
+    idx = tl.arange(0, BLOCK_G)
+    raw = tl.load(sizes_ptr + idx, mask=idx < G, other=0).to(tl.int64)
+    if SIZES_ARE_ENDS:
+        raw -= tl.load(sizes_ptr + idx - 1, mask=(idx > 0) & (idx < G), other=0).to(tl.int64)
+    counts = tl.maximum(raw, 0)  # entry G (the tail) loads 0 here
+    inclusive = tl.cumsum(counts, 0)
+    starts = tl.minimum(inclusive - counts, M)
+    # entry G is the tail [end of last group, M): rows no group owns, written as zeros
+    ends = tl.where(idx == G, M, tl.minimum(inclusive, M))
+    tiles = tl.where(idx <= G, (ends - starts + BM - 1) // BM, 0)
+    tile_ends = tl.cumsum(tiles, 0)
+    tl.store(row_end_ptr + idx, ends.to(tl.int32), mask=idx <= G)
+    tl.store(tile_end_ptr + idx, tile_ends.to(tl.int32), mask=idx <= G)
+
+
+@triton.jit
+def _gmm_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, row_end_ptr, tile_end_ptr,
+    M, N, K, G, num_programs,
+    stride_xm, stride_xk,
+    stride_wg, stride_wk, stride_wn,
+    stride_bg, stride_bn,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Persistent m-grouped GEMM. Tile t covers BM rows of one group and BN columns; rows outside the group
+    are loaded (or masked) but never stored, so each group boundary costs at most one partial tile."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    total_m_tiles = tl.load(tile_end_ptr + G)
+    total_tiles = total_m_tiles * num_n
+    tiles_per_band = GROUP_M * num_n
+    for tile in range(pid, total_tiles, num_programs):
+        band = tile // tiles_per_band
+        first_m = band * GROUP_M
+        band_rows = tl.minimum(total_m_tiles - first_m, GROUP_M)
+        in_band = tile % tiles_per_band
+        m_tile = first_m + in_band % band_rows
+        n_tile = in_band // band_rows
+
+        # group of this m-tile: the first g with tile_end[g] > m_tile (search over [0, G])
+        lo = 0
+        hi = G
+        for _ in range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            right = tl.load(tile_end_ptr + mid) <= m_tile
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(right, hi, mid)
+        g = lo
+        first_tile = tl.load(tile_end_ptr + g - 1, mask=g > 0, other=0)
+        row_start = tl.load(row_end_ptr + g - 1, mask=g > 0, other=0)
+        row_end = tl.load(row_end_ptr + g)
+
+        rows = row_start + (m_tile - first_tile) * BM + tl.arange(0, BM)
+        cols = n_tile * BN + tl.arange(0, BN)
+        row_ok = rows < row_end
+        col_ok = cols < N
+        rows64 = rows.to(tl.int64)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if g < G:  # the tail group G has no weight: its rows stay zero
+            ks = tl.arange(0, BK)
+            x_ptrs = x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk
+            w_ptrs = w_ptr + g.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+            for k0 in range(0, K, BK):
+                k_ok = (k0 + ks) < K
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                x_ptrs += BK * stride_xk
+                w_ptrs += BK * stride_wk
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + g * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gmm_k_kernel(
+    a_ptr, b_ptr, out_ptr, row_end_ptr,
+    KA, NB, G,
+    stride_am, stride_ak,
+    stride_bm, stride_bn,
+    stride_og, stride_ok, stride_on,
+    ACCUMULATE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+):
+    """k-grouped GEMM: one program owns one [BK, BN] tile of out[g] and reduces over all of group g's rows in
+    a fixed order, so the result is deterministic (no split-K atomics). Empty groups store exact zeros."""
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(KA, BK)
+    num_n = tl.cdiv(NB, BN)
+    g = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    k_tile = rest // num_n
+    n_tile = rest % num_n
+    row_start = tl.load(row_end_ptr + g - 1, mask=g > 0, other=0)
+    row_end = tl.load(row_end_ptr + g)
+
+    ks = k_tile * BK + tl.arange(0, BK)
+    ns = n_tile * BN + tl.arange(0, BN)
+    k_ok = ks < KA
+    n_ok = ns < NB
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rows64[:, None] * stride_bm + ns[None, :] * stride_bn,
+                    mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    out_ptrs = out_ptr + g.to(tl.int64) * stride_og + ks[:, None] * stride_ok + ns[None, :] * stride_on
+    mask = k_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers (inputs already validated)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    choice = _env.backend()
+    if choice == "torch":
+        return False
+    if t.is_cuda:
+        return True
+    if choice == "triton":
+        if not _env.triton_interpreter_enabled():
+            raise RuntimeError("MOETRON_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before "
+                               "triton is imported")
+        return True
+    return False
+
+
+class _Groups:
+    """Group sizes as the kernels consume them. ``sizes`` is the caller's tensor (counts, or cumulative ends
+    when ``are_ends``), already on the compute device. The derived schedules are computed lazily and cached
+    per tile height, so forward and backward share them."""
+
+    def __init__(self, sizes: torch.Tensor, are_ends: bool, num_rows: int):
+        self.sizes = sizes
+        self.are_ends = are_ends
+        self.num_rows = num_rows
+        self.num_groups = sizes.numel()
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._host_counts: list[int] | None = None
+
+    def schedule(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_end [G+1], tile_end [G+1]) int32 on the device; entry G is the zero-filled tail."""
+        if block_m not in self._schedules:
+            G = self.num_groups
+            row_end = torch.empty(G + 1, dtype=torch.int32, device=self.sizes.device)
+            tile_end = torch.empty(G + 1, dtype=torch.int32, device=self.sizes.device)
+            _group_schedule_kernel[(1,)](
+                self.sizes, row_end, tile_end, self.num_rows, G,
+                SIZES_ARE_ENDS=self.are_ends, BM=block_m, BLOCK_G=triton.next_power_of_2(G + 1),
+            )
+            self._schedules[block_m] = (row_end, tile_end)
+        return self._schedules[block_m]
+
+    def row_end(self) -> torch.Tensor:
+        if self._schedules:
+            return next(iter(self._schedules.values()))[0]
+        return self.schedule(16)[0]
+
+    def host_counts(self) -> list[int]:
+        """Per-group row counts, clamped exactly as the device schedule clamps them. Syncs if the sizes live
+        on the GPU; only the torch backend calls it."""
+        if self._host_counts is None:
+            raw = self.sizes.tolist()
+            if self.are_ends:
+                raw = [raw[0]] + [b - a for a, b in zip(raw, raw[1:])] if raw else []
+            counts, end = [], 0
+            for c in raw:
+                c = min(max(int(c), 0), self.num_rows - end)
+                counts.append(c)
+                end += c
+            self._host_counts = counts
+        return self._host_counts
+
+
+def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
+    M, K = x.shape
+    N = out.shape[1]
+    G = groups.num_groups
+    cfg = _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda)
+    row_end, tile_end = groups.schedule(cfg["BM"])
+    # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
+    stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
+    num_n = triton.cdiv(N, cfg["BN"])
+    max_tiles = (triton.cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
+    programs = _num_sms(x.device.index or 0) if x.is_cuda else 4
+    programs = max(1, min(programs, max_tiles))
+    bias_arg = bias if bias is not None else out
+    _gmm_kernel[(programs,)](
+        x, w, bias_arg, out, row_end, tile_end,
+        M, N, K, G, programs,
+        x.stride(0), x.stride(1),
+        w.stride(0), stride_wk, stride_wn,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None,
+        SEARCH_STEPS=max(1, math.ceil(math.log2(G + 1))),
+        INPUT_PRECISION=_input_precision(x.dtype),
+        UPCAST=_interpreter_upcast(x),
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
+    KA, NB = a.shape[1], b.shape[1]
+    G = groups.num_groups
+    cfg = _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda)
+    grid = (G * triton.cdiv(KA, cfg["BK"]) * triton.cdiv(NB, cfg["BN"]),)
+    _gmm_k_kernel[grid](
+        a, b, out, groups.row_end(),
+        KA, NB, G,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        ACCUMULATE=accumulate,
+        INPUT_PRECISION=_input_precision(a.dtype),
+        UPCAST=_interpreter_upcast(a),
+        BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _torch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
+    """Plain PyTorch path (the CPU backend): fp32 accumulation, one rounding, tail rows zeroed."""
+    start = 0
+    for g, count in enumerate(groups.host_counts()):
+        if count:
+            wg = w[g].float()
+            acc = x[start:start + count].float() @ (wg.t() if trans_w else wg)
+            if bias is not None:
+                acc += bias[g].float()
+            out[start:start + count] = acc.to(out.dtype)
+        start += count
+    out[start:].zero_()
+    return out
+
+
+def _torch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
+    start = 0
+    for g, count in enumerate(groups.host_counts()):
+        acc = a[start:start + count].float().t() @ b[start:start + count].float()
+        if accumulate:
+            acc += out[g].float()
+        out[g] = acc.to(out.dtype)
+        start += count
+    return out
+
+
+def _run_gmm(x, w, bias, groups, out, trans_w):
+    M, N = out.shape
+    if M == 0 or N == 0:
+        return out
+    if x.shape[1] == 0:  # empty reduction: bias only, tail rows zero
+        return _torch_gmm(x, w, bias, groups, out, trans_w)
+    if _use_triton(x):
+        return _launch_gmm(x, w, bias, groups, out, trans_w)
+    return _torch_gmm(x, w, bias, groups, out, trans_w)
+
+
+def _run_gmm_k(a, b, groups, out, accumulate):
+    if out.numel() == 0:
+        return out
+    if a.shape[0] == 0:
+        if not accumulate:
+            out.zero_()
+        return out
+    if _use_triton(a):
+        return _launch_gmm_k(a, b, groups, out, accumulate)
+    return _torch_gmm_k(a, b, groups, out, accumulate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad):
+        M, N = x.shape[0], (w.shape[1] if trans_w else w.shape[2])
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        _run_gmm(x, w, bias, groups, out, trans_w)
+        ctx.save_for_backward(x, w)
+        ctx.groups, ctx.trans_w, ctx.main_grad = groups, trans_w, main_grad
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        groups, trans_w = ctx.groups, ctx.trans_w
+        dy = dy.contiguous()
+        dx = dw = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            _run_gmm(dy, w, None, groups, dx, not trans_w)
+        if ctx.needs_input_grad[1]:
+            # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
+            a, b = (dy, x) if trans_w else (x, dy)
+            if ctx.main_grad is not None:
+                _run_gmm_k(a, b, groups, ctx.main_grad, accumulate=True)
+                if hasattr(w, "grad_added_to_main_grad"):
+                    w.grad_added_to_main_grad = True
+            else:
+                dw = torch.empty_like(w)
+                _run_gmm_k(a, b, groups, dw, accumulate=False)
+        if ctx.needs_input_grad[2]:
+            ones = torch.ones(1, 1, dtype=dy.dtype, device=dy.device).expand(dy.shape[0], 1)
+            dbias = torch.empty(groups.num_groups, 1, dy.shape[1], dtype=ctx.bias_dtype, device=dy.device)
+            _run_gmm_k(ones, dy, groups, dbias, accumulate=False)
+            dbias = dbias.squeeze(1)
+        return dx, dw, dbias, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------------
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_host_sizes(name: str, values: list[int], are_ends: bool, num_rows: int):
+    """Full check of sizes we can read without a device sync (CPU tensors, or any tensor in debug mode)."""
+    if are_ends:
+        prev = 0
+        for g, end in enumerate(values):
+            if end < prev:
+                raise ValueError(f"{name} must be non-decreasing cumulative row ends starting at >= 0, got "
+                                 f"{name}[{g}] = {end} after {prev}")
+            prev = end
+        total = values[-1] if values else 0
+    else:
+        negative = [(g, c) for g, c in enumerate(values) if c < 0]
+        if negative:
+            g, c = negative[0]
+            raise ValueError(f"{name} must be non-negative row counts, got {name}[{g}] = {c}")
+        total = sum(values)
+    if total > num_rows:
+        raise ValueError(f"{name} must cover at most the {num_rows} rows of x, but the groups add up to {total}")
+
+
+def _make_groups(group_sizes, offsets, num_groups: int, num_rows: int, device: torch.device,
+                 group_arg: str = "w") -> _Groups:
+    if (group_sizes is None) == (offsets is None):
+        raise ValueError("pass exactly one of group_sizes (per-group row counts) or offsets (cumulative row "
+                         f"ends), got {'both' if group_sizes is not None else 'neither'}")
+    name, sizes = ("group_sizes", group_sizes) if group_sizes is not None else ("offsets", offsets)
+    are_ends = offsets is not None
+    if isinstance(sizes, (list, tuple)):
+        sizes = torch.tensor(sizes, dtype=torch.int64)
+    check_tensor(name, sizes, ndim=1, dtypes=_INDEX_DTYPES)
+    if sizes.numel() != num_groups:
+        raise ValueError(f"{name} must have one entry per group of {group_arg} ({num_groups}), got "
+                         f"{sizes.numel()} entries")
+    if sizes.device.type == "cpu" or _env.debug_checks_enabled():
+        # CPU values are free to read; GPU values are read only in debug mode (this syncs).
+        _check_host_sizes(name, sizes.tolist(), are_ends, num_rows)
+    if sizes.device != device:
+        if sizes.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU or on x's device ({device}), got {sizes.device}")
+        sizes = sizes.to(device, non_blocking=True)
+    return _Groups(sizes.contiguous(), are_ends, num_rows)
+
+
+def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = None, *,
+        offsets: torch.Tensor | None = None, trans_w: bool = False, bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """m-grouped GEMM: ``out[rows of g] = x[rows of g] @ w[g] (+ bias[g])``.
+
+    Args:
+        x: ``[M, K]`` fp16, bf16 or fp32, contiguous in its last dim. Group g owns a contiguous run of rows.
+        w: ``[G, K, N]`` (or ``[G, N, K]`` with ``trans_w=True``, the Hugging Face v5 experts layout),
+            contiguous, same dtype and device as x.
+        group_sizes: ``[G]`` int32/int64 rows per group, on x's device or the CPU. Empty groups are fine.
+        offsets: ``[G]`` cumulative row ends instead of ``group_sizes`` (torch ``offs`` / npu_gmm
+            ``group_list``). Pass exactly one of the two.
+        trans_w: read ``w`` as ``[G, N, K]``.
+        bias: optional ``[G, N]`` in x's dtype or fp32.
+        out: optional ``[M, N]`` output in x's dtype (not allowed while autograd records).
+
+    Returns:
+        ``[M, N]`` in x's dtype, accumulated in fp32. Rows past the last group (when the sizes add up to
+        less than M) are zeros.
+
+    Autograd: dx is a grouped GEMM with the weight transposed, dw a k-grouped GEMM (``gmm_k``), dbias the
+    per-group sum of dy. If ``w`` has an fp32 ``main_grad`` attribute (Megatron's gradient-accumulation
+    fusion), its weight gradient is added into ``w.main_grad`` and ``w.grad`` stays None.
+
+    Sizes on the GPU are never read by the host; on CUDA this is one Triton kernel (plus a one-program
+    schedule kernel) and can be captured in a CUDA graph. Sizes on the CPU are checked on the host. GPU sizes
+    are checked only with ``MOETRON_DEBUG=1``; otherwise invalid ones are clamped to [0, M] (never out of
+    bounds, result unspecified).
+    """
+    check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("w", w, ndim=3, dtypes=_FLOAT_DTYPES)
+    check_same_dtype("w", w, "x", x)
+    check_same_device("w", w, "x", x)
+    M, K = x.shape
+    G = w.shape[0]
+    if G == 0:
+        raise ValueError("w must hold at least one group, got shape " f"{tuple(w.shape)}")
+    w_k, N = (w.shape[2], w.shape[1]) if trans_w else (w.shape[1], w.shape[2])
+    if w_k != K:
+        layout = "[G, N, K] (trans_w=True)" if trans_w else "[G, K, N]"
+        raise ValueError(f"w must be {layout} with K = x.shape[1] = {K}, got w.shape = {tuple(w.shape)}")
+    check_row_major("x", x)
+    if not w.is_contiguous():
+        raise ValueError(f"w must be contiguous, got strides {tuple(w.stride())} for shape {tuple(w.shape)}; "
+                         "call .contiguous() first, or pass the untransposed tensor with trans_w=True")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=2, dtypes=(x.dtype, torch.float32))
+        check_shape("bias", bias, (G, N), "[G, N]")
+        check_same_device("bias", bias, "x", x)
+    groups = _make_groups(group_sizes, offsets, G, M, x.device)
+
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if out is not None:
+        if needs_grad:
+            raise ValueError("out= is not supported while autograd records (an input requires grad); "
+                             "call under torch.no_grad() or drop out=")
+        check_tensor("out", out, ndim=2, dtypes=(x.dtype,))
+        check_shape("out", out, (M, N), "[M, N]")
+        check_same_device("out", out, "x", x)
+        return _run_gmm(x, w, bias, groups, out, trans_w)
+    if not needs_grad:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return _run_gmm(x, w, bias, groups, out, trans_w)
+    main_grad = getattr(w, "main_grad", None)
+    if main_grad is not None:
+        check_tensor("w.main_grad", main_grad, dtypes=(torch.float32,))
+        check_shape("w.main_grad", main_grad, tuple(w.shape), "the shape of w")
+        check_same_device("w.main_grad", main_grad, "w", w)
+    return _GroupedMatmul.apply(x, w, bias, groups, trans_w, main_grad)
+
+
+def gmm_k(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Tensor | None = None, *,
+          offsets: torch.Tensor | None = None, out: torch.Tensor | None = None,
+          accumulate: bool = False) -> torch.Tensor:
+    """k-grouped GEMM (the weight gradient): ``out[g] = x[rows of g]^T @ dy[rows of g]``.
+
+    Args:
+        x: ``[M, K]`` fp16, bf16 or fp32.
+        dy: ``[M, N]``, same dtype and device as x. The grouped (reduction) axis is the row axis of both.
+        group_sizes / offsets: ``[G]`` int32/int64 per-group row counts or cumulative ends; exactly one.
+        out: optional ``[G, K, N]`` in x's dtype or fp32 (for example a Megatron-style ``main_grad``).
+        accumulate: add into ``out`` instead of overwriting it (npu_gmm's ``gemm_fusion``); needs ``out``.
+
+    Returns:
+        ``[G, K, N]``: ``out`` if given, else a new tensor in x's dtype. Accumulation is fp32, in a fixed
+        order (no atomics), so results are deterministic; empty groups give exact zeros (or leave ``out``
+        unchanged when accumulating). Not differentiable.
+    """
+    check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("dy", dy, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_same_dtype("dy", dy, "x", x)
+    check_same_device("dy", dy, "x", x)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy must have as many rows as x ({x.shape[0]}), got dy.shape = {tuple(dy.shape)}")
+    M, K = x.shape
+    N = dy.shape[1]
+    sizes = group_sizes if group_sizes is not None else offsets
+    G = len(sizes) if isinstance(sizes, (list, tuple)) else (sizes.numel() if sizes is not None else 0)
+    groups = _make_groups(group_sizes, offsets, G, M, x.device, group_arg="the output")
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs out= (the tensor to add into), got out=None")
+        out = torch.empty(G, K, N, dtype=x.dtype, device=x.device)
+    else:
+        check_tensor("out", out, ndim=3, dtypes=(x.dtype, torch.float32))
+        check_shape("out", out, (G, K, N), "[G, K, N]")
+        check_same_device("out", out, "x", x)
+    return _run_gmm_k(x, dy, groups, out, accumulate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference (readable, slow): what the kernels compute, written as the blog's per-group loop.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gmm_ref(x, w, group_sizes, trans_w=False, bias=None):
+    """Per-group loop of ``torch.matmul`` in x's dtype; tail rows are zero. ``group_sizes`` is a list of ints."""
+    out = torch.zeros(x.shape[0], w.shape[1] if trans_w else w.shape[2], dtype=x.dtype, device=x.device)
+    start = 0
+    for g, count in enumerate(group_sizes):
+        wg = w[g].t() if trans_w else w[g]
+        out[start:start + count] = x[start:start + count] @ wg + (0 if bias is None else bias[g].to(x.dtype))
+        start += count
+    return out
