@@ -74,15 +74,30 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _interpreter_upcast(t: torch.Tensor) -> bool:
-    # Triton's CPU interpreter (3.9) computes tl.dot on bf16 tiles wrongly (it multiplies the raw bits), so
-    # there the tiles go to fp32 first: exact for bf16, and the accumulation is fp32 either way.
+def _interpreter_bf16_fixups(t: torch.Tensor) -> bool:
+    # Triton's CPU interpreter (3.9) gets bf16 wrong in two places: tl.dot on bf16 tiles multiplies the raw
+    # bits, and fp32 -> bf16 rounding is off. Under the interpreter, bf16 tiles go to fp32 before the dot
+    # (exact; the accumulation is fp32 either way) and the output rounding is done on the bits.
     return (not t.is_cuda) and t.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _to_output_dtype(acc, out_ptr, BF16_FIXUPS: tl.constexpr):
+    """fp32 accumulator -> the output's dtype, rounding to nearest even like the GPU does. Triton's CPU
+    interpreter rounds fp32 -> bf16 incorrectly (half-up, no carry), so there the rounding is done on the bits."""
+    if out_ptr.dtype.element_ty == tl.float32:
+        return acc
+    elif BF16_FIXUPS and out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return acc.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -124,7 +139,7 @@ def _gmm_kernel(
     HAS_BIAS: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BF16_FIXUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Persistent m-grouped GEMM. Tile t covers BM rows of one group and BN columns; rows outside the group
@@ -169,7 +184,7 @@ def _gmm_kernel(
                 k_ok = (k0 + ks) < K
                 a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:
+                if BF16_FIXUPS:
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
                 x_ptrs += BK * stride_xk
@@ -178,7 +193,7 @@ def _gmm_kernel(
                 bias = tl.load(bias_ptr + g * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
         out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -190,7 +205,7 @@ def _gmm_k_kernel(
     stride_og, stride_ok, stride_on,
     ACCUMULATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BF16_FIXUPS: tl.constexpr,
     BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
 ):
     """k-grouped GEMM: one program owns one [BK, BN] tile of out[g] and reduces over all of group g's rows in
@@ -218,14 +233,14 @@ def _gmm_k_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rows64[:, None] * stride_bm + ns[None, :] * stride_bn,
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
+        if BF16_FIXUPS:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
     out_ptrs = out_ptr + g.to(tl.int64) * stride_og + ks[:, None] * stride_ok + ns[None, :] * stride_on
     mask = k_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,7 +332,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
         HAS_BIAS=bias is not None,
         SEARCH_STEPS=max(1, math.ceil(math.log2(G + 1))),
         INPUT_PRECISION=_input_precision(x.dtype),
-        UPCAST=_interpreter_upcast(x),
+        BF16_FIXUPS=_interpreter_bf16_fixups(x),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -337,7 +352,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
         out.stride(0), out.stride(1), out.stride(2),
         ACCUMULATE=accumulate,
         INPUT_PRECISION=_input_precision(a.dtype),
-        UPCAST=_interpreter_upcast(a),
+        BF16_FIXUPS=_interpreter_bf16_fixups(a) or _interpreter_bf16_fixups(out),
         BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

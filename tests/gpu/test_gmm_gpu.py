@@ -1,0 +1,140 @@
+"""GPU-only checks of moetron.gmm: full-size shapes, no host sync, CUDA-graph capture, determinism.
+Run on a CUDA machine with `python -m pytest tests/gpu tests/ops -q` (the tests/ops cases then run on CUDA)."""
+
+import math
+
+import pytest
+import torch
+
+import moetron
+from tests._tolerance import assert_close_to_ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references must be true fp32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _loop(x, w, sizes, dtype=None):
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=dtype or x.dtype, device=x.device)
+    s = 0
+    for g, c in enumerate(sizes):
+        out[s:s + c] = (x[s:s + c].to(out.dtype) @ w[g].to(out.dtype))
+        s += c
+    return out
+
+
+def _loop_wgrad(x, dy, sizes, dtype):
+    out = torch.zeros(len(sizes), x.shape[1], dy.shape[1], dtype=dtype, device=x.device)
+    s = 0
+    for g, c in enumerate(sizes):
+        out[g] = x[s:s + c].to(dtype).t() @ dy[s:s + c].to(dtype)
+        s += c
+    return out
+
+
+@pytest.mark.parametrize("name,sizes,K,N", [
+    # the Mixtral edge case: very uneven sizes, a 1-row and a 5-row group, an empty last group
+    ("mixtral_edge", [219, 2246, 5, 8103, 1, 1117, 4693, 0], 4096, 14336),
+    # fine-grained experts: 128 groups at the Qwen3-30B shape, random sizes with empties
+    ("qwen3_like", None, 2048, 1536),
+])
+def test_large_forward_backward(name, sizes, K, N):
+    gen = torch.Generator().manual_seed(0)
+    if sizes is None:
+        d = torch.rand(128, generator=gen) * (torch.rand(128, generator=gen) > 0.2)
+        sizes = (d / d.sum() * 8192).long()
+        sizes[0] += 8192 - sizes.sum()
+        sizes = sizes.tolist()
+    M, G = sum(sizes), len(sizes)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(G, K, N, device="cuda") / math.sqrt(K)).to(torch.bfloat16)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = moetron.gmm(xg, wg, torch.tensor(sizes, device="cuda"))
+    out.backward(dy)
+    ref = _loop(x, w, sizes, torch.float32)
+    assert_close_to_ref("out", out, ref, _loop(x, w, sizes))
+    ref_dx = _loop(dy, w.transpose(1, 2), sizes, torch.float32)
+    assert_close_to_ref("dx", xg.grad, ref_dx, _loop(dy, w.transpose(1, 2).contiguous(), sizes))
+    ref_dw = _loop_wgrad(x, dy, sizes, torch.float32)
+    assert_close_to_ref("dw", wg.grad, ref_dw, _loop_wgrad(x, dy, sizes, torch.bfloat16))
+
+
+def test_no_host_sync():
+    """With sizes on the GPU, forward and backward never synchronize with the host."""
+    x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(16, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    sizes = torch.randint(0, 60, (16,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = moetron.gmm(x, w, sizes)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_replay_with_new_sizes():
+    """Forward and backward captured once, replayed with new group sizes written into the same tensor."""
+    M, K, N, G = 777, 192, 160, 12
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(G, K, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    sizes = torch.zeros(G, dtype=torch.int32, device="cuda")
+
+    def step():
+        x.grad = w.grad = None
+        out = moetron.gmm(x, w, sizes)
+        out.backward(dy)
+        return out
+
+    sizes.copy_(torch.full((G,), M // G, dtype=torch.int32))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles) outside capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = w.grad = None
+    with torch.cuda.graph(graph):
+        static_out = moetron.gmm(x, w, sizes)
+        static_out.backward(dy)
+    static_dx, static_dw = x.grad, w.grad
+
+    for trial in range(3):
+        new = torch.randint(0, 120, (G,), generator=torch.Generator().manual_seed(trial))
+        new[trial] = 0
+        new = (new * M // max(int(new.sum()), 1)).to(torch.int32)  # sum <= M, some rows in the tail
+        sizes.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_out = moetron.gmm(x.detach(), w.detach(), sizes)
+        xe, we = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+        moetron.gmm(xe, we, sizes).backward(dy)
+        assert torch.equal(static_out, eager_out)
+        assert torch.equal(static_dx, xe.grad)
+        assert torch.equal(static_dw, we.grad)
+
+
+def test_bitwise_deterministic():
+    gen = torch.Generator().manual_seed(3)
+    M, K, N, G = 4099, 512, 384, 24
+    x = torch.randn(M, K, generator=gen).to("cuda", torch.bfloat16)
+    w = torch.randn(G, K, N, generator=gen).to("cuda", torch.bfloat16)
+    dy = torch.randn(M, N, generator=gen).to("cuda", torch.bfloat16)
+    sizes = torch.randint(0, 300, (G,), generator=gen)
+    sizes = (sizes * M // sizes.sum()).cuda()
+    results = []
+    for _ in range(2):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = moetron.gmm(xg, wg, sizes)
+        out.backward(dy)
+        results.append((out, xg.grad, wg.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
