@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _env
 from .._checks import check_row_major, check_same_device, check_same_dtype, check_shape, check_tensor
@@ -34,6 +36,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tiles the CPU interpreter uses: 16 is the smallest tl.dot takes, so tiny test shapes still span many tiles
 # and exercise the tile schedule, group edges and K tails.
 _INTERPRETER_CONFIG = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=1, num_stages=1)
+
+# Benchmarks and tuning scripts may pin a config here ({"fwd": {...}, "wgrad": {...}}); empty in normal use.
+_CONFIG_OVERRIDES: dict = {}
 
 # Consecutive m-tiles that share one sweep over N before moving on (the L2 swizzle of Triton's matmul
 # tutorial): a band of GROUP_M row tiles re-reads the same w[g] column panels while they are hot in L2.
@@ -129,6 +134,34 @@ def _group_schedule_kernel(
 
 
 @triton.jit
+def _tile_coords(tile, total_m_tiles, num_n, row_end_ptr, tile_end_ptr, G,
+                 SEARCH_STEPS: tl.constexpr, BM: tl.constexpr, GROUP_M: tl.constexpr):
+    """Persistent tile index -> (group g, first row of the tile, group end row, n-tile). Tiles run in bands of
+    GROUP_M m-tiles that sweep N together (L2 reuse of w[g]); the group is the first g whose cumulative tile
+    count exceeds the m-tile, found by a fixed-depth binary search over [0, G] (G = the zero tail)."""
+    tiles_per_band = GROUP_M * num_n
+    band = tile // tiles_per_band
+    first_m = band * GROUP_M
+    band_rows = tl.minimum(total_m_tiles - first_m, GROUP_M)
+    in_band = tile % tiles_per_band
+    m_tile = first_m + in_band % band_rows
+    n_tile = in_band // band_rows
+    lo = 0
+    hi = G
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(tile_end_ptr + mid) <= m_tile
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    g = lo
+    first_tile = tl.load(tile_end_ptr + g - 1, mask=g > 0, other=0)
+    row_start = tl.load(row_end_ptr + g - 1, mask=g > 0, other=0)
+    row_end = tl.load(row_end_ptr + g)
+    row0 = row_start + (m_tile - first_tile) * BM
+    return g, row0, row_end, n_tile
+
+
+@triton.jit
 def _gmm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, row_end_ptr, tile_end_ptr,
     M, N, K, G, num_programs,
@@ -148,29 +181,10 @@ def _gmm_kernel(
     num_n = tl.cdiv(N, BN)
     total_m_tiles = tl.load(tile_end_ptr + G)
     total_tiles = total_m_tiles * num_n
-    tiles_per_band = GROUP_M * num_n
     for tile in range(pid, total_tiles, num_programs):
-        band = tile // tiles_per_band
-        first_m = band * GROUP_M
-        band_rows = tl.minimum(total_m_tiles - first_m, GROUP_M)
-        in_band = tile % tiles_per_band
-        m_tile = first_m + in_band % band_rows
-        n_tile = in_band // band_rows
-
-        # group of this m-tile: the first g with tile_end[g] > m_tile (search over [0, G])
-        lo = 0
-        hi = G
-        for _ in range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            right = tl.load(tile_end_ptr + mid) <= m_tile
-            lo = tl.where(right, mid + 1, lo)
-            hi = tl.where(right, hi, mid)
-        g = lo
-        first_tile = tl.load(tile_end_ptr + g - 1, mask=g > 0, other=0)
-        row_start = tl.load(row_end_ptr + g - 1, mask=g > 0, other=0)
-        row_end = tl.load(row_end_ptr + g)
-
-        rows = row_start + (m_tile - first_tile) * BM + tl.arange(0, BM)
+        g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, row_end_ptr, tile_end_ptr, G,
+                                                SEARCH_STEPS, BM, GROUP_M)
+        rows = row0 + tl.arange(0, BM)
         cols = n_tile * BN + tl.arange(0, BN)
         row_ok = rows < row_end
         col_ok = cols < N
@@ -194,6 +208,93 @@ def _gmm_kernel(
                 acc += bias.to(tl.float32)[None, :]
         out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gmm_tma_kernel(
+    x_desc, w_desc, bias_ptr, out_ptr, row_end_ptr, tile_end_ptr,
+    N, K, G, num_programs,
+    stride_bg, stride_bn,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr,
+    TRANS_W: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_FIXUPS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_gmm_kernel with Hopper TMA loads: one descriptor over all rows of x (a tile may read rows of the next
+    group, which are computed but never stored; rows past M and the K tail arrive as zeros) and a 3-D
+    descriptor over w, so a K tail never reads the next group's weight."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    total_m_tiles = tl.load(tile_end_ptr + G)
+    total_tiles = total_m_tiles * num_n
+    for tile in range(pid, total_tiles, num_programs):
+        g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, row_end_ptr, tile_end_ptr, G,
+                                                SEARCH_STEPS, BM, GROUP_M)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if g < G:
+            for k0 in range(0, K, BK):
+                a = x_desc.load([row0, k0])
+                if TRANS_W:
+                    b = tl.trans(w_desc.load([g, n_tile * BN, k0]).reshape(BN, BK))
+                else:
+                    b = w_desc.load([g, k0, n_tile * BN]).reshape(BK, BN)
+                if BF16_FIXUPS:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        rows = row0 + tl.arange(0, BM)
+        cols = n_tile * BN + tl.arange(0, BN)
+        col_ok = cols < N
+        if HAS_BIAS:
+            if g < G:
+                bias = tl.load(bias_ptr + g * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=(rows < row_end)[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gmm_k_tma_kernel(
+    a_desc, b_desc, out_ptr, row_end_ptr,
+    KA, NB, G,
+    stride_og, stride_ok, stride_on,
+    ACCUMULATE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_FIXUPS: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+):
+    """_gmm_k_kernel with TMA loads. A row chunk that crosses the group's end is masked to zero on both
+    operands (the next group's rows must not contribute, and 0 * inf there would be NaN); full chunks skip
+    the masking so the tensor cores read the tiles straight from shared memory."""
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(KA, BK)
+    num_n = tl.cdiv(NB, BN)
+    g = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    k_tile = rest // num_n
+    n_tile = rest % num_n
+    row_start = tl.load(row_end_ptr + g - 1, mask=g > 0, other=0)
+    row_end = tl.load(row_end_ptr + g)
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BM):
+        a = a_desc.load([r0, k_tile * BK])
+        b = b_desc.load([r0, n_tile * BN])
+        if r0 + BM > row_end:
+            row_ok = (r0 + tl.arange(0, BM)) < row_end
+            a = tl.where(row_ok[:, None], a, 0.0)
+            b = tl.where(row_ok[:, None], b, 0.0)
+        if BF16_FIXUPS:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    ks = k_tile * BK + tl.arange(0, BK)
+    ns = n_tile * BN + tl.arange(0, BN)
+    out_ptrs = out_ptr + g.to(tl.int64) * stride_og + ks[:, None] * stride_ok + ns[None, :] * stride_on
+    mask = (ks < KA)[:, None] & (ns < NB)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
 
 
 @triton.jit
@@ -309,26 +410,37 @@ class _Groups:
         return self._host_counts
 
 
+def _tma_eligible(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need Hopper or newer (or the interpreter), a unit last stride, and 16-byte aligned
+    base pointers and row strides. MOETRON_TMA=0 turns them off (benchmarks compare both paths)."""
+    setting = os.environ.get("MOETRON_TMA", "auto")
+    if setting == "0":
+        return False
+    t0 = tensors[0]
+    if t0.is_cuda:
+        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+            return False
+    elif setting != "1":  # the interpreter runs TMA kernels only when asked (tests do)
+        return False
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(d == 0 for d in t.shape):
+            return False
+        if any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
 def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     M, K = x.shape
     N = out.shape[1]
     G = groups.num_groups
-    cfg = _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda)
+    cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda)
     row_end, tile_end = groups.schedule(cfg["BM"])
-    # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
-    stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
     num_n = triton.cdiv(N, cfg["BN"])
     max_tiles = (triton.cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
     programs = _num_sms(x.device.index or 0) if x.is_cuda else 4
     programs = max(1, min(programs, max_tiles))
-    bias_arg = bias if bias is not None else out
-    _gmm_kernel[(programs,)](
-        x, w, bias_arg, out, row_end, tile_end,
-        M, N, K, G, programs,
-        x.stride(0), x.stride(1),
-        w.stride(0), stride_wk, stride_wn,
-        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-        out.stride(0), out.stride(1),
+    common = dict(
         HAS_BIAS=bias is not None,
         SEARCH_STEPS=max(1, math.ceil(math.log2(G + 1))),
         INPUT_PRECISION=_input_precision(x.dtype),
@@ -336,25 +448,59 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    bias_arg = bias if bias is not None else out
+    bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    if cfg.get("tma", True) and _tma_eligible(x, w):
+        x_desc = TensorDescriptor.from_tensor(x, [cfg["BM"], cfg["BK"]])
+        w_block = [1, cfg["BN"], cfg["BK"]] if trans_w else [1, cfg["BK"], cfg["BN"]]
+        w_desc = TensorDescriptor.from_tensor(w, w_block)
+        _gmm_tma_kernel[(programs,)](
+            x_desc, w_desc, bias_arg, out, row_end, tile_end,
+            N, K, G, programs, *bias_strides, out.stride(0), out.stride(1),
+            TRANS_W=trans_w, **common,
+        )
+        return out
+    # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
+    stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
+    _gmm_kernel[(programs,)](
+        x, w, bias_arg, out, row_end, tile_end,
+        M, N, K, G, programs,
+        x.stride(0), x.stride(1),
+        w.stride(0), stride_wk, stride_wn,
+        *bias_strides,
+        out.stride(0), out.stride(1),
+        **common,
+    )
     return out
 
 
 def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     KA, NB = a.shape[1], b.shape[1]
     G = groups.num_groups
-    cfg = _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda)
+    cfg = _CONFIG_OVERRIDES.get("wgrad") or _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda)
     grid = (G * triton.cdiv(KA, cfg["BK"]) * triton.cdiv(NB, cfg["BN"]),)
+    common = dict(
+        ACCUMULATE=accumulate,
+        INPUT_PRECISION=_input_precision(a.dtype),
+        BF16_FIXUPS=_interpreter_bf16_fixups(a) or _interpreter_bf16_fixups(out),
+        BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if cfg.get("tma", True) and _tma_eligible(a, b):
+        a_desc = TensorDescriptor.from_tensor(a, [cfg["BM"], cfg["BK"]])
+        b_desc = TensorDescriptor.from_tensor(b, [cfg["BM"], cfg["BN"]])
+        _gmm_k_tma_kernel[grid](
+            a_desc, b_desc, out, groups.row_end(), KA, NB, G,
+            out.stride(0), out.stride(1), out.stride(2), **common,
+        )
+        return out
     _gmm_k_kernel[grid](
         a, b, out, groups.row_end(),
         KA, NB, G,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        ACCUMULATE=accumulate,
-        INPUT_PRECISION=_input_precision(a.dtype),
-        BF16_FIXUPS=_interpreter_bf16_fixups(a) or _interpreter_bf16_fixups(out),
-        BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **common,
     )
     return out
 

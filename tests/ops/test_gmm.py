@@ -17,18 +17,25 @@ from tests._tolerance import assert_close_to_ref
 gmm_module = importlib.import_module("moetron.ops.gmm")
 
 ON_GPU = torch.cuda.is_available()
-PATHS = ["cuda"] if ON_GPU else ["torch", "triton"]
+# each path: (device, MOETRON_BACKEND, MOETRON_TMA). On CUDA both kernels (TMA loads and pointer loads) run.
+PATHS = {
+    "cuda_tma": ("cuda", "auto", "auto"),
+    "cuda_pointer": ("cuda", "auto", "0"),
+} if ON_GPU else {
+    "torch": ("cpu", "torch", "0"),
+    "triton": ("cpu", "triton", "0"),
+    "triton_tma": ("cpu", "triton", "1"),
+}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
-    """Selects the backend; returns the device tensors live on."""
-    if request.param == "cuda":
-        monkeypatch.setenv("MOETRON_BACKEND", "auto")
-        return "cuda"
-    monkeypatch.setenv("MOETRON_BACKEND", request.param)
-    return "cpu"
+    """Selects the backend and kernel; returns the device tensors live on."""
+    device, backend, tma = PATHS[request.param]
+    monkeypatch.setenv("MOETRON_BACKEND", backend)
+    monkeypatch.setenv("MOETRON_TMA", tma)
+    return device
 
 
 def _poison(shape, dtype, device):

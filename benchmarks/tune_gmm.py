@@ -1,0 +1,116 @@
+"""Config sweep for the gmm kernels (GPU): times forward, dgrad (trans_w) and wgrad (gmm_k) under pinned
+configs beside torch._grouped_mm, on the anchor cases. Used to pick the tables in moetron/ops/gmm.py; the
+numbers that count are benchmarks/gmm.py's.
+
+    python benchmarks/tune_gmm.py [--cases ...] [--json path]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moetron  # noqa: E402
+from benchmarks._common import bench_ms  # noqa: E402
+from benchmarks.gmm import CASES, make_sizes  # noqa: E402
+
+gmm_module = importlib.import_module("moetron.ops.gmm")
+
+
+def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True):
+    return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, GROUP_M=group_m, tma=tma)
+
+
+def _wgrad(bk, bn, bm, warps, stages, tma=True):
+    return dict(BK=bk, BN=bn, BM=bm, num_warps=warps, num_stages=stages, tma=tma)
+
+
+FWD_VARIANTS = {
+    "128x256x64_w8_s3": _fwd(128, 256, 64, 8, 3),
+    "128x256x64_w8_s4": _fwd(128, 256, 64, 8, 4),
+    "128x128x64_w4_s4": _fwd(128, 128, 64, 4, 4),
+    "128x128x64_w8_s4": _fwd(128, 128, 64, 8, 4),
+    "256x128x64_w8_s3": _fwd(256, 128, 64, 8, 3),
+    "64x256x64_w4_s4": _fwd(64, 256, 64, 4, 4),
+    "128x256x64_w8_s3_ptr": _fwd(128, 256, 64, 8, 3, tma=False),
+}
+WGRAD_VARIANTS = {
+    "128x128x64_w8_s3": _wgrad(128, 128, 64, 8, 3),
+    "128x256x64_w8_s3": _wgrad(128, 256, 64, 8, 3),
+    "128x128x64_w4_s4": _wgrad(128, 128, 64, 4, 4),
+    "128x128x32_w4_s5": _wgrad(128, 128, 32, 4, 5),
+    "64x128x64_w4_s4": _wgrad(64, 128, 64, 4, 4),
+    "128x128x64_w8_s3_ptr": _wgrad(128, 128, 64, 8, 3, tma=False),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", nargs="*", default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--parts", nargs="+", default=["fwd", "dgrad", "wgrad"])
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(1)
+    results = []
+    for name, M, K, N, G, kind in CASES:
+        sizes = make_sizes(M, G, kind, gen)
+        if args.cases and name not in args.cases:
+            continue
+        offs = torch.cumsum(sizes, 0).to(torch.int32).cuda()
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(G, K, N, device="cuda", dtype=torch.bfloat16) / math.sqrt(K)
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        wt = w.transpose(1, 2)  # [G, N, K] view: torch's dgrad operand
+        flops = 2 * M * K * N
+        line = {"case": name}
+        line["torch_fwd"] = flops / bench_ms(lambda: torch._grouped_mm(x, w, offs=offs)) / 1e9
+        line["torch_dgrad"] = flops / bench_ms(lambda: torch._grouped_mm(dy, wt, offs=offs)) / 1e9
+        try:
+            line["torch_wgrad"] = flops / bench_ms(lambda: torch._grouped_mm(x.t(), dy, offs=offs)) / 1e9
+        except Exception as e:
+            print("torch wgrad failed:", repr(e)[:200])
+            line["torch_wgrad"] = float("nan")
+        ref = torch._grouped_mm(x, w, offs=offs).float()
+        for part in args.parts:
+            variants = WGRAD_VARIANTS if part == "wgrad" else FWD_VARIANTS
+            for vname, cfg in variants.items():
+                gmm_module._CONFIG_OVERRIDES.clear()
+                gmm_module._CONFIG_OVERRIDES["wgrad" if part == "wgrad" else "fwd"] = cfg
+                try:
+                    if part == "fwd":
+                        fn = lambda: moetron.gmm(x, w, offsets=offs)  # noqa: E731
+                        err = ((fn().float() - ref).norm() / ref.norm()).item()
+                        assert err < 1e-2, f"wrong result, rel err {err}"
+                    elif part == "dgrad":
+                        fn = lambda: moetron.gmm(dy, w, offsets=offs, trans_w=True)  # noqa: E731
+                    else:
+                        fn = lambda: moetron.gmm_k(x, dy, offsets=offs)  # noqa: E731
+                    line[f"{part}:{vname}"] = flops / bench_ms(fn) / 1e9
+                except Exception as e:
+                    line[f"{part}:{vname}"] = float("nan")
+                    print(name, part, vname, "failed:", repr(e)[:200], flush=True)
+        gmm_module._CONFIG_OVERRIDES.clear()
+        results.append(line)
+        print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in line.items()}), flush=True)
+        del x, w, dy, ref
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    for part in args.parts:
+        keys = [k for k in results[0] if k.startswith(part + ":")]
+        print(f"\n{part} TFLOP/s (torch_{part} first)")
+        print(f"{'case':22s}{'torch':>8s}" + "".join(f"{k.split(':')[1][:16]:>17s}" for k in keys))
+        for r in results:
+            print(f"{r['case']:22s}{r['torch_' + part]:8.0f}" + "".join(f"{r[k]:17.0f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
