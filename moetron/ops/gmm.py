@@ -5,10 +5,11 @@ Legend: M rows of x (routed rows), K reduction dim, N output columns, G groups (
     gmm(x [M, K], w [G, K, N], sizes [G]) -> out [M, N]      out[rows of g] = x[rows of g] @ w[g]
     gmm_k(a [M, Ka], b [M, Nb], sizes [G]) -> out [G, Ka, Nb]  out[g] = a[rows of g]^T @ b[rows of g]
 
-Rows are grouped contiguously: group g owns rows [end[g-1], end[g]). Group sizes stay on the device: a tiny
-one-program Triton kernel turns them into a tile schedule (row ends and cumulative m-tile counts) and the GEMM
-kernel is persistent over an upper bound of tiles, each program finding its tile's group by binary search.
-Nothing reads the sizes on the host, so every launch here can be captured in a CUDA graph.
+Rows are grouped contiguously: group g owns rows [end[g-1], end[g]). Group sizes stay on the device: each op
+is one persistent Triton kernel whose programs first build the tile schedule (row ranges and cumulative
+m-tile counts) in registers from the raw sizes, then loop over the tiles, each finding its group with one
+compare per schedule entry across lanes. Nothing reads the sizes on the host, so every launch here can be
+captured in a CUDA graph.
 
 Layout of this file: tuning constants, Triton kernels, launchers, autograd, public functions, references.
 """
@@ -48,6 +49,11 @@ _GROUP_M = 8
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool) -> dict:
@@ -106,39 +112,39 @@ def _to_output_dtype(acc, out_ptr, BF16_FIXUPS: tl.constexpr):
 
 
 @triton.jit
-def _group_schedule_kernel(
-    sizes_ptr,  # [G] counts, or [G] cumulative ends when SIZES_ARE_ENDS
-    row_end_ptr,  # out [G + 1] int32: end row of each group; entry G is M (the zero-filled tail)
-    tile_end_ptr,  # out [G + 1] int32: cumulative count of BM-row tiles, tail included
-    M,
-    G,
-    SIZES_ARE_ENDS: tl.constexpr,
-    BM: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-):
-    """One program: sanitize the sizes (clamp to [0, M]) and build the schedule. Clamping means invalid
-    sizes can never drive a kernel out of bounds; debug mode rejects them on the host instead."""
+def _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS: tl.constexpr, BM: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Every program builds the tile schedule in registers from the raw sizes (a [G] load and two prefix
+    sums), so gmm is a single launch. Sizes are clamped into [0, M]: invalid sizes can never drive a kernel
+    out of bounds (debug mode rejects them on the host instead). Entry G is the tail [end of the last group,
+    M): rows no group owns, written as zeros. Returns per-entry row starts, row ends, first m-tile and
+    tile counts (entries past G are empty)."""
     idx = tl.arange(0, BLOCK_G)
     raw = tl.load(sizes_ptr + idx, mask=idx < G, other=0).to(tl.int64)
     if SIZES_ARE_ENDS:
         raw -= tl.load(sizes_ptr + idx - 1, mask=(idx > 0) & (idx < G), other=0).to(tl.int64)
-    counts = tl.maximum(raw, 0)  # entry G (the tail) loads 0 here
+    counts = tl.maximum(raw, 0)
     inclusive = tl.cumsum(counts, 0)
-    starts = tl.minimum(inclusive - counts, M)
-    # entry G is the tail [end of last group, M): rows no group owns, written as zeros
-    ends = tl.where(idx == G, M, tl.minimum(inclusive, M))
+    starts = tl.minimum(inclusive - counts, M).to(tl.int32)
+    ends = tl.where(idx == G, M, tl.minimum(inclusive, M)).to(tl.int32)
     tiles = tl.where(idx <= G, (ends - starts + BM - 1) // BM, 0)
-    tile_ends = tl.cumsum(tiles, 0)
-    tl.store(row_end_ptr + idx, ends.to(tl.int32), mask=idx <= G)
-    tl.store(tile_end_ptr + idx, tile_ends.to(tl.int32), mask=idx <= G)
+    first_tiles = tl.cumsum(tiles, 0) - tiles
+    return starts, ends, first_tiles, tiles
 
 
 @triton.jit
-def _tile_coords(tile, total_m_tiles, num_n, row_end_ptr, tile_end_ptr, G,
-                 SEARCH_STEPS: tl.constexpr, BM: tl.constexpr, GROUP_M: tl.constexpr):
+def _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """[start, end) rows of group g, clamped like _group_schedule."""
+    starts, ends, _, _ = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, 1, BLOCK_G)
+    sel = tl.arange(0, BLOCK_G) == g
+    return tl.sum(tl.where(sel, starts, 0)), tl.sum(tl.where(sel, ends, 0))
+
+
+@triton.jit
+def _tile_coords(tile, total_m_tiles, num_n, starts, ends, first_tiles, tiles,
+                 BM: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_G: tl.constexpr):
     """Persistent tile index -> (group g, first row of the tile, group end row, n-tile). Tiles run in bands of
-    GROUP_M m-tiles that sweep N together (L2 reuse of w[g]); the group is the first g whose cumulative tile
-    count exceeds the m-tile, found by a fixed-depth binary search over [0, G] (G = the zero tail)."""
+    GROUP_M m-tiles that sweep N together (L2 reuse of w[g]). The group is found by one compare per schedule
+    entry across the program's lanes (depth O(1), not a loop over groups) and three masked reductions."""
     tiles_per_band = GROUP_M * num_n
     band = tile // tiles_per_band
     first_m = band * GROUP_M
@@ -146,31 +152,24 @@ def _tile_coords(tile, total_m_tiles, num_n, row_end_ptr, tile_end_ptr, G,
     in_band = tile % tiles_per_band
     m_tile = first_m + in_band % band_rows
     n_tile = in_band // band_rows
-    lo = 0
-    hi = G
-    for _ in range(SEARCH_STEPS):
-        mid = (lo + hi) // 2
-        right = tl.load(tile_end_ptr + mid) <= m_tile
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(right, hi, mid)
-    g = lo
-    first_tile = tl.load(tile_end_ptr + g - 1, mask=g > 0, other=0)
-    row_start = tl.load(row_end_ptr + g - 1, mask=g > 0, other=0)
-    row_end = tl.load(row_end_ptr + g)
-    row0 = row_start + (m_tile - first_tile) * BM
+    g = tl.sum(((first_tiles + tiles) <= m_tile).to(tl.int32))
+    sel = tl.arange(0, BLOCK_G) == g
+    row0 = tl.sum(tl.where(sel, starts + (m_tile - first_tiles) * BM, 0))
+    row_end = tl.sum(tl.where(sel, ends, 0))
     return g, row0, row_end, n_tile
 
 
 @triton.jit
 def _gmm_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, row_end_ptr, tile_end_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr,
     M, N, K, G, num_programs,
     stride_xm, stride_xk,
     stride_wg, stride_wk, stride_wn,
     stride_bg, stride_bn,
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    SIZES_ARE_ENDS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -179,11 +178,12 @@ def _gmm_kernel(
     are loaded (or masked) but never stored, so each group boundary costs at most one partial tile."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
-    total_m_tiles = tl.load(tile_end_ptr + G)
+    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, BM, BLOCK_G)
+    total_m_tiles = tl.sum(tiles)
     total_tiles = total_m_tiles * num_n
     for tile in range(pid, total_tiles, num_programs):
-        g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, row_end_ptr, tile_end_ptr, G,
-                                                SEARCH_STEPS, BM, GROUP_M)
+        g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, starts, ends, first_tiles, tiles,
+                                                BM, GROUP_M, BLOCK_G)
         rows = row0 + tl.arange(0, BM)
         cols = n_tile * BN + tl.arange(0, BN)
         row_ok = rows < row_end
@@ -212,13 +212,14 @@ def _gmm_kernel(
 
 @triton.jit
 def _gmm_tma_kernel(
-    x_desc, w_desc, bias_ptr, out_ptr, row_end_ptr, tile_end_ptr,
-    N, K, G, num_programs,
+    x_desc, w_desc, bias_ptr, out_ptr, sizes_ptr,
+    M, N, K, G, num_programs,
     stride_bg, stride_bn,
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr,
     TRANS_W: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    SIZES_ARE_ENDS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -228,11 +229,12 @@ def _gmm_tma_kernel(
     descriptor over w, so a K tail never reads the next group's weight."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
-    total_m_tiles = tl.load(tile_end_ptr + G)
+    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, BM, BLOCK_G)
+    total_m_tiles = tl.sum(tiles)
     total_tiles = total_m_tiles * num_n
     for tile in range(pid, total_tiles, num_programs):
-        g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, row_end_ptr, tile_end_ptr, G,
-                                                SEARCH_STEPS, BM, GROUP_M)
+        g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, starts, ends, first_tiles, tiles,
+                                                BM, GROUP_M, BLOCK_G)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if g < G:
             for k0 in range(0, K, BK):
@@ -257,17 +259,19 @@ def _gmm_tma_kernel(
 
 @triton.jit
 def _gmm_k_tma_kernel(
-    a_desc, b_desc, out_ptr, row_end_ptr,
-    KA, NB, G,
+    a_desc, b_desc, out_ptr, sizes_ptr,
+    M, KA, NB, G,
     stride_og, stride_ok, stride_on,
     ACCUMULATE: tl.constexpr,
+    SIZES_ARE_ENDS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
 ):
-    """_gmm_k_kernel with TMA loads. A row chunk that crosses the group's end is masked to zero on both
-    operands (the next group's rows must not contribute, and 0 * inf there would be NaN); full chunks skip
-    the masking so the tensor cores read the tiles straight from shared memory."""
+    """_gmm_k_kernel with TMA loads. Full row chunks run in a clean pipelined loop; the one chunk that crosses
+    the group's end is masked to zero on both operands afterwards (the next group's rows must not
+    contribute, and 0 * inf there would be NaN)."""
     pid = tl.program_id(0)
     num_k = tl.cdiv(KA, BK)
     num_n = tl.cdiv(NB, BN)
@@ -275,16 +279,19 @@ def _gmm_k_tma_kernel(
     rest = pid % (num_k * num_n)
     k_tile = rest // num_n
     n_tile = rest % num_n
-    row_start = tl.load(row_end_ptr + g - 1, mask=g > 0, other=0)
-    row_end = tl.load(row_end_ptr + g)
+    row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BM):
+    full_end = row_start + (row_end - row_start) // BM * BM
+    for r0 in range(row_start, full_end, BM):
         a = a_desc.load([r0, k_tile * BK])
         b = b_desc.load([r0, n_tile * BN])
-        if r0 + BM > row_end:
-            row_ok = (r0 + tl.arange(0, BM)) < row_end
-            a = tl.where(row_ok[:, None], a, 0.0)
-            b = tl.where(row_ok[:, None], b, 0.0)
+        if BF16_FIXUPS:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    if full_end < row_end:
+        row_ok = (full_end + tl.arange(0, BM)) < row_end
+        a = tl.where(row_ok[:, None], a_desc.load([full_end, k_tile * BK]), 0.0)
+        b = tl.where(row_ok[:, None], b_desc.load([full_end, n_tile * BN]), 0.0)
         if BF16_FIXUPS:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
@@ -299,12 +306,14 @@ def _gmm_k_tma_kernel(
 
 @triton.jit
 def _gmm_k_kernel(
-    a_ptr, b_ptr, out_ptr, row_end_ptr,
-    KA, NB, G,
+    a_ptr, b_ptr, out_ptr, sizes_ptr,
+    M, KA, NB, G,
     stride_am, stride_ak,
     stride_bm, stride_bn,
     stride_og, stride_ok, stride_on,
     ACCUMULATE: tl.constexpr,
+    SIZES_ARE_ENDS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
@@ -318,8 +327,7 @@ def _gmm_k_kernel(
     rest = pid % (num_k * num_n)
     k_tile = rest // num_n
     n_tile = rest % num_n
-    row_start = tl.load(row_end_ptr + g - 1, mask=g > 0, other=0)
-    row_end = tl.load(row_end_ptr + g)
+    row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
 
     ks = k_tile * BK + tl.arange(0, BK)
     ns = n_tile * BN + tl.arange(0, BN)
@@ -364,35 +372,19 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 class _Groups:
-    """Group sizes as the kernels consume them. ``sizes`` is the caller's tensor (counts, or cumulative ends
-    when ``are_ends``), already on the compute device. The derived schedules are computed lazily and cached
-    per tile height, so forward and backward share them."""
+    """Group sizes as the kernels consume them: the caller's tensor (counts, or cumulative ends when
+    ``are_ends``) on the compute device. The kernels derive the schedule from it themselves."""
 
     def __init__(self, sizes: torch.Tensor, are_ends: bool, num_rows: int):
         self.sizes = sizes
         self.are_ends = are_ends
         self.num_rows = num_rows
         self.num_groups = sizes.numel()
-        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._host_counts: list[int] | None = None
 
-    def schedule(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row_end [G+1], tile_end [G+1]) int32 on the device; entry G is the zero-filled tail."""
-        if block_m not in self._schedules:
-            G = self.num_groups
-            row_end = torch.empty(G + 1, dtype=torch.int32, device=self.sizes.device)
-            tile_end = torch.empty(G + 1, dtype=torch.int32, device=self.sizes.device)
-            _group_schedule_kernel[(1,)](
-                self.sizes, row_end, tile_end, self.num_rows, G,
-                SIZES_ARE_ENDS=self.are_ends, BM=block_m, BLOCK_G=triton.next_power_of_2(G + 1),
-            )
-            self._schedules[block_m] = (row_end, tile_end)
-        return self._schedules[block_m]
-
-    def row_end(self) -> torch.Tensor:
-        if self._schedules:
-            return next(iter(self._schedules.values()))[0]
-        return self.schedule(16)[0]
+    def kernel_args(self) -> dict:
+        # one lane per schedule entry (G groups + the tail)
+        return dict(SIZES_ARE_ENDS=self.are_ends, BLOCK_G=max(16, triton.next_power_of_2(self.num_groups + 1)))
 
     def host_counts(self) -> list[int]:
         """Per-group row counts, clamped exactly as the device schedule clamps them. Syncs if the sizes live
@@ -418,7 +410,7 @@ def _tma_eligible(*tensors: torch.Tensor) -> bool:
         return False
     t0 = tensors[0]
     if t0.is_cuda:
-        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+        if _capability(t0.device.index or 0)[0] < 9:
             return False
     elif setting != "1":  # the interpreter runs TMA kernels only when asked (tests do)
         return False
@@ -435,14 +427,13 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     N = out.shape[1]
     G = groups.num_groups
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda)
-    row_end, tile_end = groups.schedule(cfg["BM"])
     num_n = triton.cdiv(N, cfg["BN"])
     max_tiles = (triton.cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
     programs = _num_sms(x.device.index or 0) if x.is_cuda else 4
     programs = max(1, min(programs, max_tiles))
     common = dict(
         HAS_BIAS=bias is not None,
-        SEARCH_STEPS=max(1, math.ceil(math.log2(G + 1))),
+        **groups.kernel_args(),
         INPUT_PRECISION=_input_precision(x.dtype),
         BF16_FIXUPS=_interpreter_bf16_fixups(x),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
@@ -455,15 +446,15 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
         w_block = [1, cfg["BN"], cfg["BK"]] if trans_w else [1, cfg["BK"], cfg["BN"]]
         w_desc = TensorDescriptor.from_tensor(w, w_block)
         _gmm_tma_kernel[(programs,)](
-            x_desc, w_desc, bias_arg, out, row_end, tile_end,
-            N, K, G, programs, *bias_strides, out.stride(0), out.stride(1),
+            x_desc, w_desc, bias_arg, out, groups.sizes,
+            M, N, K, G, programs, *bias_strides, out.stride(0), out.stride(1),
             TRANS_W=trans_w, **common,
         )
         return out
     # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
     stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
     _gmm_kernel[(programs,)](
-        x, w, bias_arg, out, row_end, tile_end,
+        x, w, bias_arg, out, groups.sizes,
         M, N, K, G, programs,
         x.stride(0), x.stride(1),
         w.stride(0), stride_wk, stride_wn,
@@ -481,6 +472,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     grid = (G * triton.cdiv(KA, cfg["BK"]) * triton.cdiv(NB, cfg["BN"]),)
     common = dict(
         ACCUMULATE=accumulate,
+        **groups.kernel_args(),
         INPUT_PRECISION=_input_precision(a.dtype),
         BF16_FIXUPS=_interpreter_bf16_fixups(a) or _interpreter_bf16_fixups(out),
         BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"],
@@ -490,13 +482,13 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
         a_desc = TensorDescriptor.from_tensor(a, [cfg["BM"], cfg["BK"]])
         b_desc = TensorDescriptor.from_tensor(b, [cfg["BM"], cfg["BN"]])
         _gmm_k_tma_kernel[grid](
-            a_desc, b_desc, out, groups.row_end(), KA, NB, G,
+            a_desc, b_desc, out, groups.sizes, a.shape[0], KA, NB, G,
             out.stride(0), out.stride(1), out.stride(2), **common,
         )
         return out
     _gmm_k_kernel[grid](
-        a, b, out, groups.row_end(),
-        KA, NB, G,
+        a, b, out, groups.sizes,
+        a.shape[0], KA, NB, G,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
