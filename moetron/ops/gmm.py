@@ -63,8 +63,10 @@ def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool) -> dict:
         return dict(_INTERPRETER_CONFIG)
     if dtype == torch.float32:
         return dict(BM=128, BN=64, BK=32, GROUP_M=_GROUP_M, num_warps=4, num_stages=3)
+    # H100 sweep (benchmarks/NOTES.md): 128x256x64, 8 warps, 4 stages led or tied on 8 of 10 anchor cases
+    # forward and dgrad; 128x128 tiles lost 5-15% everywhere.
     if n >= 256:
-        return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=3)
+        return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4)
     return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=4, num_stages=4)
 
 
@@ -74,7 +76,9 @@ def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
         return dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return dict(BK=64, BN=64, BM=32, num_warps=4, num_stages=3)
-    return dict(BK=128, BN=128, BM=64, num_warps=8, num_stages=3)
+    # H100 sweep: 128x128 output tiles reducing 32 rows a step over 5 stages (TMA) was best or near-best on
+    # every anchor case; 128x256 tiles fell behind on the 128-group cases.
+    return dict(BK=128, BN=128, BM=32, num_warps=4, num_stages=5)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -258,6 +262,23 @@ def _gmm_tma_kernel(
 
 
 @triton.jit
+def _wgrad_tile(pid, KA, NB, BK: tl.constexpr, BN: tl.constexpr, GROUP_K: tl.constexpr):
+    """Program -> (group, k-tile, n-tile) of the k-grouped output. Within a group, bands of GROUP_K k-tiles
+    sweep N together, so the programs in flight share a few panels of both operands in L2; a plain n-fastest
+    order re-read each dy panel from memory once per k-tile (Mixtral up: 32 passes over a 1.8 GB dy)."""
+    num_k = tl.cdiv(KA, BK)
+    num_n = tl.cdiv(NB, BN)
+    g = pid // (num_k * num_n)
+    t = pid % (num_k * num_n)
+    per_band = GROUP_K * num_n
+    first_k = t // per_band * GROUP_K
+    band_k = tl.minimum(num_k - first_k, GROUP_K)
+    k_tile = first_k + (t % per_band) % band_k
+    n_tile = (t % per_band) // band_k
+    return g, k_tile, n_tile
+
+
+@triton.jit
 def _gmm_k_tma_kernel(
     a_desc, b_desc, out_ptr, sizes_ptr,
     M, KA, NB, G,
@@ -267,18 +288,12 @@ def _gmm_k_tma_kernel(
     BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
-    BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_K: tl.constexpr,
 ):
     """_gmm_k_kernel with TMA loads. Full row chunks run in a clean pipelined loop; the one chunk that crosses
     the group's end is masked to zero on both operands afterwards (the next group's rows must not
     contribute, and 0 * inf there would be NaN)."""
-    pid = tl.program_id(0)
-    num_k = tl.cdiv(KA, BK)
-    num_n = tl.cdiv(NB, BN)
-    g = pid // (num_k * num_n)
-    rest = pid % (num_k * num_n)
-    k_tile = rest // num_n
-    n_tile = rest % num_n
+    g, k_tile, n_tile = _wgrad_tile(tl.program_id(0), KA, NB, BK, BN, GROUP_K)
     row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     full_end = row_start + (row_end - row_start) // BM * BM
@@ -316,17 +331,11 @@ def _gmm_k_kernel(
     BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
-    BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_K: tl.constexpr,
 ):
     """k-grouped GEMM: one program owns one [BK, BN] tile of out[g] and reduces over all of group g's rows in
     a fixed order, so the result is deterministic (no split-K atomics). Empty groups store exact zeros."""
-    pid = tl.program_id(0)
-    num_k = tl.cdiv(KA, BK)
-    num_n = tl.cdiv(NB, BN)
-    g = pid // (num_k * num_n)
-    rest = pid % (num_k * num_n)
-    k_tile = rest // num_n
-    n_tile = rest % num_n
+    g, k_tile, n_tile = _wgrad_tile(tl.program_id(0), KA, NB, BK, BN, GROUP_K)
     row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
 
     ks = k_tile * BK + tl.arange(0, BK)
@@ -475,7 +484,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
         **groups.kernel_args(),
         INPUT_PRECISION=_input_precision(a.dtype),
         BF16_FIXUPS=_interpreter_bf16_fixups(a) or _interpreter_bf16_fixups(out),
-        BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"],
+        BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"], GROUP_K=cfg.get("GROUP_K", _GROUP_M),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if cfg.get("tma", True) and _tma_eligible(a, b):
