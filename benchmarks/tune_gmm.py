@@ -45,13 +45,30 @@ WGRAD_VARIANTS = {
     "128x128x64_w8_s3_ptr": _wgrad(128, 128, 64, 8, 3, tma=False),
 }
 
+FP32_FWD_VARIANTS = {
+    "128x64x32_w4_s3": _fwd(128, 64, 32, 4, 3),
+    "128x128x32_w8_s3": _fwd(128, 128, 32, 8, 3),
+    "128x256x32_w8_s3": _fwd(128, 256, 32, 8, 3),
+    "128x128x32_w4_s4": _fwd(128, 128, 32, 4, 4),
+}
+FP32_WGRAD_VARIANTS = {
+    "64x64x32_w4_s3": _wgrad(64, 64, 32, 4, 3),
+    "128x128x32_w8_s3": _wgrad(128, 128, 32, 8, 3),
+    "128x128x16_w4_s4": _wgrad(128, 128, 16, 4, 4),
+}
+
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--parts", nargs="+", default=["fwd", "dgrad", "wgrad"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32: torch and moetron both on TF32
+    fwd_variants = FP32_FWD_VARIANTS if dtype == torch.float32 else FWD_VARIANTS
+    wgrad_variants = FP32_WGRAD_VARIANTS if dtype == torch.float32 else WGRAD_VARIANTS
     gen = torch.Generator().manual_seed(1)
     results = []
     for name, M, K, N, G, kind in CASES:
@@ -59,9 +76,9 @@ def main():
         if args.cases and name not in args.cases:
             continue
         offs = torch.cumsum(sizes, 0).to(torch.int32).cuda()
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(G, K, N, device="cuda", dtype=torch.bfloat16) / math.sqrt(K)
-        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        w = torch.randn(G, K, N, device="cuda", dtype=dtype) / math.sqrt(K)
+        dy = torch.randn(M, N, device="cuda", dtype=dtype)
         wt = w.transpose(1, 2)  # [G, N, K] view: torch's dgrad operand
         flops = 2 * M * K * N
         line = {"case": name}
@@ -74,7 +91,7 @@ def main():
             line["torch_wgrad"] = float("nan")
         ref = torch._grouped_mm(x, w, offs=offs).float()
         for part in args.parts:
-            variants = WGRAD_VARIANTS if part == "wgrad" else FWD_VARIANTS
+            variants = wgrad_variants if part == "wgrad" else fwd_variants
             for vname, cfg in variants.items():
                 gmm_module._CONFIG_OVERRIDES.clear()
                 gmm_module._CONFIG_OVERRIDES["wgrad" if part == "wgrad" else "fwd"] = cfg
