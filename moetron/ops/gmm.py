@@ -26,6 +26,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _env
+from ._launch import CachedLauncher
 from .._checks import check_row_major, check_same_device, check_same_dtype, check_shape, check_tensor
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,6 +412,12 @@ class _Groups:
         return self._host_counts
 
 
+_launch_gmm_pointer = CachedLauncher(_gmm_kernel)
+_launch_gmm_tma = CachedLauncher(_gmm_tma_kernel)
+_launch_gmm_k_pointer = CachedLauncher(_gmm_k_kernel)
+_launch_gmm_k_tma = CachedLauncher(_gmm_k_tma_kernel)
+
+
 def _tma_eligible(*tensors: torch.Tensor) -> bool:
     """TMA descriptors need Hopper or newer (or the interpreter), a unit last stride, and 16-byte aligned
     base pointers and row strides. MOETRON_TMA=0 turns them off (benchmarks compare both paths)."""
@@ -440,36 +447,34 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     max_tiles = (triton.cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
     programs = _num_sms(x.device.index or 0) if x.is_cuda else 4
     programs = max(1, min(programs, max_tiles))
-    common = dict(
+    constexprs = dict(
         HAS_BIAS=bias is not None,
         **groups.kernel_args(),
         INPUT_PRECISION=_input_precision(x.dtype),
         BF16_FIXUPS=_interpreter_bf16_fixups(x),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     bias_arg = bias if bias is not None else out
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     if cfg.get("tma", True) and _tma_eligible(x, w):
         x_desc = TensorDescriptor.from_tensor(x, [cfg["BM"], cfg["BK"]])
         w_block = [1, cfg["BN"], cfg["BK"]] if trans_w else [1, cfg["BK"], cfg["BN"]]
         w_desc = TensorDescriptor.from_tensor(w, w_block)
-        _gmm_tma_kernel[(programs,)](
-            x_desc, w_desc, bias_arg, out, groups.sizes,
-            M, N, K, G, programs, *bias_strides, out.stride(0), out.stride(1),
-            TRANS_W=trans_w, **common,
+        _launch_gmm_tma(
+            (programs,),
+            (x_desc, w_desc, bias_arg, out, groups.sizes, M, N, K, G, programs, *bias_strides,
+             out.stride(0), out.stride(1)),
+            dict(TRANS_W=trans_w, **constexprs), **options,
         )
         return out
     # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
     stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
-    _gmm_kernel[(programs,)](
-        x, w, bias_arg, out, groups.sizes,
-        M, N, K, G, programs,
-        x.stride(0), x.stride(1),
-        w.stride(0), stride_wk, stride_wn,
-        *bias_strides,
-        out.stride(0), out.stride(1),
-        **common,
+    _launch_gmm_pointer(
+        (programs,),
+        (x, w, bias_arg, out, groups.sizes, M, N, K, G, programs, x.stride(0), x.stride(1),
+         w.stride(0), stride_wk, stride_wn, *bias_strides, out.stride(0), out.stride(1)),
+        constexprs, **options,
     )
     return out
 
@@ -479,29 +484,27 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     G = groups.num_groups
     cfg = _CONFIG_OVERRIDES.get("wgrad") or _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda)
     grid = (G * triton.cdiv(KA, cfg["BK"]) * triton.cdiv(NB, cfg["BN"]),)
-    common = dict(
+    constexprs = dict(
         ACCUMULATE=accumulate,
         **groups.kernel_args(),
         INPUT_PRECISION=_input_precision(a.dtype),
         BF16_FIXUPS=_interpreter_bf16_fixups(a) or _interpreter_bf16_fixups(out),
         BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"], GROUP_K=cfg.get("GROUP_K", _GROUP_M),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("tma", True) and _tma_eligible(a, b):
         a_desc = TensorDescriptor.from_tensor(a, [cfg["BM"], cfg["BK"]])
         b_desc = TensorDescriptor.from_tensor(b, [cfg["BM"], cfg["BN"]])
-        _gmm_k_tma_kernel[grid](
-            a_desc, b_desc, out, groups.sizes, a.shape[0], KA, NB, G,
-            out.stride(0), out.stride(1), out.stride(2), **common,
+        _launch_gmm_k_tma(
+            grid, (a_desc, b_desc, out, groups.sizes, a.shape[0], KA, NB, G,
+                   out.stride(0), out.stride(1), out.stride(2)),
+            constexprs, **options,
         )
         return out
-    _gmm_k_kernel[grid](
-        a, b, out, groups.sizes,
-        a.shape[0], KA, NB, G,
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        **common,
+    _launch_gmm_k_pointer(
+        grid, (a, b, out, groups.sizes, a.shape[0], KA, NB, G, a.stride(0), a.stride(1),
+               b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2)),
+        constexprs, **options,
     )
     return out
 
