@@ -1,0 +1,572 @@
+"""Top-k MoE router and load-balancing losses, in plain PyTorch.
+
+Legend: T tokens, H hidden, E experts, K top-k, B sequences in a batch, S sequence length (B·S = T),
+G expert groups.
+
+    TopKRouter(cfg)(x [T, H], seq_len=None) -> RouterOutput(
+        probs             [T, K]  fp32   combine weights of the selected experts
+        expert_ids        [T, K]  int64  selected experts, best first
+        logits            [T, E]  router dtype (fp32 or fp64), differentiable
+        tokens_per_expert [E]     int64  how many of the T·K routed rows each expert receives
+        losses            {name: 0-d tensor}  each loss / its coefficient, detached (1.0 = balanced aux loss)
+    )
+
+The formulas follow Megatron-Core (megatron/core/transformer/moe/router.py and moe_utils.py):
+
+- gating: ``logits = x @ weight.T`` computed in the router dtype whatever the activation dtype
+  (``RouterGatingLinearFunction``), saving x and weight in their own dtypes for backward.
+- selection (``topk_routing_with_score_function``):
+    softmax, pre_softmax=False: top-k on the logits, then softmax over the k selected logits;
+    softmax, pre_softmax=True:  softmax over all E, then top-k (optionally renormalised, HF ``norm_topk_prob``);
+    sigmoid: sigmoid scores, top-k on ``scores + expert_bias`` (the bias only selects), then
+             ``probs = s / (sum(s) + 1e-20)`` over the k selected when K > 1 and ``norm_topk_prob``.
+  Then ``probs *= scaling_factor``.
+- group-limited routing (``group_limited_topk``): the E experts form G equal groups; a group's score is the sum of
+  its top ``K // group_topk`` expert scores; only experts in the best ``group_topk`` groups may be selected.
+- sinkhorn (``sinkhorn_load_balancing``): in training, select on sinkhorn-normalised ``exp(logits)``; weight with
+  sigmoid(logits) when K == 1, else softmax(logits) over all E. In eval, plain top-k on those weights.
+- aux losses (``switch_load_balancing_loss_func``), all computed from ``compute_routing_scores_for_aux_loss``:
+  scores = softmax(logits) (or sigmoid normalised over all E), counts from a plain top-k on those scores
+  (no bias, no groups)::
+
+      aux_loss        = E / (K · T²) · Σ_e (Σ_t scores[t, e]) · counts[e]
+      seq_aux_loss    = mean over the B sequences of aux_loss computed on each sequence alone (T -> S)
+      global_aux_loss = aux_loss with counts replaced by the mean counts over all calls since
+                        ``reset_global_aux_counts()`` (Megatron's ``global_tokens_per_expert / ga_steps``)
+      z_loss          = mean_t logsumexp(logits[t])²                              (``z_loss_func``)
+
+  A balanced router gives aux_loss = 1. Each loss is added to the gradient without the caller touching it:
+  ``AuxLossAutoScaler`` is an identity on ``probs`` whose backward also seeds ``d(coeff · loss)`` with
+  ``AuxLossAutoScaler.loss_scale`` (Megatron's ``MoEAuxLossAutoScaler``). The gradient therefore flows only if
+  ``probs`` takes part in the loss being differentiated, as it does in any MoE layer.
+- aux-loss-free balancing (``get_updated_expert_bias``): ``update_expert_bias()`` moves each expert's bias by
+  ``rate · sign(mean(counts) - counts)`` using the counts accumulated since the previous update.
+
+Losses, jitter and count accumulation happen only in training mode with grad enabled (Megatron skips them under
+``torch.no_grad()``, for example in activation recomputation). Nothing in ``forward`` reads routing data on the
+host, except the NaN/inf check of debug mode (``RouterConfig.debug_nan_check`` or ``MOETRON_DEBUG=1``), which syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from . import _env
+from ._checks import check_tensor
+
+__all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler"]
+
+# ---------------------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------------------
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+# Megatron's sinkhorn stops when the mean change of the column scaling drops to 1e-4.
+_SINKHORN_TOL = 1e-4
+# Megatron loops until that tolerance on the host, one sync per iteration and no upper bound. Here the loop runs a
+# fixed number of iterations and freezes the scalings on the device once converged, so the result equals
+# Megatron's whenever it converges within the cap. Measured on random fp32 logits (T=16..8192, E=8..128):
+# std <= 1 converges in 2-6 iterations, std 8 in up to 106, and skewed logits (std >= 2 plus a per-expert
+# offset) took Megatron's loop 50k-330k iterations, so a cap is needed anyway. Past the cap the selection is
+# the partly balanced one reached so far.
+_SINKHORN_MAX_ITERS = 64
+# Megatron-Core's default init_method_std for the router weight.
+_INIT_STD = 0.02
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bad(field: str, expected: str, got) -> ValueError:
+    return ValueError(f"RouterConfig.{field} must be {expected}, got {got!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class RouterConfig:
+    # Width H of the router input x [T, H].
+    hidden_size: int
+    # Number E of routed experts.
+    num_experts: int
+    # Experts K selected per token (1 <= K <= E).
+    top_k: int
+    # "softmax" or "sigmoid": how logits become scores.
+    score_function: str = "softmax"
+    # softmax only. True: softmax over all E, then top-k (probs sum to < 1). False: top-k on the logits, then
+    # softmax over the k selected logits (probs sum to 1, Mixtral style).
+    pre_softmax: bool = False
+    # Renormalise the K selected probs to sum to 1 (only when K > 1, as Megatron). None picks the default:
+    # True for sigmoid, False for softmax with pre_softmax; softmax without pre_softmax is normalised already.
+    norm_topk_prob: bool | None = None
+    # Multiplies the final probs (DeepSeek-V3 routed_scaling_factor); None for 1.
+    scaling_factor: float | None = None
+    # Group-limited routing: number G of equal expert groups (None: off). Set together with group_topk.
+    num_groups: int | None = None
+    # Group-limited routing: groups kept per token, ranked by the sum of each group's top K // group_topk scores.
+    group_topk: int | None = None
+    # Balancing methods, from "aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none". The three aux
+    # losses combine freely; "sinkhorn" and "none" stand alone. A single string is accepted.
+    load_balancing: tuple[str, ...] = ("aux_loss",)
+    # Coefficient of the aux losses: one float for all, or a tuple aligned with load_balancing (entries for
+    # "sinkhorn"/"none" are ignored). 0 reports a loss without adding its gradient. 1e-2 is Megatron's advice.
+    aux_loss_coeff: float | tuple[float, ...] = 1e-2
+    # Coefficient of the router z-loss (ST-MoE), None for off.
+    z_loss_coeff: float | None = None
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for selection only.
+    # Needs score_function="sigmoid".
+    expert_bias: bool = False
+    # Step of update_expert_bias(): each call moves every bias by +-bias_update_rate (Megatron default 1e-3).
+    bias_update_rate: float = 1e-3
+    # Multiplicative uniform noise on x in training: x * U(1 - eps, 1 + eps). None for off.
+    input_jitter: float | None = None
+    # Dtype of the gate GEMM and all routing maths, whatever the activation dtype: "fp32" or "fp64".
+    router_dtype: str = "fp32"
+    # Raise ValueError when the logits hold NaN or inf. Syncs with the host; MOETRON_DEBUG=1 turns it on too.
+    debug_nan_check: bool = False
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_experts", "top_k"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise _bad(name, "a positive int", v)
+        if self.top_k > self.num_experts:
+            raise _bad("top_k", f"<= num_experts ({self.num_experts})", self.top_k)
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise _bad("score_function", f"one of {SCORE_FUNCTIONS}", self.score_function)
+        for name in ("pre_softmax", "expert_bias", "debug_nan_check"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, "a bool", getattr(self, name))
+        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
+            raise _bad("norm_topk_prob", "a bool or None", self.norm_topk_prob)
+        if self.router_dtype not in ROUTER_DTYPES:
+            raise _bad("router_dtype", f"one of {tuple(ROUTER_DTYPES)}", self.router_dtype)
+
+        # load balancing names and coefficients
+        lb = self.load_balancing
+        if isinstance(lb, str):
+            lb = (lb,)
+        if not isinstance(lb, (tuple, list)) or not lb or not all(isinstance(n, str) for n in lb):
+            raise _bad("load_balancing", f"a non-empty tuple of names from {LOAD_BALANCING_TYPES}", self.load_balancing)
+        lb = tuple(lb)
+        for n in lb:
+            if n not in LOAD_BALANCING_TYPES:
+                raise _bad("load_balancing", f"names from {LOAD_BALANCING_TYPES}", n)
+        if len(set(lb)) != len(lb):
+            raise _bad("load_balancing", "free of repeated names", lb)
+        if len(lb) > 1 and ("sinkhorn" in lb or "none" in lb):
+            raise _bad("load_balancing", '"sinkhorn" or "none" alone, or a combination of aux losses', lb)
+        self.load_balancing = lb
+        coeff = self.aux_loss_coeff
+        if isinstance(coeff, list):
+            coeff = tuple(coeff)
+        if isinstance(coeff, tuple):
+            if len(coeff) != len(lb):
+                raise _bad("aux_loss_coeff", f"a float or a tuple of {len(lb)} floats (one per load_balancing "
+                           f"entry {lb})", coeff)
+            if not all(_is_real(c) and c >= 0 for c in coeff):
+                raise _bad("aux_loss_coeff", "made of finite floats >= 0", coeff)
+        elif not _is_real(coeff) or coeff < 0:
+            raise _bad("aux_loss_coeff", "a finite float >= 0 or a tuple of them", coeff)
+        self.aux_loss_coeff = coeff
+
+        for name in ("z_loss_coeff", "scaling_factor"):
+            v = getattr(self, name)
+            if v is not None and (not _is_real(v) or v < 0 or (name == "scaling_factor" and v == 0)):
+                raise _bad(name, "None or a finite float " + (">= 0" if name == "z_loss_coeff" else "> 0"), v)
+        if not _is_real(self.bias_update_rate) or self.bias_update_rate < 0:
+            raise _bad("bias_update_rate", "a finite float >= 0", self.bias_update_rate)
+        if self.input_jitter is not None and (not _is_real(self.input_jitter) or not 0 < self.input_jitter < 1):
+            raise _bad("input_jitter", "None or a float in (0, 1)", self.input_jitter)
+
+        # score function specifics
+        if self.score_function == "sigmoid" and self.pre_softmax:
+            raise _bad("pre_softmax", 'False with score_function="sigmoid" (it only applies to softmax)', True)
+        if self.expert_bias and self.score_function != "sigmoid":
+            raise _bad("expert_bias", 'False unless score_function="sigmoid" (Megatron never adds the bias to '
+                       'softmax scores)', True)
+        if self.score_function == "softmax" and not self.pre_softmax and self.norm_topk_prob is False:
+            raise _bad("norm_topk_prob", "None or True with softmax and pre_softmax=False (a softmax over the k "
+                       "selected logits always sums to 1; use pre_softmax=True for unnormalised probs)", False)
+
+        # group-limited routing
+        if (self.num_groups is None) != (self.group_topk is None):
+            raise _bad("group_topk" if self.group_topk is None else "num_groups",
+                       "set together with " + ("num_groups" if self.group_topk is None else "group_topk"), None)
+        if self.num_groups is not None:
+            if not _is_int(self.num_groups) or self.num_groups < 1:
+                raise _bad("num_groups", "a positive int", self.num_groups)
+            if not _is_int(self.group_topk) or self.group_topk < 1:
+                raise _bad("group_topk", "a positive int", self.group_topk)
+            if self.num_experts % self.num_groups:
+                raise _bad("num_groups", f"a divisor of num_experts ({self.num_experts})", self.num_groups)
+            if self.group_topk > self.num_groups:
+                raise _bad("group_topk", f"<= num_groups ({self.num_groups})", self.group_topk)
+            if self.group_topk > self.top_k:
+                raise _bad("group_topk", f"<= top_k ({self.top_k}) since a group is scored by its top "
+                           "top_k // group_topk experts", self.group_topk)
+            per_group = self.num_experts // self.num_groups
+            if self.top_k // self.group_topk > per_group or self.group_topk * per_group < self.top_k:
+                raise _bad("group_topk", f"large enough for the {self.group_topk} kept groups of {per_group} experts "
+                           f"to hold top_k={self.top_k} experts", self.group_topk)
+
+        # sinkhorn follows Megatron's own weighting and ignores the selection options: refuse them, not drop them
+        if lb == ("sinkhorn",):
+            ignored = {"score_function": self.score_function != "softmax", "pre_softmax": self.pre_softmax,
+                       "norm_topk_prob": self.norm_topk_prob is not None, "scaling_factor": self.scaling_factor
+                       is not None, "num_groups": self.num_groups is not None, "expert_bias": self.expert_bias}
+            for name, bad in ignored.items():
+                if bad:
+                    raise _bad(name, 'left at its default with load_balancing="sinkhorn" (sinkhorn weights with '
+                               "sigmoid for top_k=1 and softmax otherwise, as Megatron-Core)", getattr(self, name))
+
+        # resolved in place, so dataclasses.replace() on a validated config validates again; sinkhorn keeps None
+        if self.norm_topk_prob is None and lb != ("sinkhorn",):
+            self.norm_topk_prob = self.score_function == "sigmoid" or not self.pre_softmax
+
+    def aux_loss_coeffs(self) -> dict[str, float]:
+        """Coefficient of each configured aux loss type (Megatron's ``get_aux_loss_coeff``)."""
+        names = [n for n in self.load_balancing if n in AUX_LOSS_TYPES]
+        if isinstance(self.aux_loss_coeff, tuple):
+            return {n: float(c) for n, c in zip(self.load_balancing, self.aux_loss_coeff) if n in AUX_LOSS_TYPES}
+        return {n: float(self.aux_loss_coeff) for n in names}
+
+
+class RouterOutput(NamedTuple):
+    probs: torch.Tensor  # [T, K] fp32 combine weights
+    expert_ids: torch.Tensor  # [T, K] int64, best first
+    logits: torch.Tensor  # [T, E] router dtype
+    tokens_per_expert: torch.Tensor  # [E] int64
+    losses: dict  # name -> 0-d detached tensor, loss / coeff
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _RouterGemm(torch.autograd.Function):
+    """logits = x @ w.T in the router dtype. Saving x and w in their own dtypes (bf16 in training) instead of the
+    upcast copies halves the memory the router keeps for backward, as Megatron's RouterGatingLinearFunction."""
+
+    @staticmethod
+    def forward(ctx, x_TH, w_EH, dtype):
+        ctx.save_for_backward(x_TH, w_EH)
+        ctx.dtype = dtype
+        return torch.mm(x_TH.to(dtype), w_EH.to(dtype).t())
+
+    @staticmethod
+    def backward(ctx, g_TE):
+        x_TH, w_EH = ctx.saved_tensors
+        g_TE = g_TE.to(ctx.dtype)
+        with torch.autocast(device_type=g_TE.device.type, enabled=False):
+            gx = torch.mm(g_TE, w_EH.to(ctx.dtype)).to(x_TH.dtype) if ctx.needs_input_grad[0] else None
+            gw = torch.mm(g_TE.t(), x_TH.to(ctx.dtype)).to(w_EH.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class AuxLossAutoScaler(torch.autograd.Function):
+    """Identity on ``probs`` whose backward also back-propagates ``loss`` with gradient ``loss_scale``.
+
+    ``loss`` already carries its coefficient. Set ``AuxLossAutoScaler.loss_scale`` (a float or a 0-d tensor on the
+    device) to whatever the main loss is multiplied by before backward: the AMP/GradScaler scale, or 1/M when M
+    micro-batch losses are averaged by gradient accumulation. It is class-level, read at backward time.
+    """
+
+    loss_scale: float | torch.Tensor = 1.0
+
+    @staticmethod
+    def forward(ctx, probs, loss):
+        ctx.save_for_backward(loss)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        (loss,) = ctx.saved_tensors
+        scale = AuxLossAutoScaler.loss_scale
+        return grad_probs, torch.ones_like(loss) * scale
+
+    @staticmethod
+    def set_loss_scale(scale: float | torch.Tensor) -> None:
+        AuxLossAutoScaler.loss_scale = scale
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing maths (pure functions on [T, E] tensors)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _topk(scores_TE: torch.Tensor, k: int, num_groups: int | None, group_topk: int | None):
+    """Top-k over experts, optionally group-limited (Megatron's group_limited_topk). Returns (values, ids),
+    best first."""
+    if group_topk is None:
+        return torch.topk(scores_TE, k, dim=-1)
+    T, E = scores_TE.shape
+    group_score_TG = scores_TE.view(T, num_groups, E // num_groups).topk(k // group_topk, dim=-1)[0].sum(dim=-1)
+    group_ids = torch.topk(group_score_TG, group_topk, dim=-1)[1]
+    group_keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_ids, True)
+    expert_keep_TE = group_keep_TG.repeat_interleave(E // num_groups, dim=1)
+    return torch.topk(scores_TE.masked_fill(~expert_keep_TE, float("-inf")), k, dim=-1)
+
+
+def _count(ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """Counts of each expert id along the last dim, [..., E]. scatter_add rather than bincount: bincount syncs on
+    CUDA to size its output."""
+    out = torch.zeros(*ids.shape[:-1], num_experts, dtype=dtype, device=ids.device)
+    return out.scatter_add_(-1, ids, torch.ones_like(ids, dtype=dtype))
+
+
+def _sinkhorn(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Megatron's sinkhorn: alternately rescale rows and columns of exp(logits) towards sums 1/T and 1/E.
+
+    exp is taken of the row-centred logits: a per-row factor is absorbed by the first row scaling and cancels in
+    the result and in the convergence test (up to the 1e-8 guard), but it keeps exp from overflowing in fp32 for
+    logits above ~88.
+    """
+    T, E = logits_TE.shape
+    cost = torch.exp(logits_TE - logits_TE.max(dim=1, keepdim=True)[0])
+    eps = 1e-8
+    d0 = torch.ones(T, dtype=cost.dtype, device=cost.device)
+    d1 = torch.ones(E, dtype=cost.dtype, device=cost.device)
+    done = torch.zeros((), dtype=torch.bool, device=cost.device)
+    for _ in range(_SINKHORN_MAX_ITERS):
+        new_d0 = (1.0 / T) / (torch.sum(d1 * cost, 1) + eps)
+        new_d1 = (1.0 / E) / (torch.sum(new_d0.unsqueeze(1) * cost, 0) + eps)
+        d0 = torch.where(done, d0, new_d0)
+        d1_old, d1 = d1, torch.where(done, d1, new_d1)
+        done = done | (torch.mean(torch.abs(d1_old - d1)) <= _SINKHORN_TOL)
+    return d1 * cost * d0.unsqueeze(1)
+
+
+def _switch_aux_loss(scores_sum_BE: torch.Tensor, counts_BE: torch.Tensor, tokens: int, k: int) -> torch.Tensor:
+    """Megatron's switch_load_balancing_loss_func without the coefficient, averaged over the leading dim:
+    E / (K·T²) · Σ_e scores_sum[e] · counts[e]."""
+    E = scores_sum_BE.shape[-1]
+    per_row = (scores_sum_BE * counts_BE).sum(dim=-1) * (E / (k * max(tokens, 1) ** 2))
+    return per_row.mean()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------------------
+
+# buffers kept in fp32 when the module is cast to bf16/fp16: +-1e-3 bias steps vanish in bf16 near |bias| ~ 1,
+# and token counts above 256 stop being exact.
+_FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert", "global_aux_steps")
+
+
+class TopKRouter(torch.nn.Module):
+    """Routes each of T tokens to K of E experts and attaches the load-balancing losses to the probs.
+
+    Parameters: ``weight [E, H]`` (like Hugging Face ``gate.weight``). Buffers: ``expert_bias [E]`` fp32 (persistent,
+    only with ``config.expert_bias``), ``local_tokens_per_expert [E]`` fp32 (non-persistent counts since the last
+    ``update_expert_bias()``), ``global_tokens_per_expert [E]`` and ``global_aux_steps []`` fp32 (non-persistent,
+    only with "global_aux_loss").
+
+    ``forward(x [T, H], seq_len=None) -> RouterOutput``. ``seq_len`` is needed for "seq_aux_loss" in training: the
+    T tokens are B = T / seq_len sequences stored batch-major, sequence b owning rows [b·S, (b+1)·S) (the layout of
+    ``hidden_states.view(-1, H)`` in Hugging Face models; Megatron's own layout is sequence-major [S, B]).
+    """
+
+    def __init__(self, config: RouterConfig, *, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, RouterConfig):
+            raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
+        self.config = config
+        E, H = config.num_experts, config.hidden_size
+        self.weight = torch.nn.Parameter(torch.empty(E, H, device=device, dtype=dtype or torch.float32))
+        self._aux_coeffs = config.aux_loss_coeffs()
+        self._router_dtype = ROUTER_DTYPES[config.router_dtype]
+        fp32 = dict(device=device, dtype=torch.float32)
+        if config.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(E, **fp32))
+            self.register_buffer("local_tokens_per_expert", torch.zeros(E, **fp32), persistent=False)
+        else:
+            self.register_buffer("expert_bias", None)
+            self.register_buffer("local_tokens_per_expert", None, persistent=False)
+        if "global_aux_loss" in self._aux_coeffs:
+            self.register_buffer("global_tokens_per_expert", torch.zeros(E, **fp32), persistent=False)
+            self.register_buffer("global_aux_steps", torch.zeros((), **fp32), persistent=False)
+        else:
+            self.register_buffer("global_tokens_per_expert", None, persistent=False)
+            self.register_buffer("global_aux_steps", None, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.weight, std=_INIT_STD)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"hidden_size={c.hidden_size}, num_experts={c.num_experts}, top_k={c.top_k}, "
+                f"score_function={c.score_function!r}, load_balancing={c.load_balancing}")
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) / .half() must not round the fp32 bookkeeping buffers: keep their exact values, move them only.
+        saved = {n: getattr(self, n) for n in _FP32_BUFFERS if getattr(self, n, None) is not None}
+        out = super()._apply(fn, recurse)
+        for n, before in saved.items():
+            after = getattr(self, n)
+            if after.dtype != torch.float32:
+                self._buffers[n] = before.to(device=after.device)
+        return out
+
+    # -- maintenance ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_expert_bias(self, group=None) -> None:
+        """Aux-loss-free balancing step (Megatron's get_updated_expert_bias): move each expert's bias by
+        ``bias_update_rate · sign(mean(counts) - counts)`` using the counts accumulated since the previous call,
+        then zero them. Call once per optimizer step. With ``group`` (a torch.distributed process group spanning
+        the data/context/tensor-parallel ranks that share this router), the counts are all-reduced over it first."""
+        if self.expert_bias is None:
+            raise RuntimeError("update_expert_bias needs RouterConfig.expert_bias=True")
+        counts = self.local_tokens_per_expert
+        if group is not None:
+            torch.distributed.all_reduce(counts, group=group)
+        offset = counts.mean() - counts
+        self.expert_bias.add_(torch.sign(offset) * self.config.bias_update_rate)
+        counts.zero_()
+
+    @torch.no_grad()
+    def reset_global_aux_counts(self) -> None:
+        """Forget the counts accumulated for "global_aux_loss" (Megatron resets them every optimizer step)."""
+        if self.global_tokens_per_expert is not None:
+            self.global_tokens_per_expert.zero_()
+            self.global_aux_steps.zero_()
+
+    # -- forward ----------------------------------------------------------------------------------------------
+
+    def _check_input(self, x, seq_len):
+        cfg = self.config
+        check_tensor("x", x, ndim=2)
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[1] != cfg.hidden_size:
+            raise ValueError(f"x must have shape [T, {cfg.hidden_size}] (hidden_size), got {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x must be on the router's device ({self.weight.device}), got {x.device}")
+        if seq_len is not None:
+            if not _is_int(seq_len) or seq_len < 1:
+                raise ValueError(f"seq_len must be None or a positive int, got {seq_len!r}")
+            if x.shape[0] % seq_len:
+                raise ValueError(f"seq_len must divide the number of tokens T={x.shape[0]}, got {seq_len}")
+
+    def forward(self, x: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
+        self._check_input(x, seq_len)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._forward(x, seq_len)
+
+    def _forward(self, x_TH: torch.Tensor, seq_len: int | None) -> RouterOutput:
+        cfg = self.config
+        T, E, K = x_TH.shape[0], cfg.num_experts, cfg.top_k
+        train = self.training and torch.is_grad_enabled()
+        sinkhorn = cfg.load_balancing == ("sinkhorn",)
+        if train and "seq_aux_loss" in self._aux_coeffs and seq_len is None:
+            raise ValueError('seq_len must be given in training when load_balancing has "seq_aux_loss", got None')
+
+        if self.training and cfg.input_jitter is not None:
+            eps = cfg.input_jitter
+            x_TH = x_TH * torch.empty_like(x_TH).uniform_(1.0 - eps, 1.0 + eps)
+
+        logits_TE = _RouterGemm.apply(x_TH, self.weight, self._router_dtype)
+        if cfg.debug_nan_check or _env.debug_checks_enabled():
+            # host sync: debug mode only
+            if not bool(torch.isfinite(logits_TE).all()):
+                raise ValueError("router logits contain NaN or inf (check the router input x and weight)")
+
+        # -- selection and combine weights
+        if sinkhorn:
+            weights_TE = torch.sigmoid(logits_TE) if K == 1 else torch.softmax(logits_TE, dim=-1)
+            if self.training and T > 0:
+                with torch.no_grad():
+                    ids_TK = torch.topk(_sinkhorn(logits_TE.detach()), K, dim=-1)[1]
+            else:
+                ids_TK = torch.topk(weights_TE, K, dim=-1)[1]
+            probs_TK = torch.gather(weights_TE, 1, ids_TK)
+        elif cfg.score_function == "softmax":
+            if cfg.pre_softmax:
+                probs_TK, ids_TK = _topk(torch.softmax(logits_TE, dim=-1), K, cfg.num_groups, cfg.group_topk)
+                if cfg.norm_topk_prob and K > 1:
+                    probs_TK = probs_TK / (probs_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            else:
+                top_logits_TK, ids_TK = _topk(logits_TE, K, cfg.num_groups, cfg.group_topk)
+                probs_TK = torch.softmax(top_logits_TK, dim=-1)
+        else:  # sigmoid
+            scores_TE = torch.sigmoid(logits_TE)
+            if self.expert_bias is not None:
+                select_TE = scores_TE.detach() + self.expert_bias.to(scores_TE.dtype)
+                ids_TK = _topk(select_TE, K, cfg.num_groups, cfg.group_topk)[1]
+                probs_TK = torch.gather(scores_TE, 1, ids_TK)
+            else:
+                probs_TK, ids_TK = _topk(scores_TE, K, cfg.num_groups, cfg.group_topk)
+            if cfg.norm_topk_prob and K > 1:
+                probs_TK = probs_TK / (probs_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.scaling_factor is not None:
+            probs_TK = probs_TK * cfg.scaling_factor
+        probs_TK = probs_TK.float()
+        tokens_per_expert = _count(ids_TK.reshape(1, -1), E, torch.int64).view(E)
+
+        # -- losses (training only), all injected through one identity on the probs
+        losses: dict[str, torch.Tensor] = {}
+        if train and T > 0:
+            total = None
+            if self._aux_coeffs:
+                losses.update(self._aux_losses(logits_TE, seq_len))
+            if cfg.z_loss_coeff is not None:
+                losses["z_loss"] = torch.logsumexp(logits_TE, dim=-1).square().sum() / max(T, 1)
+            for name, loss in losses.items():
+                coeff = cfg.z_loss_coeff if name == "z_loss" else self._aux_coeffs[name]
+                if coeff:
+                    total = coeff * loss if total is None else total + coeff * loss
+            if total is not None:
+                probs_TK = AuxLossAutoScaler.apply(probs_TK, total)
+            losses = {name: loss.detach() for name, loss in losses.items()}
+            if self.local_tokens_per_expert is not None:
+                self.local_tokens_per_expert += tokens_per_expert.float()
+
+        return RouterOutput(probs_TK, ids_TK, logits_TE, tokens_per_expert, losses)
+
+    def _aux_losses(self, logits_TE: torch.Tensor, seq_len: int | None) -> dict[str, torch.Tensor]:
+        """Megatron's compute_routing_scores_for_aux_loss + switch_load_balancing_loss_func for each aux type.
+        Not divided by the coefficient: the caller multiplies."""
+        cfg = self.config
+        T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
+        if cfg.score_function == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+        ids_TK = torch.topk(scores_TE.detach(), K, dim=-1)[1]
+        out = {}
+        if "aux_loss" in self._aux_coeffs or "global_aux_loss" in self._aux_coeffs:
+            counts_E = _count(ids_TK.reshape(1, -1), E, scores_TE.dtype).view(E)
+            scores_sum_E = scores_TE.sum(dim=0)
+            if "aux_loss" in self._aux_coeffs:
+                out["aux_loss"] = _switch_aux_loss(scores_sum_E, counts_E, T, K)
+            if "global_aux_loss" in self._aux_coeffs:
+                self.global_tokens_per_expert += counts_E.float()
+                self.global_aux_steps += 1
+                mean_counts_E = (self.global_tokens_per_expert / self.global_aux_steps).to(scores_TE.dtype)
+                out["global_aux_loss"] = _switch_aux_loss(scores_sum_E, mean_counts_E, T, K)
+        if "seq_aux_loss" in self._aux_coeffs:
+            B = T // seq_len
+            counts_BE = _count(ids_TK.reshape(B, seq_len * K), E, scores_TE.dtype)
+            scores_sum_BE = scores_TE.view(B, seq_len, E).sum(dim=1)
+            out["seq_aux_loss"] = _switch_aux_loss(scores_sum_BE, counts_BE, seq_len, K)
+        return out
