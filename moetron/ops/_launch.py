@@ -51,6 +51,7 @@ class CachedLauncher:
             return compiled
         compiled, is_constexpr = hit
         it = iter(runtime_args)
+        grid = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's runner wants all three dims
         compiled[grid](*[constexprs[n] if c else next(it) for n, c in zip(self.names, is_constexpr)])
         return compiled
 
