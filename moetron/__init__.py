@@ -1,6 +1,9 @@
 """moetron: Mixture-of-Experts building blocks for PyTorch, with Triton kernels."""
 
 from .ops.gmm import gmm, gmm_k
+from .ops.permute import PermuteResult, permute, permuted_rows, unpermute
+from .router import RouterConfig, RouterOutput, TopKRouter
 
 __version__ = "0.1.0.dev0"
-__all__ = ["gmm", "gmm_k", "__version__"]
+__all__ = ["gmm", "gmm_k", "permute", "unpermute", "permuted_rows", "PermuteResult", "RouterConfig",
+           "RouterOutput", "TopKRouter", "__version__"]

@@ -27,3 +27,18 @@ def backend() -> str:
     if value not in _BACKENDS:
         raise ValueError(f"MOETRON_BACKEND must be one of {_BACKENDS}, got {value!r}")
     return value
+
+
+def use_triton(t) -> bool:
+    """Whether an op on tensor ``t`` runs its Triton kernels (see MOETRON_BACKEND above)."""
+    choice = backend()
+    if choice == "torch":
+        return False
+    if t.is_cuda:
+        return True
+    if choice == "triton":
+        if not triton_interpreter_enabled():
+            raise RuntimeError("MOETRON_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before "
+                               "triton is imported")
+        return True
+    return False

@@ -17,7 +17,6 @@ Layout of this file: tuning constants, Triton kernels, launchers, autograd, publ
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -26,6 +25,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _env
+from ._triton_utils import to_output_dtype
 from ._launch import CachedLauncher
 from .._checks import check_row_major, check_same_device, check_same_dtype, check_shape, check_tensor
 
@@ -100,20 +100,6 @@ def _interpreter_bf16_fixups(t: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _to_output_dtype(acc, out_ptr, BF16_FIXUPS: tl.constexpr):
-    """fp32 accumulator -> the output's dtype, rounding to nearest even like the GPU does. Triton's CPU
-    interpreter rounds fp32 -> bf16 incorrectly (half-up, no carry), so there the rounding is done on the bits."""
-    if out_ptr.dtype.element_ty == tl.float32:
-        return acc
-    elif BF16_FIXUPS and out_ptr.dtype.element_ty == tl.bfloat16:
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return acc.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -212,7 +198,7 @@ def _gmm_kernel(
                 bias = tl.load(bias_ptr + g * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
         out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out_ptrs, to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -259,7 +245,7 @@ def _gmm_tma_kernel(
                 bias = tl.load(bias_ptr + g * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
                 acc += bias.to(tl.float32)[None, :]
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=(rows < row_end)[:, None] & col_ok[None, :])
+        tl.store(out_ptrs, to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=(rows < row_end)[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -317,7 +303,7 @@ def _gmm_k_tma_kernel(
     mask = (ks < KA)[:, None] & (ns < NB)[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
+    tl.store(out_ptrs, to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
 
 
 @triton.jit
@@ -359,7 +345,7 @@ def _gmm_k_kernel(
     mask = k_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, _to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
+    tl.store(out_ptrs, to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,18 +353,6 @@ def _gmm_k_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    choice = _env.backend()
-    if choice == "torch":
-        return False
-    if t.is_cuda:
-        return True
-    if choice == "triton":
-        if not _env.triton_interpreter_enabled():
-            raise RuntimeError("MOETRON_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before "
-                               "triton is imported")
-        return True
-    return False
 
 
 class _Groups:
@@ -541,7 +515,7 @@ def _run_gmm(x, w, bias, groups, out, trans_w):
         return out
     if x.shape[1] == 0:  # empty reduction: bias only, tail rows zero
         return _torch_gmm(x, w, bias, groups, out, trans_w)
-    if _use_triton(x):
+    if _env.use_triton(x):
         return _launch_gmm(x, w, bias, groups, out, trans_w)
     return _torch_gmm(x, w, bias, groups, out, trans_w)
 
@@ -553,7 +527,7 @@ def _run_gmm_k(a, b, groups, out, accumulate):
         if not accumulate:
             out.zero_()
         return out
-    if _use_triton(a):
+    if _env.use_triton(a):
         return _launch_gmm_k(a, b, groups, out, accumulate)
     return _torch_gmm_k(a, b, groups, out, accumulate)
 

@@ -1,0 +1,23 @@
+"""Small @triton.jit helpers shared by the ops."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def to_output_dtype(acc, out_ptr, BF16_FIXUPS: tl.constexpr):
+    """fp32 -> the element type of out_ptr, rounding to nearest even as the GPU does. Triton 3.9's CPU
+    interpreter rounds fp32 -> bf16 incorrectly (toward zero / half-up without carry), so under it
+    (BF16_FIXUPS) the rounding is done on the bit pattern: add half an ulp (minus one when the kept lsb is even)
+    and drop the low 16 bits."""
+    if out_ptr.dtype.element_ty == tl.float32:
+        return acc
+    elif BF16_FIXUPS and out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return acc.to(out_ptr.dtype.element_ty)
+
+
+__all__ = ["to_output_dtype", "triton"]
