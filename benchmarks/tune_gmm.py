@@ -24,8 +24,9 @@ from benchmarks.gmm import CASES, make_sizes  # noqa: E402
 gmm_module = importlib.import_module("moetron.ops.gmm")
 
 
-def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True):
-    return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, GROUP_M=group_m, tma=tma)
+def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True, ws=False):
+    return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, GROUP_M=group_m, tma=tma,
+                warp_specialize=ws)
 
 
 def _wgrad(bk, bn, bm, warps, stages, tma=True):
@@ -33,10 +34,10 @@ def _wgrad(bk, bn, bm, warps, stages, tma=True):
 
 
 FWD_VARIANTS = {
-    "128x256x64_w8_s3": _fwd(128, 256, 64, 8, 3),
     "128x256x64_w8_s4": _fwd(128, 256, 64, 8, 4),
-    "128x256x64_w8_s4_g16": _fwd(128, 256, 64, 8, 4, group_m=16),
-    "128x128x64_w8_s4": _fwd(128, 128, 64, 8, 4),
+    "128x256x64_w8_s4_ws": _fwd(128, 256, 64, 8, 4, ws=True),
+    "128x256x64_w4_s4_ws": _fwd(128, 256, 64, 4, 4, ws=True),
+    "128x128x64_w4_s4_ws": _fwd(128, 128, 64, 4, 4, ws=True),
 }
 WGRAD_VARIANTS = {
     "128x128x32_w4_s5": _wgrad(128, 128, 32, 4, 5),

@@ -16,15 +16,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def _arg_key(value):
-    if isinstance(value, torch.Tensor):
-        return ("t", value.dtype, value.data_ptr() % 16 == 0)
-    if isinstance(value, TensorDescriptor):
-        return ("d", value.base.dtype, tuple(value.block_shape), value.padding)
-    if isinstance(value, bool):
-        return ("b", value)
-    if isinstance(value, int):
-        return ("i", value == 1, value % 16 == 0, -(2**31) <= value < 2**31)
-    return ("v", value)
+    kind = type(value)
+    if kind is int:
+        return (value == 1, value % 16 == 0, -(2**31) <= value < 2**31)
+    if kind is torch.Tensor or isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    if kind is TensorDescriptor:
+        return (value.base.dtype, tuple(value.block_shape), value.padding)
+    return (kind, value)
 
 
 class CachedLauncher:

@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _env
-from ._triton_utils import to_output_dtype
+from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
 from ._launch import CachedLauncher
 from .._checks import check_row_major, check_same_device, check_same_dtype, check_shape, check_tensor
 
@@ -77,8 +77,11 @@ def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
         return dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return dict(BK=64, BN=64, BM=32, num_warps=4, num_stages=3)
-    # H100 sweep: 128x128 output tiles reducing 32 rows a step over 5 stages (TMA) was best or near-best on
-    # every anchor case; 128x256 tiles fell behind on the 128-group cases.
+    # H100 sweep (benchmarks/NOTES.md): with large per-group outputs (Mixtral, DeepSeek-V3 EP8: K*N >= 8M)
+    # 128x256 tiles win by 10-55% (mixtral_up 663 vs 420 TFLOP/s); with small ones (Qwen3 128 experts, the
+    # blog shapes) 128x128 tiles reducing 32 rows a step over 5 stages win by ~5-20%.
+    if ka * nb >= 1 << 23:
+        return dict(BK=128, BN=256, BM=64, num_warps=8, num_stages=3)
     return dict(BK=128, BN=128, BM=32, num_warps=4, num_stages=5)
 
 
@@ -209,6 +212,7 @@ def _gmm_tma_kernel(
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr,
     TRANS_W: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -228,7 +232,7 @@ def _gmm_tma_kernel(
                                                 BM, GROUP_M, BLOCK_G)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if g < G:
-            for k0 in range(0, K, BK):
+            for k0 in tl.range(0, K, BK, warp_specialize=WARP_SPECIALIZE):
                 a = x_desc.load([row0, k0])
                 if TRANS_W:
                     b = tl.trans(w_desc.load([g, n_tile * BN, k0]).reshape(BN, BK))
@@ -368,7 +372,7 @@ class _Groups:
 
     def kernel_args(self) -> dict:
         # one lane per schedule entry (G groups + the tail)
-        return dict(SIZES_ARE_ENDS=self.are_ends, BLOCK_G=max(16, triton.next_power_of_2(self.num_groups + 1)))
+        return dict(SIZES_ARE_ENDS=self.are_ends, BLOCK_G=max(16, next_power_of_2(self.num_groups + 1)))
 
     def host_counts(self) -> list[int]:
         """Per-group row counts, clamped exactly as the device schedule clamps them. Syncs if the sizes live
@@ -405,10 +409,13 @@ def _tma_eligible(*tensors: torch.Tensor) -> bool:
     elif setting != "1":  # the interpreter runs TMA kernels only when asked (tests do)
         return False
     for t in tensors:
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(d == 0 for d in t.shape):
+        size = t.element_size()
+        strides = t.stride()
+        if strides[-1] != 1 or t.data_ptr() % 16 or 0 in t.shape:
             return False
-        if any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
-            return False
+        for st in strides[:-1]:
+            if (st * size) % 16:
+                return False
     return True
 
 
@@ -417,8 +424,8 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     N = out.shape[1]
     G = groups.num_groups
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda)
-    num_n = triton.cdiv(N, cfg["BN"])
-    max_tiles = (triton.cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
+    num_n = cdiv(N, cfg["BN"])
+    max_tiles = (cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
     programs = _num_sms(x.device.index or 0) if x.is_cuda else 4
     programs = max(1, min(programs, max_tiles))
     constexprs = dict(
@@ -439,7 +446,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
             (programs,),
             (x_desc, w_desc, bias_arg, out, groups.sizes, M, N, K, G, programs, *bias_strides,
              out.stride(0), out.stride(1)),
-            dict(TRANS_W=trans_w, **constexprs), **options,
+            dict(TRANS_W=trans_w, WARP_SPECIALIZE=cfg.get("warp_specialize", False), **constexprs), **options,
         )
         return out
     # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
@@ -457,7 +464,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     KA, NB = a.shape[1], b.shape[1]
     G = groups.num_groups
     cfg = _CONFIG_OVERRIDES.get("wgrad") or _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda)
-    grid = (G * triton.cdiv(KA, cfg["BK"]) * triton.cdiv(NB, cfg["BN"]),)
+    grid = (G * cdiv(KA, cfg["BK"]) * cdiv(NB, cfg["BN"]),)
     constexprs = dict(
         ACCUMULATE=accumulate,
         **groups.kernel_args(),

@@ -38,7 +38,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .. import _env
-from ._triton_utils import to_output_dtype
+from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
 from .._checks import check_row_major, check_same_device, check_shape, check_tensor
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ _INDEX_TILE = 4096
 
 
 def _index_config(num_experts: int, on_cpu: bool) -> dict:
-    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_e = max(16, next_power_of_2(num_experts))
     if on_cpu:  # tiny chunks, so test shapes span several chunks and sub-blocks
         return dict(CHUNK=16, SUB=8, BLOCK_E=block_e, num_warps=1)
     sub = max(8, min(_INDEX_CHUNK, _INDEX_TILE // block_e))
@@ -82,7 +82,7 @@ def _block_config(h: int, element_size: int, on_cpu: bool) -> dict:
     """Block width over H and warps; keyed on (H, dtype) only, so a new token count reuses the kernel."""
     if on_cpu:
         return dict(BLOCK_H=_INTERPRETER_BLOCK_H, num_warps=1)
-    return dict(BLOCK_H=max(16, min(triton.next_power_of_2(h), _BLOCK_BYTES // element_size)), num_warps=4)
+    return dict(BLOCK_H=max(16, min(next_power_of_2(h), _BLOCK_BYTES // element_size)), num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def _route_triton(ids_R, num_experts, pad_to, capacity, num_rows) -> _Routing:
     E, R = num_experts, ids_R.numel()
     device = ids_R.device
     cfg = _index_config(E, on_cpu=not ids_R.is_cuda)
-    num_chunks = triton.cdiv(R, cfg["CHUNK"])
+    num_chunks = cdiv(R, cfg["CHUNK"])
     row_map_R = torch.empty(R, dtype=torch.int32, device=device)
     src_slot = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
     tokens_E = torch.empty(E, dtype=torch.int64, device=device)

@@ -1,0 +1,236 @@
+"""MoE layer benchmark: moetron.MoELayer against Hugging Face transformers' Qwen3MoeSparseMoeBlock
+(experts_implementation "grouped_mm" and "eager") and Megatron-Core's MoELayer (SequentialMLP experts, alltoall
+dispatcher, softmax top-k with aux loss, fp32 router), in one run, with the same weights and inputs.
+
+    python benchmarks/layer.py                           # GPU: all shapes, T = 8192 and 32768
+    python benchmarks/layer.py --device cpu --tiny       # CPU smoke run of every provider (no timing meaning)
+
+bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for forward+backward.
+Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with peak_mem_gb per row: the peak allocated
+during that provider's timing, with only its own module on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import bench_ms, write_results  # noqa: E402
+
+SHAPES = {  # name: hidden H, expert ffn F, experts E, top-k K
+    "qwen3_30b": (2048, 768, 128, 8),
+    "mixtral": (4096, 14336, 8, 2),
+    "olmoe": (2048, 1024, 64, 8),
+}
+TOKENS = (8192, 32768)
+TINY = {"tiny": (64, 32, 8, 2)}
+PROVIDERS = ("moetron", "hf_grouped_mm", "hf_eager", "megatron")
+
+
+def master_weights(H, F, E, seed=0):
+    """One set of weights (CPU, fp32) every provider copies: router [E, H], gate_up [E, 2F, H], down [E, H, F]."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "router": torch.randn(E, H, generator=g) * 0.02,
+        "gate_up": torch.randn(E, 2 * F, H, generator=g) * 0.02,
+        "down": torch.randn(E, H, F, generator=g) * 0.02,
+    }
+
+
+def build_moetron(W, H, F, E, K, device, dtype):
+    from moetron.layer import MoEConfig, MoELayer
+
+    layer = MoELayer(MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=K), device=device,
+                     dtype=dtype)
+    with torch.no_grad():
+        layer.router.weight.copy_(W["router"])
+        layer.experts.gate_up_proj.copy_(W["gate_up"])
+        layer.experts.down_proj.copy_(W["down"])
+    return layer.train(), lambda x: layer(x)
+
+
+def build_hf(W, H, F, E, K, device, dtype, impl):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K,
+                         norm_topk_prob=True)
+    cfg._experts_implementation = impl
+    block = Qwen3MoeSparseMoeBlock(cfg).to(device, dtype)
+    with torch.no_grad():
+        block.gate.weight.copy_(W["router"])
+        block.experts.gate_up_proj.copy_(W["gate_up"])
+        block.experts.down_proj.copy_(W["down"])
+
+    def run(x):
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    return block.train(), run
+
+
+_MEGATRON_READY = False
+
+
+def build_megatron(W, H, F, E, K, device, dtype):
+    """Megatron-Core's MoELayer from its own local spec (no Transformer Engine): SequentialMLP experts, alltoall
+    dispatcher, softmax top-k after selection, aux loss 1e-2, fp32 router. World of one process."""
+    global _MEGATRON_READY
+    import torch.distributed as dist
+    import torch.nn.functional as Fn
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if not _MEGATRON_READY:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1,
+                                                 create_gloo_process_groups=False)
+        if device == "cuda":
+            from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(0)
+        _MEGATRON_READY = True
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=H, num_attention_heads=max(1, H // 128), ffn_hidden_size=F,
+        moe_ffn_hidden_size=F, num_moe_experts=E, moe_router_topk=K, moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2, moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall", gated_linear_unit=True, activation_func=Fn.silu,
+        add_bias_linear=False, bias_activation_fusion=True, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        pipeline_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="local",
+        use_cpu_initialization=device != "cuda",
+    )
+    layer = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=False)(config=cfg, layer_number=1)
+    layer.set_layer_number(1)
+    layer = layer.to(device)
+    with torch.no_grad():
+        layer.router.weight.copy_(W["router"])
+        for e, mlp in enumerate(layer.experts.local_experts):
+            mlp.linear_fc1.weight.copy_(W["gate_up"][e])  # [gate; up], as Megatron's GLU chunks it
+            mlp.linear_fc2.weight.copy_(W["down"][e])
+
+    def run(x):  # Megatron wants [S, B, H]
+        out, _ = layer(x.transpose(0, 1))
+        return out.transpose(0, 1)
+
+    return layer.train(), run
+
+
+def time_provider(name, build, x, dy, flops, device, rep_ms, rows, case):
+    module, run = build()
+    params = [p for p in module.parameters() if p.requires_grad]
+    xg = x.detach().clone().requires_grad_(True)
+
+    def fwd():
+        return run(xg)
+
+    def fwd_bwd():
+        run(xg).backward(dy)
+
+    out = fwd()
+    fwd_bwd()  # warm-up: compiles kernels
+    result = {"out": out.detach().float()}
+    for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        row = {"case": case, "provider": name, "mode": mode}
+        try:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                row["ms"] = bench_ms(fn, grad_to_none=params + [xg], rep_ms=rep_ms)
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            else:
+                t = time.perf_counter()
+                fn()
+                row["ms"] = (time.perf_counter() - t) * 1e3
+            row["tflops"] = (flops if mode == "fwd" else 3 * flops) / row["ms"] / 1e9
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    del module, run, params, xg, out
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke)")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--eager-max-tokens", type=int, default=8192, help="skip hf_eager above this T")
+    parser.add_argument("--rep-ms", type=int, default=200)
+    args = parser.parse_args(argv)
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = TINY if args.tiny else {k: SHAPES[k] for k in args.shapes}
+    tokens = [64] if args.tiny else args.tokens
+    rows = []
+    for shape_name, (H, F, E, K) in shapes.items():
+        W = master_weights(H, F, E)
+        for T in tokens:
+            case = f"{shape_name}_T{T}"
+            flops = 2 * T * K * H * F * 3
+            g = torch.Generator().manual_seed(T)
+            x = torch.randn(1, T, H, generator=g).to(device, dtype)
+            dy = torch.randn(1, T, H, generator=g).to(device, dtype)
+            outs = {}
+            builders = {
+                "moetron": lambda: build_moetron(W, H, F, E, K, device, dtype),
+                "hf_grouped_mm": lambda: build_hf(W, H, F, E, K, device, dtype, "grouped_mm"),
+                "hf_eager": lambda: build_hf(W, H, F, E, K, device, dtype, "eager"),
+                "megatron": lambda: build_megatron(W, H, F, E, K, device, dtype),
+            }
+            for provider in args.providers:
+                if provider == "hf_eager" and T > args.eager_max_tokens:
+                    continue
+                try:
+                    outs[provider] = time_provider(provider, builders[provider], x, dy, flops, device,
+                                                   args.rep_ms, rows, case)["out"]
+                except Exception as e:  # a provider that cannot build or run is recorded, not fatal
+                    rows.append({"case": case, "provider": provider, "mode": "fwd", "error": repr(e)[:300]})
+                    print(case, provider, "failed:", repr(e)[:300], flush=True)
+            ref = outs.get("hf_grouped_mm")
+            for provider, out in outs.items():
+                if ref is not None and provider != "hf_grouped_mm":
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    print(f"{case} {provider}: rel. difference to hf_grouped_mm output {err:.2e}", flush=True)
+                    for r in rows:
+                        if r["case"] == case and r["provider"] == provider:
+                            r["rel_diff_vs_hf"] = err
+    path = write_results("layer", rows)
+    print_table(rows)
+    print(f"wrote {path}")
+
+
+def print_table(rows):
+    keyed = {(r["case"], r["provider"], r["mode"]): r for r in rows}
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    for mode in ("fwd", "fwd_bwd"):
+        print(f"\n{mode}: ms (TFLOP/s) [peak GB]")
+        print(f"{'case':20s}" + "".join(f"{p:>28s}" for p in providers))
+        for case in cases:
+            line = f"{case:20s}"
+            for p in providers:
+                r = keyed.get((case, p, mode), {})
+                cell = (f"{r['ms']:.2f} ({r['tflops']:.0f}) [{r.get('peak_mem_gb', 0):.1f}]" if "ms" in r
+                        else "err" if "error" in r else "-")
+                line += f"{cell:>28s}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
