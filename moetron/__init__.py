@@ -3,7 +3,10 @@
 from .ops.gmm import gmm, gmm_k
 from .ops.permute import PermuteResult, permute, permuted_rows, unpermute
 from .router import RouterConfig, RouterOutput, TopKRouter
+from .experts import GroupedExperts, SequentialExperts, SharedExperts
+from .layer import MoEConfig, MoELayer
 
 __version__ = "0.1.0.dev0"
 __all__ = ["gmm", "gmm_k", "permute", "unpermute", "permuted_rows", "PermuteResult", "RouterConfig",
-           "RouterOutput", "TopKRouter", "__version__"]
+           "RouterOutput", "TopKRouter", "MoEConfig", "MoELayer", "GroupedExperts", "SequentialExperts",
+           "SharedExperts", "__version__"]
