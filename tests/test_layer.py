@@ -265,7 +265,7 @@ def randomize(layer: MoELayer, seed: int) -> None:
 
 
 def check_layer(cfg: MoEConfig, *, shape=(12, H), seed=0, dtype=torch.float32, training=True, seq_len=None,
-                setup=None, x=None):
+                setup=None, x=None, device="cpu"):
     """Runs the layer and the reference (float64, and in the layer's dtype as the baseline); checks output,
     every gradient, counts and loss values. Returns (layer, info)."""
     torch.manual_seed(seed)
@@ -273,14 +273,14 @@ def check_layer(cfg: MoEConfig, *, shape=(12, H), seed=0, dtype=torch.float32, t
     randomize(layer, seed)
     if setup is not None:
         setup(layer)
-    layer.to(dtype).train(training)
+    layer.to(device, dtype).train(training)
     if x is None:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    x = x.to(dtype)
+    x = x.to(device, dtype)
     x_l = x.clone().requires_grad_()
     y = layer(x_l, seq_len)
     assert y.shape == x.shape and y.dtype == dtype
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 7)).to(device, dtype)
     y.backward(dy)
     names = ["x"] + [n for n, _ in layer.named_parameters()]
     got = [x_l.grad] + [p.grad for _, p in layer.named_parameters()]
@@ -291,11 +291,11 @@ def check_layer(cfg: MoEConfig, *, shape=(12, H), seed=0, dtype=torch.float32, t
         seq_len = shape[1]
 
     def run_reference(ref_dtype, route_dtype):
-        xr = x.detach().reshape(-1, H).to(ref_dtype).requires_grad_()
-        P = {n: p.detach().to(ref_dtype).requires_grad_() for n, p in layer.named_parameters()}
+        xr = x.detach().cpu().reshape(-1, H).to(ref_dtype).requires_grad_()
+        P = {n: p.detach().cpu().to(ref_dtype).requires_grad_() for n, p in layer.named_parameters()}
         y_r, extra, info = reference_layer(xr, P, cfg, expert_bias=bias, training=training, seq_len=seq_len,
                                            dtype=ref_dtype, route_dtype=route_dtype)
-        objective = (y_r * dy.reshape(-1, H).to(ref_dtype)).sum() + extra.to(ref_dtype)
+        objective = (y_r * dy.cpu().reshape(-1, H).to(ref_dtype)).sum() + extra.to(ref_dtype)
         inputs = [xr] + list(P.values())
         grads = torch.autograd.grad(objective, inputs, allow_unused=True)
         grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
@@ -521,9 +521,12 @@ TRITON_CASES = {
 
 @pytest.mark.parametrize("case", TRITON_CASES)
 def test_triton_path(case, monkeypatch, poisoned_alloc):
-    monkeypatch.setenv("MOETRON_BACKEND", "triton")
+    """The Triton kernels: on CUDA when there is a GPU, else in Triton's interpreter on CPU tensors."""
+    on_gpu = torch.cuda.is_available()
+    monkeypatch.setenv("MOETRON_BACKEND", "auto" if on_gpu else "triton")
     dtype, kw = TRITON_CASES[case]
-    check_layer(make_cfg(num_experts=5, **kw), shape=(10, H), dtype=dtype, seed=30 + len(case))
+    check_layer(make_cfg(num_experts=5, **kw), shape=(10, H), dtype=dtype, seed=30 + len(case),
+                device="cuda" if on_gpu else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
