@@ -264,6 +264,16 @@ def randomize(layer: MoELayer, seed: int) -> None:
         layer.router.expert_bias.copy_(0.1 * torch.randn(layer.router.expert_bias.shape, generator=g))
 
 
+def _select_backend(monkeypatch, backend: str) -> str:
+    """Routes the layer to a backend and returns the device its tensors go on: "triton" means the CUDA kernels
+    on a GPU machine and Triton's interpreter on CPU tensors elsewhere."""
+    if backend == "triton" and torch.cuda.is_available():
+        monkeypatch.setenv("MOETRON_BACKEND", "auto")
+        return "cuda"
+    monkeypatch.setenv("MOETRON_BACKEND", backend)
+    return "cpu"
+
+
 def check_layer(cfg: MoEConfig, *, shape=(12, H), seed=0, dtype=torch.float32, training=True, seq_len=None,
                 setup=None, x=None, device="cpu"):
     """Runs the layer and the reference (float64, and in the layer's dtype as the baseline); checks output,
@@ -521,12 +531,9 @@ TRITON_CASES = {
 
 @pytest.mark.parametrize("case", TRITON_CASES)
 def test_triton_path(case, monkeypatch, poisoned_alloc):
-    """The Triton kernels: on CUDA when there is a GPU, else in Triton's interpreter on CPU tensors."""
-    on_gpu = torch.cuda.is_available()
-    monkeypatch.setenv("MOETRON_BACKEND", "auto" if on_gpu else "triton")
     dtype, kw = TRITON_CASES[case]
     check_layer(make_cfg(num_experts=5, **kw), shape=(10, H), dtype=dtype, seed=30 + len(case),
-                device="cuda" if on_gpu else "cpu")
+                device=_select_backend(monkeypatch, "triton"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -574,7 +581,7 @@ def test_expert_bias_without_config_raises():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_grouped_experts_match_sequential(activation, backend, monkeypatch):
     # offsets with an empty first group, an empty middle group and a tail of rows no expert owns
-    monkeypatch.setenv("MOETRON_BACKEND", backend)
+    device = _select_backend(monkeypatch, backend)
     torch.manual_seed(0)
     grouped = GroupedExperts(4, H, FF, activation, bias=True)
     with torch.no_grad():
@@ -582,13 +589,14 @@ def test_grouped_experts_match_sequential(activation, backend, monkeypatch):
             p.normal_()
     seq = SequentialExperts(4, H, FF, activation, bias=True)
     seq.load_state_dict(grouped.state_dict())
-    offsets = torch.tensor([0, 5, 5, 11])
-    x = torch.randn(14, H)
+    grouped.to(device), seq.to(device)
+    offsets = torch.tensor([0, 5, 5, 11], device=device)
+    x = torch.randn(14, H).to(device)
     outs = []
     for mod in (grouped, seq):
         xi = x.clone().requires_grad_()
         y = mod(xi, offsets)
-        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        y.backward(torch.linspace(-1, 1, y.numel(), device=device).view_as(y))
         outs.append([y, xi.grad] + [p.grad for p in mod.parameters()])
     assert outs[0][0][11:].abs().max() == 0  # tail rows are zero
     for a, b in zip(*outs):
