@@ -325,7 +325,7 @@ def check_layer(cfg: MoEConfig, *, shape=(12, H), seed=0, dtype=torch.float32, t
     assert int(stats["num_dropped"]) == info["dropped"]
     assert set(stats["losses"]) == set(info["losses"])
     for name, value in info["losses"].items():
-        torch.testing.assert_close(stats["losses"][name].double(), value.detach(), rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(stats["losses"][name].double().cpu(), value.detach(), rtol=2e-5, atol=1e-7)
     return layer, info
 
 
