@@ -23,11 +23,14 @@ def gpu_tag() -> str:
 def meta() -> dict:
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    # the device machine gets a copy of the tree without .git: pass MOETRON_COMMIT there
+    commit = os.environ.get("MOETRON_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
