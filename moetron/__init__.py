@@ -5,8 +5,9 @@ from .ops.permute import PermuteResult, permute, permuted_rows, unpermute
 from .router import RouterConfig, RouterOutput, TopKRouter
 from .experts import GroupedExperts, SequentialExperts, SharedExperts
 from .layer import MoEConfig, MoELayer
+from .parallel import ParallelGroups, ParallelLayout, reduce_gradients
 
 __version__ = "0.1.0.dev0"
 __all__ = ["gmm", "gmm_k", "permute", "unpermute", "permuted_rows", "PermuteResult", "RouterConfig",
            "RouterOutput", "TopKRouter", "MoEConfig", "MoELayer", "GroupedExperts", "SequentialExperts",
-           "SharedExperts", "__version__"]
+           "SharedExperts", "ParallelGroups", "ParallelLayout", "reduce_gradients", "__version__"]

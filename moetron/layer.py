@@ -1,16 +1,22 @@
-"""The MoE layer on one device: router -> permute -> grouped experts -> unpermute (+ shared experts).
+"""The MoE layer: router -> dispatcher.dispatch -> grouped experts -> dispatcher.combine (+ shared experts).
 
-Legend: T tokens, H hidden, F expert ffn, E experts, K top-k, C capacity (rows per expert when dropping),
-R_out rows of the permuted buffer.
+Legend: T tokens (on this rank), H hidden, F expert ffn, E experts, E_l experts on this rank, K top-k,
+C capacity (rows per expert when dropping), R_out rows of the permuted buffer.
 
-    MoELayer(MoEConfig(...))(x [..., H], seq_len=None) -> y [..., H]
+    MoELayer(MoEConfig(...), parallel=None)(x [..., H], seq_len=None) -> y [..., H]
 
         x_TH            = x.reshape(-1, H)
         probs, ids      = router(x_TH)                       [T, K] fp32, [T, K] int64 (aux losses ride on probs)
-        x_perm, offsets = permute(x_TH, ids, E, ...)         [R_out, H] expert-major, [E] cumulative row ends
-        h               = experts(x_perm, offsets)           two grouped GEMMs, [R_out, H]
-        y_TH            = unpermute(h, row_map, probs)       y[t] = sum_k probs[t, k] * h[row of (t, k)]
+        d               = dispatcher.dispatch(x_TH, probs, ids)   rows for this rank's E_l experts, expert-major
+        h               = experts(d.x, d.offsets)            two grouped GEMMs, [R_out, H]
+        y_TH            = dispatcher.combine(h, d.handle)    y[t] = sum_k probs[t, k] * h[row of (t, k)]
                           + shared_experts(x_TH)
+
+With ``dispatcher="local"`` (one process) dispatch is ``permute`` and combine ``unpermute``. With
+``parallel=ParallelGroups`` (moetron.parallel) and ``dispatcher="allgather"`` or ``"alltoall"`` (moetron.dispatch),
+EP rank r holds experts [r·E/EP, (r+1)·E/EP), each sliced to F/ETP columns under expert tensor parallelism; the
+router and shared experts are replicated, and every rank passes its own tokens (sequence-parallel [T/TP, H]
+included).
 
 Token dropping (``capacity_factor``) follows Megatron-Core: ``C = ceil(T·K / E · capacity_factor)`` (rounded up to a
 multiple of ``pad_to``). An expert routed more than C slots keeps C of them, the ones with the highest probs
@@ -19,20 +25,28 @@ output (the remaining probs are not renormalised). With ``pad_to_capacity`` ever
 static [E·C, H] buffer; without it the kept rows are packed (each expert's count rounded up to ``pad_to``) into a
 buffer of T·K rows, and the GEMMs only compute the kept rows.
 
-Nothing in ``forward`` reads device data on the host: the buffer sizes come from shapes alone. The routing
-statistics stay on the device in ``last_stats`` until ``stats()`` gathers them (one sync).
+Token dropping across ranks is decided on each source rank among its own tokens (C from its own T), as in
+Megatron-Core, so each rank's output equals the single-process layer's output on that rank's tokens.
+
+Nothing in ``forward`` reads device data on the host (buffer sizes come from shapes alone), except the one split
+size sync of ``dispatcher="alltoall"`` without ``pad_to_capacity``. The routing statistics stay on the device in
+``last_stats`` until ``stats()`` gathers them (one sync).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .experts import ACTIVATIONS, GroupedExperts, SharedExperts
-from .ops.permute import _permute, permute, permuted_rows, unpermute
+from .dispatch import make_dispatcher
+from .dispatch._comm import all_gather_flat
+from .experts import ACTIVATIONS, GroupedExperts, SharedExperts, _bias_for, apply_activation
+from .ops.gmm import gmm
+from .parallel import GRAD_GROUP_ATTR, ParallelGroups, check_same_on_all_ranks
 from .router import RouterConfig, RouterOutput, TopKRouter
 
 __all__ = ["MoEConfig", "MoELayer"]
@@ -41,8 +55,6 @@ DROP_POLICIES = ("probs", "position")
 DISPATCHERS = ("local", "allgather", "alltoall", "fused")
 # what each not-yet-built dispatcher waits for, named in the NotImplementedError
 _LATER_DISPATCHERS = {
-    "allgather": "the all-gather token dispatcher arrives with expert parallelism (moetron.dispatch)",
-    "alltoall": "the all-to-all token dispatcher arrives with expert parallelism (moetron.dispatch)",
     "fused": "the fused dispatch/combine kernels (MoeDistributeDispatch/Combine semantics) arrive after the "
              "all-to-all dispatcher",
 }
@@ -128,7 +140,8 @@ class MoEConfig:
     shared_expert_gate: bool = False
 
     # -- token dispatch
-    # "local" (all experts on this device). "allgather", "alltoall", "fused" are planned (NotImplementedError).
+    # "local" (all experts on this device), "allgather" or "alltoall" (expert parallelism, see moetron.dispatch;
+    # they need MoELayer(parallel=...) to spread experts). "fused" is planned (NotImplementedError).
     dispatcher: str = "local"
 
     def __post_init__(self):
@@ -181,64 +194,240 @@ class MoEConfig:
         return -(-c // self.pad_to) * self.pad_to
 
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Expert shards (expert parallelism) and their global-id checkpoint layout
+# ---------------------------------------------------------------------------------------------------------
+
+# how expert tensor parallelism slices each expert parameter: (dim, gated halves); None: replicated over ETP
+_ETP_SPLIT = {"gate_up_proj": (1, True), "gate_up_proj_bias": (1, True), "up_proj": (1, False),
+              "up_proj_bias": (1, False), "down_proj": (2, False), "down_proj_bias": None}
+
+
+def _etp_slice(full: torch.Tensor, name: str, j: int, parts: int) -> torch.Tensor:
+    """ETP rank j's slice of a full (all-F) expert tensor. Gated first projections hold [gate; up] along dim 1;
+    each rank keeps the matching F/ETP rows of both, so the activation stays local."""
+    dim, halves = _ETP_SPLIT[name]
+    if not halves:
+        n = full.shape[dim] // parts
+        return full.narrow(dim, j * n, n)
+    gate, up = full.chunk(2, dim=dim)
+    n = gate.shape[dim] // parts
+    return torch.cat([gate.narrow(dim, j * n, n), up.narrow(dim, j * n, n)], dim=dim)
+
+
+def _etp_join(shards: list[torch.Tensor], name: str) -> torch.Tensor:
+    """Inverse of _etp_slice over all ETP ranks' slices, in rank order."""
+    dim, halves = _ETP_SPLIT[name]
+    if not halves:
+        return torch.cat(shards, dim=dim)
+    pairs = [s.chunk(2, dim=dim) for s in shards]
+    return torch.cat([g for g, _ in pairs] + [u for _, u in pairs], dim=dim)
+
+
+class _ExpertShard(GroupedExperts):
+    """GroupedExperts holding E_l experts (a contiguous range of global ids) at F/ETP columns. Under expert tensor
+    parallelism each ETP rank produces a partial sum over its F slice, which the dispatcher's combine adds up;
+    ``down_proj_bias`` (replicated over ETP) is therefore added on ETP rank 0 only."""
+
+    def __init__(self, *args, add_down_bias: bool = True, **kw):
+        super().__init__(*args, **kw)
+        self.add_down_bias = add_down_bias
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.add_down_bias or self.down_proj_bias is None:
+            return super().forward(x, offsets)
+        self._check_inputs(x, offsets)
+        dtype = self._compute_dtype(x)
+        w1, b1, w2 = self.w1, self.w1_bias, self.down_proj
+        if dtype != w2.dtype:
+            w1, w2 = w1.to(dtype), w2.to(dtype)
+        h = gmm(x.to(dtype).contiguous(), w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
+        h = apply_activation(h, self.activation)
+        return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True)
+
+
 class MoELayer(nn.Module):
-    """A Mixture-of-Experts layer on one device.
+    """A Mixture-of-Experts layer, on one device or expert-parallel.
 
     Submodules: ``router`` (TopKRouter, ``weight [E, H]``), ``experts`` (GroupedExperts, Hugging Face v5 weight
-    layout), ``shared_experts`` (SharedExperts or None).
+    layout, holding this rank's E_l = E / EP experts at F / ETP columns), ``shared_experts`` (SharedExperts or
+    None); ``dispatcher`` (moetron.dispatch) moves tokens to the experts and back.
+
+    ``parallel``: None (one process) or a ``moetron.parallel.ParallelGroups``. With it, EP rank r holds experts
+    ``[r·E/EP, (r+1)·E/EP)`` (``first_expert``), the router and shared experts are replicated over the stage
+    (broadcast from its first rank at construction, as are the expert shards over their replicas:
+    ``sync_replicas``), and the config, dtype and layout are compared across the stage's ranks with one
+    ``all_gather_object``: a mismatch raises the same ValueError on every rank instead of hanging in a later
+    collective. Gradients: call
+    ``moetron.parallel.reduce_gradients(model, parallel)`` after backward (each parameter is marked with the group
+    its gradient is summed over). ``state_dict()`` gives expert weights as DTensors of their global shape
+    ``[E, ...]`` (keyed by global expert id; ETP slices are gathered, a collective), so
+    ``moetron.parallel.save_checkpoint``/``load_checkpoint`` (torch.distributed.checkpoint) move a checkpoint
+    between EP/ETP sizes and one process; ``load_state_dict`` also takes a plain global state dict.
 
     ``forward(x [..., H], seq_len=None) -> y [..., H]``, same shape and dtype as x (under ``torch.autocast``, the
-    autocast dtype). ``seq_len`` is the length S of each sequence for ``"seq_aux_loss"``: the flattened tokens
-    are B = T / S sequences stored batch-major, as ``x [B, S, H]`` flattens; when None and x is 3-D, S is taken
-    as ``x.shape[1]``. The router's aux losses reach the gradient through the probs (``AuxLossAutoScaler``), so
-    the caller only differentiates its own loss.
+    autocast dtype). ``x`` holds this rank's tokens (with attention TP, its sequence-parallel shard). ``seq_len``
+    is the length S of each sequence for ``"seq_aux_loss"``: the flattened tokens are B = T / S sequences stored
+    batch-major, as ``x [B, S, H]`` flattens; when None and x is 3-D, S is taken as ``x.shape[1]`` (with TP/CP
+    sharding sequences, each rank's chunk of the same B sequences). The router's aux losses reach the gradient
+    through the probs (``AuxLossAutoScaler``), so the caller only differentiates its own loss; across ranks every
+    count is summed so the losses are those of the global batch.
 
-    After each forward, ``last_stats`` holds device tensors (nothing is synced):
-    ``tokens_per_expert [E]`` rows kept per expert, ``routed_tokens_per_expert [E]`` slots routed to each expert
+    After each forward, ``last_stats`` holds device tensors (nothing is synced) about this rank's tokens:
+    ``tokens_per_expert [E]`` slots kept per expert, ``routed_tokens_per_expert [E]`` slots routed to each expert
     before dropping, ``num_dropped`` (0-d) slots dropped over capacity, and ``losses`` (the router's
-    ``{name: loss / coeff}``, empty in eval). ``stats()`` converts them for logging.
+    ``{name: loss / coeff}``, global values, empty in eval). ``stats()`` converts them for logging.
     """
 
-    def __init__(self, config: MoEConfig, *, device=None, dtype=None):
+    def __init__(self, config: MoEConfig, *, parallel: ParallelGroups | None = None, device=None, dtype=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
-        self.config = config
+        if parallel is None:
+            parallel = ParallelGroups.single()
+        elif not isinstance(parallel, ParallelGroups):
+            raise TypeError(f"parallel must be None or a moetron.parallel.ParallelGroups, got "
+                            f"{type(parallel).__name__}")
         c = config
+        # Same settings on every rank of the stage. Checked first: a check that failed on some ranks only would
+        # leave the others waiting in this collective, and any later collective would hang on a mismatch.
+        L = parallel.layout
+        check_same_on_all_ranks("MoELayer settings", {
+            **{f.name: getattr(c, f.name) for f in dataclasses.fields(c)},
+            "dtype": str(dtype or torch.get_default_dtype()),
+            "layout": (L.tp, L.cp, L.dp, L.pp, L.etp, L.ep, L.edp)}, parallel.get("tp_cp_dp"))
+        ep, etp = parallel.ep_size, parallel.etp_size
+        if c.num_experts % ep:
+            raise ValueError(f"MoEConfig.num_experts={c.num_experts} must be divisible by the expert-parallel size "
+                             f"ep={ep} (each EP rank holds num_experts / ep experts)")
+        if c.ffn_hidden_size % etp:
+            raise ValueError(f"MoEConfig.ffn_hidden_size={c.ffn_hidden_size} must be divisible by the expert "
+                             f"tensor-parallel size etp={etp} (each ETP rank holds ffn_hidden_size / etp columns)")
+        if ep * etp > 1 and c.dispatcher == "local":
+            raise ValueError(f"MoEConfig.dispatcher='local' keeps all experts on one rank, but parallel has ep={ep}, "
+                             f"etp={etp}; use dispatcher='allgather' or 'alltoall'")
+
+        self.config = config
+        self.parallel = parallel
         self.router = TopKRouter(c.router_config(), device=device, dtype=dtype)
-        self.experts = GroupedExperts(c.num_experts, c.hidden_size, c.ffn_hidden_size, c.activation,
-                                      c.expert_linear_bias, device=device, dtype=dtype)
+        self.router.set_process_groups(tokens=parallel.get("tp_cp_dp"), sequences=parallel.get("tp_cp"))
+        E_l = c.num_experts // ep
+        self.first_expert = parallel.ep_rank * E_l
+        experts_args = (E_l, c.hidden_size, c.ffn_hidden_size // etp, c.activation, c.expert_linear_bias)
+        if etp > 1:
+            self.experts = _ExpertShard(*experts_args, add_down_bias=parallel.etp_rank == 0, device=device,
+                                        dtype=dtype)
+        else:
+            self.experts = GroupedExperts(*experts_args, device=device, dtype=dtype)
         if c.shared_expert_ffn_hidden_size is not None:
             self.shared_experts = SharedExperts(c.hidden_size, c.shared_expert_ffn_hidden_size,
                                                 gate=c.shared_expert_gate, activation=c.activation,
                                                 device=device, dtype=dtype)
         else:
             self.shared_experts = None
+        self.dispatcher = make_dispatcher(c, parallel)
+        for name, p in self.experts.named_parameters():
+            setattr(p, GRAD_GROUP_ATTR, "etp_edp" if _ETP_SPLIT[name] is None else "edp")
         self.last_stats: dict | None = None
+        if parallel.world_size > 1:
+            self.sync_replicas()
+        if ep * etp > 1:
+            self.register_state_dict_post_hook(MoELayer._global_expert_state)
+            self.register_load_state_dict_pre_hook(MoELayer._local_expert_state)
 
     def extra_repr(self) -> str:
         c = self.config
         drop = "dropless" if c.capacity_factor is None else f"capacity_factor={c.capacity_factor}"
-        return f"top_k={c.top_k}, {drop}, pad_to={c.pad_to}, dispatcher={c.dispatcher!r}"
+        out = f"top_k={c.top_k}, {drop}, pad_to={c.pad_to}, dispatcher={c.dispatcher!r}"
+        p = self.parallel
+        if p.ep_size * p.etp_size > 1:
+            out += (f", experts=[{self.first_expert}, {self.first_expert + self.experts.num_experts}) of "
+                    f"{c.num_experts}, ep={p.ep_size}, etp={p.etp_size}")
+        return out
 
     def reset_parameters(self) -> None:
         self.router.reset_parameters()
         self.experts.reset_parameters()
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters()
+        if self.parallel.world_size > 1:
+            self.sync_replicas()
+
+    @torch.no_grad()
+    def sync_replicas(self) -> None:
+        """Make every copy of a weight equal: router and shared experts from the stage's first rank, expert
+        shards from the first rank of their replica group. Runs at construction and in ``reset_parameters``;
+        call it (on every rank) after re-initialising weights yourself with rank-dependent random numbers."""
+        import torch.distributed as dist
+
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                return
+            group = self.parallel.get(getattr(p, GRAD_GROUP_ATTR, "tp_cp_dp"))
+            if group is not None:
+                dist.broadcast(p.data, group=group, group_src=0)
+
+    # -- checkpoints: expert weights keyed by global expert id ---------------------------------------------
+
+    def _global_expert_state(self, state_dict, prefix, local_metadata) -> None:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        g = self.parallel
+        etp_group = g.get("etp")
+        for name, p in self.experts.named_parameters():
+            key = prefix + "experts." + name
+            if key not in state_dict:
+                continue
+            local = state_dict[key].detach()
+            if etp_group is not None and _ETP_SPLIT[name] is not None:
+                gathered = local.new_empty((g.etp_size * local.shape[0],) + tuple(local.shape[1:]))
+                all_gather_flat(gathered, local.contiguous(), etp_group)
+                local = _etp_join(list(gathered.chunk(g.etp_size)), name)
+            mesh = g.expert_mesh(local.device.type)
+            state_dict[key] = DTensor.from_local(local, mesh, [Replicate(), Shard(0)], run_check=False)
+
+    def _local_expert_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                            error_msgs) -> None:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        g = self.parallel
+        E, E_l, e0 = self.config.num_experts, self.experts.num_experts, self.first_expert
+        for name, p in self.experts.named_parameters():
+            key = prefix + "experts." + name
+            if key not in state_dict:
+                continue
+            v = state_dict[key]
+            if isinstance(v, DTensor):
+                same = (v.device_mesh == g.expert_mesh(p.device.type)
+                        and tuple(v.placements) == (Replicate(), Shard(0)))
+                if same:
+                    full = v.to_local()
+                else:
+                    v = v.full_tensor()
+            if not isinstance(v, DTensor):
+                if v.dim() == 0 or v.shape[0] != E:
+                    error_msgs.append(f"{key}: expected the global tensor of all {E} experts [{E}, ...], got shape "
+                                      f"{tuple(v.shape)}")
+                    continue
+                full = v[e0:e0 + E_l]
+            if g.etp_size > 1 and _ETP_SPLIT[name] is not None:
+                full = _etp_slice(full, name, g.etp_rank, g.etp_size)
+            state_dict[key] = full
 
     # -- maintenance ------------------------------------------------------------------------------------------
 
     def update_expert_bias(self, group=None) -> None:
-        """Aux-loss-free balancing step; see ``TopKRouter.update_expert_bias``. Call once per optimizer step."""
-        self.router.update_expert_bias(group)
+        """Aux-loss-free balancing step; see ``TopKRouter.update_expert_bias``. Call once per optimizer step. The
+        counts are summed over ``group``, by default the ranks sharing the router (the stage's "tp_cp_dp")."""
+        self.router.update_expert_bias(group if group is not None else self.parallel.get("tp_cp_dp"))
 
     def stats(self) -> dict:
         """The last forward's routing statistics as Python numbers, for logging. Syncs with the device (one
         transfer). Keys: ``tokens_per_expert``, ``routed_tokens_per_expert`` (lists of E ints),
         ``num_dropped`` (int), ``losses`` ({name: float}), and ``load_imbalance`` = max / mean of
         ``tokens_per_expert`` (1.0 is perfectly balanced, E is everything on one expert; NaN with no tokens).
-        Empty before the first forward."""
+        Counts are this rank's tokens; losses are global. Empty before the first forward."""
         s = self.last_stats
         if s is None:
             return {}
@@ -269,41 +458,24 @@ class MoELayer(nn.Module):
             seq_len = x.shape[1] or None
         shape = x.shape
         x_TH = x.reshape(-1, c.hidden_size).contiguous()
-        T, E, K = x_TH.shape[0], c.num_experts, c.top_k
 
         route: RouterOutput = self.router(x_TH, seq_len)
-        probs_TK, ids_TK = route.probs, route.expert_ids
-        capacity = c.capacity(T)
-        rank_probs = probs_TK.detach() if capacity is not None and c.drop_policy == "probs" else None
-
-        if capacity is None or c.pad_to_capacity:
-            perm = permute(x_TH, ids_TK, E, probs=rank_probs, pad_to=c.pad_to, capacity=capacity,
-                           drop_policy=c.drop_policy)
-            x_perm, offsets, row_map = perm.x_permuted, perm.offsets, perm.row_map
-            kept, num_dropped = perm.tokens_per_expert, perm.num_dropped
-        else:
-            # Packed drops: decide the kept slots with permute's capacity competition run on one column of x
-            # (index work plus a one-element copy per row; a zero-width tensor may hand the kernels a null
-            # pointer), then lay out only the kept slots. Slot ids outside [0, E) count as dropped in permute's
-            # index kernels; the public permute refuses them on the CPU, hence the internal entry point.
-            with torch.no_grad():
-                decide = permute(x_TH.detach()[:, :1], ids_TK, E, probs=rank_probs, capacity=capacity,
-                                 drop_policy=c.drop_policy)
-            kept_ids = torch.where(decide.row_map >= 0, ids_TK, E)
-            rows = permuted_rows(T, K, E, pad_to=c.pad_to)
-            perm = _permute(x_TH, kept_ids, E, None, c.pad_to, None, c.drop_policy, rows, None)
-            x_perm, offsets, row_map = perm.x_permuted, perm.offsets, perm.row_map
-            kept, num_dropped = perm.tokens_per_expert, decide.num_dropped
-
-        h = self.experts(x_perm, offsets)
-        y_TH = unpermute(h, row_map, probs_TK)
-        if self.shared_experts is not None:
-            y_TH = y_TH + self.shared_experts(x_TH)
+        # queued before dispatch: the device works on it while an all-to-all dispatcher waits for split sizes
+        y_shared = self.shared_experts(x_TH) if self.shared_experts is not None else None
+        x_send = x_TH
+        if self.dispatcher.name != "local" and torch.is_autocast_enabled(x.device.type):
+            # the experts compute in the autocast dtype anyway: communicate in it too (half the bytes of fp32)
+            x_send = x_TH.to(torch.get_autocast_dtype(x.device.type))
+        d = self.dispatcher.dispatch(x_send, route.probs, route.expert_ids)
+        h = self.experts(d.x, d.offsets)
+        y_TH = self.dispatcher.combine(h, d.handle)
+        if y_shared is not None:
+            y_TH = y_TH + y_shared
 
         self.last_stats = {
-            "tokens_per_expert": kept.detach(),
+            "tokens_per_expert": d.tokens_per_expert.detach(),
             "routed_tokens_per_expert": route.tokens_per_expert.detach(),
-            "num_dropped": num_dropped.detach(),
+            "num_dropped": d.num_dropped.detach(),
             "losses": route.losses,
         }
         return y_TH.reshape(shape)

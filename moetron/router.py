@@ -42,6 +42,14 @@ The formulas follow Megatron-Core (megatron/core/transformer/moe/router.py and m
 - aux-loss-free balancing (``get_updated_expert_bias``): ``update_expert_bias()`` moves each expert's bias by
   ``rate · sign(mean(counts) - counts)`` using the counts accumulated since the previous update.
 
+Across ranks (expert / data / tensor / context parallelism, ``set_process_groups``): every count and token
+total above is summed over the ranks that share this router, so the losses equal the single-process losses of
+the whole global batch, however it is split. Each rank attaches only its share of each loss (its own tokens'
+scores times the global counts, over the global token count; the shares add up to the global loss), so summing
+the router gradient over those ranks adds exactly one aux-loss gradient. The reported values are the global
+losses. Sequences split over ranks (TP sequence parallelism, CP) sum their per-sequence counts over the
+``sequences`` group first.
+
 Losses, jitter and count accumulation happen only in training mode with grad enabled (Megatron skips them under
 ``torch.no_grad()``, for example in activation recomputation). Nothing in ``forward`` reads routing data on the
 host, except the NaN/inf check of debug mode (``RouterConfig.debug_nan_check`` or ``MOETRON_DEBUG=1``), which syncs.
@@ -393,6 +401,10 @@ class TopKRouter(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(E, H, device=device, dtype=dtype or torch.float32))
         self._aux_coeffs = config.aux_loss_coeffs()
         self._router_dtype = ROUTER_DTYPES[config.router_dtype]
+        # process groups over which loss counts are summed (set_process_groups); None: this process only
+        self._token_group = None
+        self._sequence_group = None
+        self._sequence_split = 1
         fp32 = dict(device=device, dtype=torch.float32)
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(E, **fp32))
@@ -410,6 +422,24 @@ class TopKRouter(torch.nn.Module):
 
     def reset_parameters(self) -> None:
         torch.nn.init.normal_(self.weight, std=_INIT_STD)
+
+    def set_process_groups(self, tokens=None, sequences=None) -> None:
+        """Compute the losses over a global batch spread across ranks.
+
+        ``tokens``: the process group of every rank sharing this router and holding its own tokens (in
+        moetron.parallel, "tp_cp_dp"); counts, token totals and reported losses are summed over it. ``sequences``:
+        the subgroup whose ranks hold pieces of the same sequences (TP sequence parallelism and CP, "tp_cp"), for
+        "seq_aux_loss"; each rank passes its chunk of the same B sequences, and ``seq_len`` is the chunk length.
+        None for either means this process alone. Every rank of ``tokens`` must then run each training forward
+        (also with zero tokens), since the losses take one all_reduce (two with "seq_aux_loss" and ``sequences``).
+        """
+        import torch.distributed as dist
+
+        if sequences is not None and tokens is None:
+            raise ValueError("sequences needs tokens: the sequence group is a subgroup of the token group")
+        self._token_group = tokens
+        self._sequence_group = sequences
+        self._sequence_split = 1 if sequences is None else dist.get_world_size(sequences)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -524,19 +554,24 @@ class TopKRouter(torch.nn.Module):
 
         # -- losses (training only), all injected through one identity on the probs
         losses: dict[str, torch.Tensor] = {}
-        if train and T > 0:
+        distributed = self._token_group is not None
+        if train and (T > 0 or distributed):  # across ranks, a rank without tokens still joins the reduction
             total = None
-            if self._aux_coeffs:
-                losses.update(self._aux_losses(logits_TE, seq_len))
-            if cfg.z_loss_coeff is not None:
-                losses["z_loss"] = torch.logsumexp(logits_TE, dim=-1).square().sum() / max(T, 1)
+            if distributed:
+                losses, reported = self._distributed_losses(logits_TE, seq_len)
+            else:
+                if self._aux_coeffs:
+                    losses.update(self._aux_losses(logits_TE, seq_len))
+                if cfg.z_loss_coeff is not None:
+                    losses["z_loss"] = torch.logsumexp(logits_TE, dim=-1).square().sum() / max(T, 1)
+                reported = {name: loss.detach() for name, loss in losses.items()}
             for name, loss in losses.items():
                 coeff = cfg.z_loss_coeff if name == "z_loss" else self._aux_coeffs[name]
                 if coeff:
                     total = coeff * loss if total is None else total + coeff * loss
             if total is not None:
                 probs_TK = AuxLossAutoScaler.apply(probs_TK, total)
-            losses = {name: loss.detach() for name, loss in losses.items()}
+            losses = reported
             if self.local_tokens_per_expert is not None:
                 self.local_tokens_per_expert += tokens_per_expert.float()
 
@@ -570,3 +605,71 @@ class TopKRouter(torch.nn.Module):
             scores_sum_BE = scores_TE.view(B, seq_len, E).sum(dim=1)
             out["seq_aux_loss"] = _switch_aux_loss(scores_sum_BE, counts_BE, seq_len, K)
         return out
+
+    def _distributed_losses(self, logits_TE: torch.Tensor, seq_len: int | None):
+        """The losses of the global batch spread over ``_token_group``: returns ({name: this rank's share, with
+        grad}, {name: global value, detached}). The shares over all ranks add up to the global loss.
+
+        One all_reduce of [counts_E, scores_sum_E, T, sum lse², seq partial, B] in float64 (exact counts past
+        2^24) over the token group, preceded for "seq_aux_loss" by one over the sequence group of the
+        per-sequence [counts, scores_sum]. No host sync."""
+        import torch.distributed as dist
+
+        cfg = self.config
+        T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
+        dt = logits_TE.dtype
+        if cfg.score_function == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+        ids_TK = torch.topk(scores_TE.detach(), K, dim=-1)[1]
+        counts_E = _count(ids_TK.reshape(1, -1), E, torch.float64).view(E)
+        scores_sum_E = scores_TE.sum(dim=0)
+        zero = logits_TE.new_zeros((), dtype=torch.float64)
+        lse2 = torch.logsumexp(logits_TE, dim=-1).square().sum() if cfg.z_loss_coeff is not None else None
+
+        seq = "seq_aux_loss" in self._aux_coeffs
+        seq_part, B = zero, 0
+        if seq:
+            B = T // seq_len if seq_len else 0
+            S_full = (seq_len or 1) * self._sequence_split
+            S = seq_len or 0
+            counts_BE = _count(ids_TK.reshape(B, S * K), E, torch.float64)
+            scores_sum_BE = scores_TE.reshape(B, S, E).sum(dim=1)
+            both = torch.cat([counts_BE, scores_sum_BE.detach().double()], dim=1)
+            if self._sequence_group is not None:
+                dist.all_reduce(both, group=self._sequence_group)
+            seq_counts_BE, seq_scores_BE = both[:, :E], both[:, E:]
+            seq_coeff = E / (K * S_full * S_full)
+            # each of the sequence group's ranks holds the same full-sequence values: count them once
+            seq_part = (seq_scores_BE * seq_counts_BE).sum() * seq_coeff / self._sequence_split
+            seq_numer = (scores_sum_BE * seq_counts_BE.to(dt)).sum() * seq_coeff
+
+        stats = torch.cat([counts_E, scores_sum_E.detach().double(),
+                           torch.stack([zero + T, zero if lse2 is None else lse2.detach().double(), seq_part,
+                                        zero + B])])
+        dist.all_reduce(stats, group=self._token_group)
+        counts_g, scores_g = stats[:E], stats[E:2 * E]
+        T_g, lse2_g, seq_g, B_g = stats[2 * E:].unbind()
+        T_g = T_g.clamp(min=1)
+        switch = E / (K * T_g * T_g)
+
+        shares, reported = {}, {}
+        if "aux_loss" in self._aux_coeffs:
+            shares["aux_loss"] = (scores_sum_E * counts_g.to(dt)).sum() * switch.to(dt)
+            reported["aux_loss"] = ((scores_g * counts_g).sum() * switch).to(dt)
+        if "global_aux_loss" in self._aux_coeffs:
+            self.global_tokens_per_expert += counts_g.float()
+            self.global_aux_steps += 1
+            mean_E = self.global_tokens_per_expert.double() / self.global_aux_steps.double()
+            shares["global_aux_loss"] = (scores_sum_E * mean_E.to(dt)).sum() * switch.to(dt)
+            reported["global_aux_loss"] = ((scores_g * mean_E).sum() * switch).to(dt)
+        if seq:
+            num_seqs = (B_g / self._sequence_split).clamp(min=1)
+            shares["seq_aux_loss"] = seq_numer / num_seqs.to(dt)
+            reported["seq_aux_loss"] = (seq_g / num_seqs).to(dt)
+        if lse2 is not None:
+            shares["z_loss"] = lse2 / T_g.to(dt)
+            reported["z_loss"] = (lse2_g / T_g).to(dt)
+        return shares, reported

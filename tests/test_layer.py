@@ -653,10 +653,16 @@ def test_config_errors(kw, match):
         make_cfg(**kw)
 
 
-@pytest.mark.parametrize("name", ["allgather", "alltoall", "fused"])
-def test_later_dispatchers_not_implemented(name):
-    with pytest.raises(NotImplementedError, match=name):
-        make_cfg(dispatcher=name)
+def test_later_dispatchers_not_implemented():
+    with pytest.raises(NotImplementedError, match="fused"):
+        make_cfg(dispatcher="fused")
+
+
+def test_expert_parallel_dispatchers_need_parallel_groups_to_spread_experts():
+    # in one process "allgather" and "alltoall" hold every expert; "local" refuses a layout that spreads them
+    assert MoELayer(make_cfg(dispatcher="alltoall")).experts.num_experts == 6
+    with pytest.raises(TypeError, match="parallel must be None or a moetron.parallel.ParallelGroups"):
+        MoELayer(make_cfg(), parallel="ep=2")
 
 
 def test_router_config_round_trip():

@@ -1,0 +1,61 @@
+"""The local dispatcher (all experts on this rank) and the source-side drop decision shared by the others.
+
+Legend: T tokens, H hidden, E experts, K top-k, C capacity, R_out rows of the permuted buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.permute import _permute, permute, permuted_rows, unpermute
+from . import Dispatched, TokenDispatcher
+
+
+def _rank_probs(config, probs_TK, capacity):
+    # the capacity competition ranks slots by their (detached) probs; "position" needs none
+    return probs_TK.detach() if capacity is not None and config.drop_policy == "probs" else None
+
+
+@torch.no_grad()
+def source_drops(config, x_TH: torch.Tensor, probs_TK: torch.Tensor, ids_TK: torch.Tensor, capacity: int):
+    """Which of this rank's T·K slots each expert keeps under ``capacity`` (the single-process competition).
+
+    Returns (kept_ids [T, K]: ids with dropped slots set to E, tokens_per_expert [E] kept, num_dropped []).
+    Runs permute's capacity competition on one column of x: index work plus a one-element copy per row (a
+    zero-width tensor may hand the kernels a null pointer)."""
+    E = config.num_experts
+    decide = permute(x_TH.detach()[:, :1], ids_TK, E, probs=_rank_probs(config, probs_TK, capacity),
+                     capacity=capacity, drop_policy=config.drop_policy)
+    kept_ids = torch.where(decide.row_map >= 0, ids_TK, E)
+    return kept_ids, decide.tokens_per_expert, decide.num_dropped
+
+
+class LocalDispatcher(TokenDispatcher):
+    """All E experts on this rank: ``permute`` by expert, ``unpermute`` with the probs. No communication, no sync.
+
+    Dropless: [T·K (+ padding), H]. ``pad_to_capacity``: a static [E·C, H] buffer. Packed capacity: the kept slots
+    decided first (``source_drops``), then only those laid out, so the GEMMs compute only kept rows."""
+
+    name = "local"
+
+    def dispatch(self, x_TH, probs_TK, ids_TK) -> Dispatched:
+        c = self.config
+        T, K = ids_TK.shape
+        E = c.num_experts
+        capacity = c.capacity(T)
+        if capacity is None or c.pad_to_capacity:
+            perm = permute(x_TH, ids_TK, E, probs=_rank_probs(c, probs_TK, capacity), pad_to=c.pad_to,
+                           capacity=capacity, drop_policy=c.drop_policy)
+            kept, num_dropped = perm.tokens_per_expert, perm.num_dropped
+        else:
+            # Slot ids outside [0, E) count as dropped in permute's index kernels; the public permute refuses
+            # them on the CPU, hence the internal entry point.
+            kept_ids, _, num_dropped = source_drops(c, x_TH, probs_TK, ids_TK, capacity)
+            rows = permuted_rows(T, K, E, pad_to=c.pad_to)
+            perm = _permute(x_TH, kept_ids, E, None, c.pad_to, None, c.drop_policy, rows, None)
+            kept = perm.tokens_per_expert
+        return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, probs_TK))
+
+    def combine(self, h, handle):
+        row_map, probs_TK = handle
+        return unpermute(h, row_map, probs_TK)
