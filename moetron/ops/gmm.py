@@ -656,8 +656,8 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
     per-group sum of dy. If ``w`` has an fp32 ``main_grad`` attribute (Megatron's gradient-accumulation
     fusion), its weight gradient is added into ``w.main_grad`` and ``w.grad`` stays None.
 
-    Sizes on the GPU are never read by the host; on CUDA this is one Triton kernel (plus a one-program
-    schedule kernel) and can be captured in a CUDA graph. Sizes on the CPU are checked on the host. GPU sizes
+    Sizes on the GPU are never read by the host; on CUDA this is one Triton kernel launch, and it can be
+    captured in a CUDA graph. Sizes on the CPU are checked on the host. GPU sizes
     are checked only with ``MOETRON_DEBUG=1``; otherwise invalid ones are clamped to [0, M] (never out of
     bounds, result unspecified).
     """
