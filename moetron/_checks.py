@@ -3,9 +3,25 @@ what was expected and what was received, so kernels only ever see validated shap
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
+
+
+def is_int(v) -> bool:
+    """A real Python int (bools excluded), for config validation."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A finite int or float (bools excluded), for config validation."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def config_error(config: str, field: str, expected: str, got) -> ValueError:
+    """The error a config dataclass raises for a bad field: names the field, what was expected and what came."""
+    return ValueError(f"{config}.{field} must be {expected}, got {got!r}")
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:

@@ -48,6 +48,7 @@ from .experts import ACTIVATIONS, GroupedExperts, SharedExperts, _bias_for, appl
 from .ops.gmm import gmm
 from .parallel import GRAD_GROUP_ATTR, ParallelGroups, check_same_on_all_ranks
 from .router import RouterConfig, RouterOutput, TopKRouter
+from ._checks import config_error, is_int
 
 __all__ = ["MoEConfig", "MoELayer"]
 
@@ -66,11 +67,7 @@ _ROUTER_FIELDS = ("hidden_size", "num_experts", "top_k", "score_function", "pre_
 
 
 def _bad(field: str, expected: str, got) -> ValueError:
-    return ValueError(f"MoEConfig.{field} must be {expected}, got {got!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return config_error("MoEConfig", field, expected, got)
 
 
 @dataclass
@@ -145,7 +142,7 @@ class MoEConfig:
     dispatcher: str = "local"
 
     def __post_init__(self):
-        if not _is_int(self.ffn_hidden_size) or self.ffn_hidden_size < 1:
+        if not is_int(self.ffn_hidden_size) or self.ffn_hidden_size < 1:
             raise _bad("ffn_hidden_size", "a positive int", self.ffn_hidden_size)
         if self.activation not in ACTIVATIONS:
             raise _bad("activation", f"one of {ACTIVATIONS}", self.activation)
@@ -160,10 +157,10 @@ class MoEConfig:
             raise _bad("drop_policy", f"one of {DROP_POLICIES}", self.drop_policy)
         if self.pad_to_capacity and cf is None:
             raise _bad("pad_to_capacity", "False when capacity_factor is None (there is no capacity to pad to)", True)
-        if not _is_int(self.pad_to) or self.pad_to < 1:
+        if not is_int(self.pad_to) or self.pad_to < 1:
             raise _bad("pad_to", "a positive int", self.pad_to)
         s = self.shared_expert_ffn_hidden_size
-        if s is not None and (not _is_int(s) or s < 1):
+        if s is not None and (not is_int(s) or s < 1):
             raise _bad("shared_expert_ffn_hidden_size", "None or a positive int", s)
         if self.shared_expert_gate and s is None:
             raise _bad("shared_expert_gate", "False when shared_expert_ffn_hidden_size is None (no shared expert "

@@ -57,14 +57,13 @@ host, except the NaN/inf check of debug mode (``RouterConfig.debug_nan_check`` o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from . import _env
-from ._checks import check_tensor
+from ._checks import check_tensor, config_error, is_int, is_real
 
 __all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler"]
 
@@ -96,15 +95,7 @@ _INIT_STD = 0.02
 
 
 def _bad(field: str, expected: str, got) -> ValueError:
-    return ValueError(f"RouterConfig.{field} must be {expected}, got {got!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return config_error("RouterConfig", field, expected, got)
 
 
 @dataclass
@@ -152,7 +143,7 @@ class RouterConfig:
     def __post_init__(self):
         for name in ("hidden_size", "num_experts", "top_k"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise _bad(name, "a positive int", v)
         if self.top_k > self.num_experts:
             raise _bad("top_k", f"<= num_experts ({self.num_experts})", self.top_k)
@@ -188,19 +179,19 @@ class RouterConfig:
             if len(coeff) != len(lb):
                 raise _bad("aux_loss_coeff", f"a float or a tuple of {len(lb)} floats (one per load_balancing "
                            f"entry {lb})", coeff)
-            if not all(_is_real(c) and c >= 0 for c in coeff):
+            if not all(is_real(c) and c >= 0 for c in coeff):
                 raise _bad("aux_loss_coeff", "made of finite floats >= 0", coeff)
-        elif not _is_real(coeff) or coeff < 0:
+        elif not is_real(coeff) or coeff < 0:
             raise _bad("aux_loss_coeff", "a finite float >= 0 or a tuple of them", coeff)
         self.aux_loss_coeff = coeff
 
         for name in ("z_loss_coeff", "scaling_factor"):
             v = getattr(self, name)
-            if v is not None and (not _is_real(v) or v < 0 or (name == "scaling_factor" and v == 0)):
+            if v is not None and (not is_real(v) or v < 0 or (name == "scaling_factor" and v == 0)):
                 raise _bad(name, "None or a finite float " + (">= 0" if name == "z_loss_coeff" else "> 0"), v)
-        if not _is_real(self.bias_update_rate) or self.bias_update_rate < 0:
+        if not is_real(self.bias_update_rate) or self.bias_update_rate < 0:
             raise _bad("bias_update_rate", "a finite float >= 0", self.bias_update_rate)
-        if self.input_jitter is not None and (not _is_real(self.input_jitter) or not 0 < self.input_jitter < 1):
+        if self.input_jitter is not None and (not is_real(self.input_jitter) or not 0 < self.input_jitter < 1):
             raise _bad("input_jitter", "None or a float in (0, 1)", self.input_jitter)
 
         # score function specifics
@@ -218,9 +209,9 @@ class RouterConfig:
             raise _bad("group_topk" if self.group_topk is None else "num_groups",
                        "set together with " + ("num_groups" if self.group_topk is None else "group_topk"), None)
         if self.num_groups is not None:
-            if not _is_int(self.num_groups) or self.num_groups < 1:
+            if not is_int(self.num_groups) or self.num_groups < 1:
                 raise _bad("num_groups", "a positive int", self.num_groups)
-            if not _is_int(self.group_topk) or self.group_topk < 1:
+            if not is_int(self.group_topk) or self.group_topk < 1:
                 raise _bad("group_topk", "a positive int", self.group_topk)
             if self.num_experts % self.num_groups:
                 raise _bad("num_groups", f"a divisor of num_experts ({self.num_experts})", self.num_groups)
@@ -492,7 +483,7 @@ class TopKRouter(torch.nn.Module):
         if x.device != self.weight.device:
             raise ValueError(f"x must be on the router's device ({self.weight.device}), got {x.device}")
         if seq_len is not None:
-            if not _is_int(seq_len) or seq_len < 1:
+            if not is_int(seq_len) or seq_len < 1:
                 raise ValueError(f"seq_len must be None or a positive int, got {seq_len!r}")
             if x.shape[0] % seq_len:
                 raise ValueError(f"seq_len must divide the number of tokens T={x.shape[0]}, got {seq_len}")

@@ -26,16 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoEConfig, MoELayer
+from .._checks import config_error, is_int
 
 __all__ = ["ModelConfig", "MoETransformer", "PRESETS", "preset"]
 
 
-def _bad(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"ModelConfig.{name} must be {expected}, got {got!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _bad(field: str, expected: str, got) -> ValueError:
+    return config_error("ModelConfig", field, expected, got)
 
 
 @dataclass
@@ -107,26 +104,26 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "num_experts", "top_k",
                      "moe_ffn_hidden_size", "moe_layer_freq"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise _bad(name, "a positive int", v)
-        if not _is_int(self.first_k_dense) or not 0 <= self.first_k_dense <= self.num_layers:
+        if not is_int(self.first_k_dense) or not 0 <= self.first_k_dense <= self.num_layers:
             raise _bad("first_k_dense", f"an int in [0, num_layers={self.num_layers}]", self.first_k_dense)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        if not _is_int(self.num_kv_heads) or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+        if not is_int(self.num_kv_heads) or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise _bad("num_kv_heads", f"a positive divisor of num_heads ({self.num_heads})", self.num_kv_heads)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise _bad("num_heads", f"a divisor of hidden_size ({self.hidden_size}) when head_dim is None",
                            self.num_heads)
             self.head_dim = self.hidden_size // self.num_heads
-        if not _is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+        if not is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
             raise _bad("head_dim", "an even int >= 2 (rotary pairs)", self.head_dim)
         if self.top_k > self.num_experts:
             raise _bad("top_k", f"<= num_experts ({self.num_experts})", self.top_k)
         if self.dense_ffn_hidden_size is None:
             self.dense_ffn_hidden_size = self.top_k * self.moe_ffn_hidden_size
-        if not _is_int(self.dense_ffn_hidden_size) or self.dense_ffn_hidden_size < 1:
+        if not is_int(self.dense_ffn_hidden_size) or self.dense_ffn_hidden_size < 1:
             raise _bad("dense_ffn_hidden_size", "a positive int", self.dense_ffn_hidden_size)
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             v = getattr(self, name)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
+from .._checks import config_error, is_int, is_real
 
 __all__ = ["TrainConfig", "PRESET_TRAIN", "RESUME_MUST_MATCH"]
 
@@ -27,12 +27,8 @@ RESUME_MUST_MATCH = ("preset", "seed", "batch_size", "grad_accum", "seq_len", "l
                      "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip")
 
 
-def _bad(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"TrainConfig.{name} must be {expected}, got {got!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _bad(field: str, expected: str, got) -> ValueError:
+    return config_error("TrainConfig", field, expected, got)
 
 
 @dataclass
@@ -125,29 +121,29 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every",
                      "keep_checkpoints", "ep", "default_corpus_bytes"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise _bad(name, "a positive int", v)
         for name in ("warmup_steps", "ckpt_every", "seed"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 0:
+            if not is_int(v) or v < 0:
                 raise _bad(name, "an int >= 0", v)
-        if self.stop_at is not None and (not _is_int(self.stop_at) or not 1 <= self.stop_at <= self.steps):
+        if self.stop_at is not None and (not is_int(self.stop_at) or not 1 <= self.stop_at <= self.steps):
             raise _bad("stop_at", f"None or an int in [1, steps={self.steps}]", self.stop_at)
-        if self.max_data_bytes is not None and (not _is_int(self.max_data_bytes) or self.max_data_bytes < 1):
+        if self.max_data_bytes is not None and (not is_int(self.max_data_bytes) or self.max_data_bytes < 1):
             raise _bad("max_data_bytes", "None or a positive int", self.max_data_bytes)
         if self.batch_size % self.grad_accum:
             raise _bad("batch_size", f"a multiple of grad_accum={self.grad_accum}", self.batch_size)
         for name in ("lr", "adam_eps"):
             v = getattr(self, name)
-            if not _is_real(v) or v <= 0:
+            if not is_real(v) or v <= 0:
                 raise _bad(name, "a finite float > 0", v)
         for name in ("weight_decay", "grad_clip"):
             v = getattr(self, name)
-            if not _is_real(v) or v < 0:
+            if not is_real(v) or v < 0:
                 raise _bad(name, "a finite float >= 0", v)
         for name in ("min_lr_ratio", "beta1", "beta2"):
             v = getattr(self, name)
-            if not _is_real(v) or not 0 <= v <= 1:
+            if not is_real(v) or not 0 <= v <= 1:
                 raise _bad(name, "a float in [0, 1]", v)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise _bad("device", '"auto", "cpu", "cuda" or "cuda:N"', self.device)
@@ -158,7 +154,7 @@ class TrainConfig:
             raise _bad("name", "a folder name (no '/')", self.name)
         if not isinstance(self.model_overrides, dict):
             raise _bad("model_overrides", "a dict of ModelConfig fields", self.model_overrides)
-        if self.peak_tflops is not None and (not _is_real(self.peak_tflops) or self.peak_tflops <= 0):
+        if self.peak_tflops is not None and (not is_real(self.peak_tflops) or self.peak_tflops <= 0):
             raise _bad("peak_tflops", "None or a float > 0", self.peak_tflops)
 
     def micro_batch_size(self) -> int:
@@ -176,5 +172,3 @@ class TrainConfig:
         return cls(**d)
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
