@@ -50,6 +50,50 @@ def main():
     dy = torch.randn_like(out)
     rows["moetron fwd+bwd"] = host_us(lambda: moetron.gmm(xg, wg, offsets=offs).backward(dy))
     rows["torch fwd+bwd"] = host_us(lambda: torch._grouped_mm(xg, wg, offs=offs).backward(dy))
+    # the backward's parts, called on this thread (autograd runs CUDA backwards on its own thread)
+    dx = torch.empty_like(x)
+    dw = torch.empty_like(w)
+    rows["  bwd part: dgrad _run_gmm"] = host_us(lambda: gmm_module._run_gmm(dy, w, None, groups, dx, True))
+    rows["  bwd part: wgrad _run_gmm_k"] = host_us(lambda: gmm_module._run_gmm_k(x, dy, groups, dw, False))
+
+    class _Noop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
+
+    rows["  autograd Function no-op fwd+bwd"] = host_us(lambda: _Noop.apply(xg, wg).backward(x))
+    rows["moetron fwd+bwd, no grad accumulation"] = host_us(
+        lambda: (moetron.gmm(xg, wg, offsets=offs).backward(dy), setattr(xg, "grad", None), setattr(wg, "grad", None)))
+    rows["moetron fwd recorded for autograd (no backward)"] = host_us(lambda: moetron.gmm(xg, wg, offsets=offs))
+    # time spent inside the backward body, on autograd's thread
+    inside = []
+    original = gmm_module._GroupedMatmul.backward
+
+    def timed_backward(ctx, grad):
+        t0 = time.perf_counter()
+        result = original(ctx, grad)
+        inside.append(time.perf_counter() - t0)
+        return result
+
+    gmm_module._GroupedMatmul.backward = staticmethod(timed_backward)
+    host_us(lambda: (moetron.gmm(xg, wg, offsets=offs).backward(dy), setattr(xg, "grad", None),
+                     setattr(wg, "grad", None)))
+    gmm_module._GroupedMatmul.backward = staticmethod(original)
+    rows["  inside the backward body"] = sum(inside[20:]) / max(1, len(inside) - 20) * 1e6
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        gmm_module._run_gmm(dy, w, None, groups, dx, True)
+        gmm_module._run_gmm_k(x, dy, groups, dw, False)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     for name, us in rows.items():
         print(f"{name:40s} {us:8.1f} us/call (host)")
 

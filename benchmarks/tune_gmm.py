@@ -24,26 +24,31 @@ from benchmarks.gmm import CASES, make_sizes  # noqa: E402
 gmm_module = importlib.import_module("moetron.ops.gmm")
 
 
-def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True, ws=False):
+def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True, ws=False, flatten=False, tma_store=False):
     return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, GROUP_M=group_m, tma=tma,
-                warp_specialize=ws)
+                warp_specialize=ws, flatten=flatten, tma_store=tma_store)
 
 
-def _wgrad(bk, bn, bm, warps, stages, tma=True):
-    return dict(BK=bk, BN=bn, BM=bm, num_warps=warps, num_stages=stages, tma=tma)
+def _wgrad(bk, bn, bm, warps, stages, tma=True, tma_store=False, group_k=8):
+    return dict(BK=bk, BN=bn, BM=bm, num_warps=warps, num_stages=stages, tma=tma, tma_store=tma_store,
+                GROUP_K=group_k)
 
 
 FWD_VARIANTS = {
     "128x256x64_w8_s4": _fwd(128, 256, 64, 8, 4),
+    "128x256x64_w8_s3_st": _fwd(128, 256, 64, 8, 3, tma_store=True),
+    "128x256x64_w8_s4_fl": _fwd(128, 256, 64, 8, 4, flatten=True),
+    "128x256x64_w8_s3_fl_st": _fwd(128, 256, 64, 8, 3, flatten=True, tma_store=True),
     "128x256x64_w8_s4_ws": _fwd(128, 256, 64, 8, 4, ws=True),
-    "128x256x64_w4_s4_ws": _fwd(128, 256, 64, 4, 4, ws=True),
-    "128x128x64_w4_s4_ws": _fwd(128, 128, 64, 4, 4, ws=True),
+    "128x256x64_w8_s3_ws_fl_st": _fwd(128, 256, 64, 8, 3, ws=True, flatten=True, tma_store=True),
 }
 WGRAD_VARIANTS = {
     "128x128x32_w4_s5": _wgrad(128, 128, 32, 4, 5),
-    "128x128x64_w8_s3": _wgrad(128, 128, 64, 8, 3),
+    "128x128x32_w4_s5_st": _wgrad(128, 128, 32, 4, 5, tma_store=True),
+    "128x128x64_w4_s4_st": _wgrad(128, 128, 64, 4, 4, tma_store=True),
     "128x256x64_w8_s3": _wgrad(128, 256, 64, 8, 3),
-    "128x128x64_w8_s3_ptr": _wgrad(128, 128, 64, 8, 3, tma=False),
+    "128x256x64_w8_s3_st": _wgrad(128, 256, 64, 8, 3, tma_store=True),
+    "128x256x32_w8_s4_st": _wgrad(128, 256, 32, 8, 4, tma_store=True),
 }
 
 FP32_FWD_VARIANTS = {

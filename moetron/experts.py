@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_tensor
+from .ops.gated_act import gated_act
 from .ops.gmm import gmm
 
 __all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "GroupedExperts", "SequentialExperts", "SharedExperts",
@@ -176,7 +177,10 @@ class GroupedExperts(_ExpertWeights):
             w1, w2 = w1.to(dtype), w2.to(dtype)
         x = x.to(dtype).contiguous()
         h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
-        h = apply_activation(h, self.activation)
+        if self.activation in GATED_ACTIVATIONS:
+            h = gated_act(h, self.activation)  # one fused kernel each way (moetron/ops/gated_act.py)
+        else:
+            h = apply_activation(h, self.activation)
         return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True, bias=_bias_for(b2, dtype))
 
 

@@ -4,15 +4,35 @@
 arguments and two TMA descriptors that cost ~110 us of host time per launch on the H100 machine
 (benchmarks/gmm_overhead.py), longer than a small grouped GEMM takes on the GPU. ``CachedLauncher`` keeps the
 compiled kernel per specialization and calls it directly. Its key is at least as fine as Triton's own
-(int: ==1, %16, 32-bit range; tensor: dtype and 16-byte alignment; descriptor: dtype, block shape, padding;
-constexprs by value), so a cache hit always runs the kernel Triton itself would pick. Under Triton's CPU
+(int: ==1, %16, 32-bit range; tensor: dtype and 16-byte alignment; host descriptor: dtype, block shape,
+padding; constexprs by value), so a cache hit always runs the kernel Triton itself would pick. Under Triton's CPU
 interpreter, or if a Triton release lacks the compiled-kernel call, it falls back to the normal launch.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:
+    from triton.runtime import _allocation
+except ImportError:  # a Triton without device-side descriptors: the TMA kernels are not used there
+    _allocation = None
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    # Triton asks for global scratch memory when a kernel builds TMA descriptors on the device (128 bytes
+    # per descriptor per program); the caching allocator makes this cheap and CUDA-graph safe.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Install a torch-backed Triton scratch allocator in this thread's context if none is set. Triton keeps
+    the allocator in a ContextVar, so autograd's backward threads start without one; checking per launch
+    (a ContextVar read) covers them."""
+    if _allocation is not None and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
 
 
 def _arg_key(value):
@@ -32,14 +52,17 @@ class CachedLauncher:
     ``runtime_args`` lists the non-constexpr parameters in signature order; ``constexprs`` maps constexpr
     parameter names to values; ``options`` are launch options such as num_warps and num_stages."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, device_scratch: bool = False):
         self.kernel = kernel
+        self.device_scratch = device_scratch  # the kernel builds TMA descriptors on the device
         self.names = list(kernel.arg_names)
         self._compiled: dict = {}
 
     def __call__(self, grid, runtime_args, constexprs: dict, **options):
         if not hasattr(self.kernel, "device_caches"):  # Triton's CPU interpreter
             return self._launch(grid, runtime_args, constexprs, options)
+        if self.device_scratch:
+            ensure_scratch_allocator()
         key = (torch.cuda.current_device(), tuple(_arg_key(a) for a in runtime_args),
                tuple(constexprs.items()), tuple(options.items()))
         hit = self._compiled.get(key)

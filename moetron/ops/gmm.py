@@ -22,7 +22,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _env
 from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
@@ -57,17 +56,23 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool) -> dict:
-    """Tile config for the m-grouped kernel, keyed on (dtype, N, K) and never on M, so a new batch size
-    reuses the compiled kernel."""
+def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool = False) -> dict:
+    """Tile config for the m-grouped kernel, keyed on (dtype, N, K, layout) and never on M, so a new batch
+    size reuses the compiled kernel."""
     if on_cpu:
         return dict(_INTERPRETER_CONFIG)
     if dtype == torch.float32:
         return dict(BM=128, BN=64, BK=32, GROUP_M=_GROUP_M, num_warps=4, num_stages=3)
-    # H100 sweep (benchmarks/NOTES.md): 128x256x64, 8 warps, 4 stages led or tied on 8 of 10 anchor cases
-    # forward and dgrad; 128x128 tiles lost 5-15% everywhere.
+    # H100 sweeps (benchmarks/NOTES.md): 128x256x64 with 8 warps led or tied on 8 of 10 anchor cases; 128x128
+    # tiles lost 5-15% everywhere. A flattened persistent loop (the next tile's loads overlap this tile's
+    # epilogue) plus TMA stores of interior tiles gained 3-35% on the large [G, K, N] cases (mixtral_up 518 ->
+    # 706 TFLOP/s); the TMA store's 64 KB staging buffer leaves room for 3 stages. For [G, N, K] weights
+    # (dgrad) the flattened loop with 4 stages and plain stores was as good or better.
     if n >= 256:
-        return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4)
+        if trans_w:
+            return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4, flatten=True)
+        return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=3, flatten=True,
+                    tma_store=True)
     return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=4, num_stages=4)
 
 
@@ -206,13 +211,16 @@ def _gmm_kernel(
 
 @triton.jit
 def _gmm_tma_kernel(
-    x_desc, w_desc, bias_ptr, out_ptr, sizes_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr,
     M, N, K, G, num_programs,
+    stride_xm, stride_wg, stride_w1,
     stride_bg, stride_bn,
-    stride_om, stride_on,
+    stride_om,
     HAS_BIAS: tl.constexpr,
     TRANS_W: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    TMA_STORE: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -221,35 +229,56 @@ def _gmm_tma_kernel(
 ):
     """_gmm_kernel with Hopper TMA loads: one descriptor over all rows of x (a tile may read rows of the next
     group, which are computed but never stored; rows past M and the K tail arrive as zeros) and a 3-D
-    descriptor over w, so a K tail never reads the next group's weight."""
+    descriptor over w, so a K tail never reads the next group's weight. Tiles that lie wholly inside their
+    group can be stored through a TMA descriptor too (TMA_STORE); tiles that cross a group's end always take
+    a masked store, since the next group's rows belong to another program. The loop body has no branch on
+    the group (the tail entry G simply runs zero k-steps), so FLATTEN can overlap one tile's epilogue with
+    the next tile's loads; WARP_SPECIALIZE puts the loads and the MMAs in separate warp groups.
+
+    The descriptors are built here on the device rather than passed from the host: a host descriptor costs
+    ~40 us of Python per launch (benchmarks/NOTES.md), more than a small grouped GEMM takes on the GPU."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
+    if TRANS_W:  # w is [G, N, K]
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, N, K], strides=[stride_wg, stride_w1, 1],
+                                           block_shape=[1, BN, BK])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, K, N], strides=[stride_wg, stride_w1, 1],
+                                           block_shape=[1, BK, BN])
+    if TMA_STORE:
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
+                                             block_shape=[BM, BN])
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, BM, BLOCK_G)
     total_m_tiles = tl.sum(tiles)
     total_tiles = total_m_tiles * num_n
-    for tile in range(pid, total_tiles, num_programs):
+    for tile in tl.range(pid, total_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, starts, ends, first_tiles, tiles,
                                                 BM, GROUP_M, BLOCK_G)
+        k_end = tl.where(g < G, K, 0)  # the tail entry has no weight: its rows stay zero
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if g < G:
-            for k0 in tl.range(0, K, BK, warp_specialize=WARP_SPECIALIZE):
-                a = x_desc.load([row0, k0])
-                if TRANS_W:
-                    b = tl.trans(w_desc.load([g, n_tile * BN, k0]).reshape(BN, BK))
-                else:
-                    b = w_desc.load([g, k0, n_tile * BN]).reshape(BK, BN)
-                if BF16_FIXUPS:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        for k0 in range(0, k_end, BK):
+            a = x_desc.load([row0, k0])
+            if TRANS_W:
+                b = tl.trans(w_desc.load([g, n_tile * BN, k0]).reshape(BN, BK))
+            else:
+                b = w_desc.load([g, k0, n_tile * BN]).reshape(BK, BN)
+            if BF16_FIXUPS:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         rows = row0 + tl.arange(0, BM)
         cols = n_tile * BN + tl.arange(0, BN)
         col_ok = cols < N
         if HAS_BIAS:
-            if g < G:
-                bias = tl.load(bias_ptr + g * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(out_ptrs, to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=(rows < row_end)[:, None] & col_ok[None, :])
+            # the tail entry G reads group G-1's bias (in bounds) and drops it
+            bias = tl.load(bias_ptr + tl.minimum(g, G - 1) * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
+            acc += tl.where(g < G, bias.to(tl.float32), 0.0)[None, :]
+        result = to_output_dtype(acc, out_ptr, BF16_FIXUPS)
+        if TMA_STORE and row0 + BM <= row_end:
+            out_desc.store([row0, n_tile * BN], result)
+        else:
+            out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+            tl.store(out_ptrs, result, mask=(rows < row_end)[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -271,19 +300,23 @@ def _wgrad_tile(pid, KA, NB, BK: tl.constexpr, BN: tl.constexpr, GROUP_K: tl.con
 
 @triton.jit
 def _gmm_k_tma_kernel(
-    a_desc, b_desc, out_ptr, sizes_ptr,
+    a_ptr, b_ptr, out_ptr, sizes_ptr,
     M, KA, NB, G,
+    stride_am, stride_bm,
     stride_og, stride_ok, stride_on,
     ACCUMULATE: tl.constexpr,
+    TMA_STORE: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_K: tl.constexpr,
 ):
-    """_gmm_k_kernel with TMA loads. Full row chunks run in a clean pipelined loop; the one chunk that crosses
+    """_gmm_k_kernel with TMA loads (and optionally a TMA store of the output tile). Full row chunks run in a clean pipelined loop; the one chunk that crosses
     the group's end is masked to zero on both operands afterwards (the next group's rows must not
-    contribute, and 0 * inf there would be NaN)."""
+    contribute, and 0 * inf there would be NaN). Descriptors are built on the device (see _gmm_tma_kernel)."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, KA], strides=[stride_am, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[M, NB], strides=[stride_bm, 1], block_shape=[BM, BN])
     g, k_tile, n_tile = _wgrad_tile(tl.program_id(0), KA, NB, BK, BN, GROUP_K)
     row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
@@ -301,13 +334,20 @@ def _gmm_k_tma_kernel(
         if BF16_FIXUPS:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    ks = k_tile * BK + tl.arange(0, BK)
-    ns = n_tile * BN + tl.arange(0, BN)
-    out_ptrs = out_ptr + g.to(tl.int64) * stride_og + ks[:, None] * stride_ok + ns[None, :] * stride_on
-    mask = (ks < KA)[:, None] & (ns < NB)[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
+    if TMA_STORE:  # out is [G, KA, NB] with a unit last stride
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[G, KA, NB], strides=[stride_og, stride_ok, 1],
+                                             block_shape=[1, BK, BN])
+        if ACCUMULATE:
+            acc += out_desc.load([g, k_tile * BK, n_tile * BN]).reshape(BK, BN).to(tl.float32)
+        out_desc.store([g, k_tile * BK, n_tile * BN], to_output_dtype(acc, out_ptr, BF16_FIXUPS).reshape(1, BK, BN))
+    else:
+        ks = k_tile * BK + tl.arange(0, BK)
+        ns = n_tile * BN + tl.arange(0, BN)
+        out_ptrs = out_ptr + g.to(tl.int64) * stride_og + ks[:, None] * stride_ok + ns[None, :] * stride_on
+        mask = (ks < KA)[:, None] & (ns < NB)[None, :]
+        if ACCUMULATE:
+            acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
 
 
 @triton.jit
@@ -391,9 +431,9 @@ class _Groups:
 
 
 _launch_gmm_pointer = CachedLauncher(_gmm_kernel)
-_launch_gmm_tma = CachedLauncher(_gmm_tma_kernel)
+_launch_gmm_tma = CachedLauncher(_gmm_tma_kernel, device_scratch=True)
 _launch_gmm_k_pointer = CachedLauncher(_gmm_k_kernel)
-_launch_gmm_k_tma = CachedLauncher(_gmm_k_tma_kernel)
+_launch_gmm_k_tma = CachedLauncher(_gmm_k_tma_kernel, device_scratch=True)
 
 
 def _tma_eligible(*tensors: torch.Tensor) -> bool:
@@ -414,7 +454,7 @@ def _tma_eligible(*tensors: torch.Tensor) -> bool:
         if strides[-1] != 1 or t.data_ptr() % 16 or 0 in t.shape:
             return False
         for st in strides[:-1]:
-            if (st * size) % 16:
+            if st <= 0 or (st * size) % 16:  # broadcast (stride 0) operands take the pointer kernel
                 return False
     return True
 
@@ -423,7 +463,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     M, K = x.shape
     N = out.shape[1]
     G = groups.num_groups
-    cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda)
+    cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w)
     num_n = cdiv(N, cfg["BN"])
     max_tiles = (cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
     programs = _num_sms(x.device.index or 0) if x.is_cuda else 4
@@ -439,14 +479,13 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     bias_arg = bias if bias is not None else out
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     if cfg.get("tma", True) and _tma_eligible(x, w):
-        x_desc = TensorDescriptor.from_tensor(x, [cfg["BM"], cfg["BK"]])
-        w_block = [1, cfg["BN"], cfg["BK"]] if trans_w else [1, cfg["BK"], cfg["BN"]]
-        w_desc = TensorDescriptor.from_tensor(w, w_block)
+        tma_store = cfg.get("tma_store", False) and _tma_eligible(out)
         _launch_gmm_tma(
             (programs,),
-            (x_desc, w_desc, bias_arg, out, groups.sizes, M, N, K, G, programs, *bias_strides,
-             out.stride(0), out.stride(1)),
-            dict(TRANS_W=trans_w, WARP_SPECIALIZE=cfg.get("warp_specialize", False), **constexprs), **options,
+            (x, w, bias_arg, out, groups.sizes, M, N, K, G, programs, x.stride(0), w.stride(0), w.stride(1),
+             *bias_strides, out.stride(0)),
+            dict(TRANS_W=trans_w, WARP_SPECIALIZE=cfg.get("warp_specialize", False),
+                 FLATTEN=cfg.get("flatten", False), TMA_STORE=tma_store, **constexprs), **options,
         )
         return out
     # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
@@ -474,12 +513,10 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     )
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("tma", True) and _tma_eligible(a, b):
-        a_desc = TensorDescriptor.from_tensor(a, [cfg["BM"], cfg["BK"]])
-        b_desc = TensorDescriptor.from_tensor(b, [cfg["BM"], cfg["BN"]])
         _launch_gmm_k_tma(
-            grid, (a_desc, b_desc, out, groups.sizes, a.shape[0], KA, NB, G,
+            grid, (a, b, out, groups.sizes, a.shape[0], KA, NB, G, a.stride(0), b.stride(0),
                    out.stride(0), out.stride(1), out.stride(2)),
-            constexprs, **options,
+            dict(TMA_STORE=cfg.get("tma_store", False) and _tma_eligible(out), **constexprs), **options,
         )
         return out
     _launch_gmm_k_pointer(

@@ -126,6 +126,21 @@ def test_forward_dtypes_layouts(path, dtype, trans_w, with_bias):
                    seed=2)
 
 
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the default configs run these epilogues")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("trans_w", [False, True], ids=["w_GKN", "w_GNK"])
+def test_tma_store_flatten_epilogue(monkeypatch, dtype, trans_w):
+    # Tiles wholly inside a group go out through a TMA store, tiles crossing a group's end through a masked
+    # store: 16 and 32 rows fill whole 16-row tiles, 40/33/17 end mid-tile, 1 is a single-row group, and the
+    # 5 tail rows must stay zero. Flattened persistent loop, bias on.
+    monkeypatch.setenv("MOETRON_BACKEND", "triton")
+    monkeypatch.setenv("MOETRON_TMA", "1")
+    monkeypatch.setitem(gmm_module._CONFIG_OVERRIDES, "fwd",
+                        dict(gmm_module._INTERPRETER_CONFIG, tma_store=True, flatten=True))
+    _check_forward("cpu", [40, 0, 16, 33, 1, 32, 17, 0], 144, 24, 40, dtype, trans_w, with_bias=True,
+                   as_offsets=False, seed=5)
+
+
 def _check_backward(path, sizes, M, K, N, dtype, trans_w, with_bias, seed):
     G = len(sizes)
     x, w, b = _make(M, K, N, G, dtype, path, trans_w, with_bias, seed=seed)
@@ -192,8 +207,25 @@ def test_main_grad_accumulation(path):
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
 def test_gmm_k(path, dtype, accumulate):
     """k-grouped GEMM with empty groups: overwrite gives exact zeros there, accumulate leaves out unchanged."""
+    _check_gmm_k(path, dtype, accumulate, K=21, N=19)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the default configs choose the store")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+def test_gmm_k_tma_store(monkeypatch, dtype, accumulate):
+    # the output tile written (and, accumulating, read) through a TMA descriptor; K = 24 and N = 40 are not
+    # multiples of the 16-wide tile, so the descriptor clips the edge tiles
+    monkeypatch.setenv("MOETRON_BACKEND", "triton")
+    monkeypatch.setenv("MOETRON_TMA", "1")
+    monkeypatch.setitem(gmm_module._CONFIG_OVERRIDES, "wgrad",
+                        dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1, tma_store=True))
+    _check_gmm_k("cpu", dtype, accumulate, K=24, N=40)
+
+
+def _check_gmm_k(path, dtype, accumulate, K, N):
     sizes = [0, 7, 0, 20, 2, 0]
-    M, K, N = 33, 21, 19  # one tail row past the last group must not contribute
+    M = 33  # one tail row past the last group must not contribute
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(M, K, generator=gen).to(dtype).to(path)
     dy = torch.randn(M, N, generator=gen).to(dtype).to(path)
