@@ -55,10 +55,7 @@ __all__ = ["MoEConfig", "MoELayer"]
 DROP_POLICIES = ("probs", "position")
 DISPATCHERS = ("local", "allgather", "alltoall", "fused")
 # what each not-yet-built dispatcher waits for, named in the NotImplementedError
-_LATER_DISPATCHERS = {
-    "fused": "the fused dispatch/combine kernels (MoeDistributeDispatch/Combine semantics) arrive after the "
-             "all-to-all dispatcher",
-}
+_LATER_DISPATCHERS: dict = {}
 
 # MoEConfig fields passed through to RouterConfig under the same name.
 _ROUTER_FIELDS = ("hidden_size", "num_experts", "top_k", "score_function", "pre_softmax", "norm_topk_prob",
@@ -137,8 +134,9 @@ class MoEConfig:
     shared_expert_gate: bool = False
 
     # -- token dispatch
-    # "local" (all experts on this device), "allgather" or "alltoall" (expert parallelism, see moetron.dispatch;
-    # they need MoELayer(parallel=...) to spread experts). "fused" is planned (NotImplementedError).
+    # "local" (all experts on this device), "allgather", "alltoall" or "fused" (expert parallelism, see
+    # moetron.dispatch; they need MoELayer(parallel=...) to spread experts). "fused" is dropless (no capacity_factor,
+    # pad_to=1).
     dispatcher: str = "local"
 
     def __post_init__(self):
@@ -303,7 +301,7 @@ class MoELayer(nn.Module):
                              f"tensor-parallel size etp={etp} (each ETP rank holds ffn_hidden_size / etp columns)")
         if ep * etp > 1 and c.dispatcher == "local":
             raise ValueError(f"MoEConfig.dispatcher='local' keeps all experts on one rank, but parallel has ep={ep}, "
-                             f"etp={etp}; use dispatcher='allgather' or 'alltoall'")
+                             f"etp={etp}; use dispatcher='allgather', 'alltoall' or 'fused'")
 
         self.config = config
         self.parallel = parallel

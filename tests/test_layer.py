@@ -653,9 +653,15 @@ def test_config_errors(kw, match):
         make_cfg(**kw)
 
 
-def test_later_dispatchers_not_implemented():
-    with pytest.raises(NotImplementedError, match="fused"):
-        make_cfg(dispatcher="fused")
+def test_fused_dispatcher_in_one_process_matches_local():
+    # dispatcher="fused" with one process: the same output as "local" (multi-rank: tests/test_fused_dispatch.py)
+    torch.manual_seed(0)
+    local, fused = MoELayer(make_cfg()), MoELayer(make_cfg(dispatcher="fused"))
+    fused.load_state_dict(local.state_dict())
+    x = torch.randn(2, 5, local.config.hidden_size)
+    torch.testing.assert_close(fused(x), local(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="capacity_factor must be None with dispatcher='fused'"):
+        MoELayer(make_cfg(dispatcher="fused", capacity_factor=1.0))
 
 
 def test_expert_parallel_dispatchers_need_parallel_groups_to_spread_experts():

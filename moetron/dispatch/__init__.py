@@ -17,6 +17,10 @@ dispatched buffer, C capacity (rows per expert and source rank when dropping).
 - ``"allgather"`` (``AllGatherDispatcher``): tokens, probs and expert ids gathered over EP×ETP; each rank
   permutes the rows routed to its experts; results reduce-scattered back. No host sync; every rank of the
   EP×ETP group must hold the same T (sequence-parallel shards do).
+- ``"fused"`` (``FusedDispatcher``, moetron/dispatch/fused.py): MoeDistributeDispatch/Combine semantics: each token
+  sent once per destination rank into fixed per-source slots, counts carried with the rows on the device, no
+  host sync, CUDA-graph capturable; NCCL or NVLink symmetric-memory transport. Also the functional
+  ``dispatch`` / ``combine`` exported here.
 - ``"alltoall"`` (``AllToAllDispatcher``): local permute by global expert, AllToAllV over EP (then AllGatherV over
   ETP), rows re-sorted by local expert; combine reverses each step. One host sync for the split sizes, placed
   after the permute and the count exchange are queued. With ``pad_to_capacity`` the buffers have fixed sizes and
@@ -35,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["Dispatched", "TokenDispatcher", "LocalDispatcher", "AllGatherDispatcher", "AllToAllDispatcher",
-           "make_dispatcher"]
+           "FusedDispatcher", "make_dispatcher", "dispatch", "combine", "DispatchResult", "FusedHandle"]
 
 
 class Dispatched(NamedTuple):
@@ -72,8 +76,10 @@ class TokenDispatcher:
 from .local import LocalDispatcher  # noqa: E402
 from .allgather import AllGatherDispatcher  # noqa: E402
 from .alltoall import AllToAllDispatcher  # noqa: E402
+from .fused import DispatchResult, FusedDispatcher, FusedHandle, combine, dispatch  # noqa: E402
 
-_DISPATCHERS = {"local": LocalDispatcher, "allgather": AllGatherDispatcher, "alltoall": AllToAllDispatcher}
+_DISPATCHERS = {"local": LocalDispatcher, "allgather": AllGatherDispatcher, "alltoall": AllToAllDispatcher,
+                "fused": FusedDispatcher}
 
 
 def make_dispatcher(config, groups) -> TokenDispatcher:

@@ -1,0 +1,122 @@
+"""Fused dispatch / combine on 2 GPUs: both transports (NCCL and NVLink symmetric memory) through the CPU suite's
+checks, one dispatch -> gmm -> combine step captured in a CUDA graph and replayed with new routing, and bitwise
+determinism across runs. Spawns its own processes (one per GPU):
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 python -m pytest -q tests/gpu/test_fused_gpu.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                reason="needs 2 CUDA GPUs")
+
+TRANSPORTS = ("nccl", "symm")
+W2 = ("w2_basic", "w2_shared")
+
+
+def _graph_step(rank, transport):
+    """dispatch -> gmm (per-expert weights) -> combine, eager and captured; replayed on new routing."""
+    import torch.distributed as dist
+
+    from moetron import gmm
+    from moetron.dispatch import combine, dispatch
+
+    dev = torch.device("cuda", rank)
+    T, H, E, K, B = 96, 256, 16, 4, 128
+    E_l = E // 2
+    g = torch.Generator(device=dev).manual_seed(10 + rank)
+    w_exp = torch.randn(E_l, H, H, device=dev, generator=g, dtype=torch.bfloat16) / H ** 0.5
+
+    def routing(seed):
+        gg = torch.Generator(device=dev).manual_seed(seed * 7 + rank)
+        x = torch.randn(T, H, device=dev, generator=gg).to(torch.bfloat16)
+        ids = torch.rand(T, E, device=dev, generator=gg).argsort(1)[:, :K].contiguous()
+        w = torch.rand(T, K, device=dev, generator=gg)
+        return x, ids, w
+
+    def step(x, ids, w):
+        r = dispatch(x, ids, group=dist.group.WORLD, num_experts=E, expert_scales=w, max_tokens_per_rank=B,
+                     transport=transport)
+        h = gmm(r.expand_x, w_exp, offsets=r.tokens_per_expert)
+        return combine(h, r.handle, w)
+
+    out = {}
+    with torch.no_grad():
+        sx, sids, sw = (t.clone() for t in routing(0))
+        for _ in range(2):  # warm-up: compiles kernels, allocates the symmetric buffers
+            step(sx, sids, sw)
+        torch.cuda.synchronize()
+        dist.barrier()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sy = step(sx, sids, sw)
+        eager, replayed = [], []
+        for seed in (1, 2, 3):
+            x, ids, w = routing(seed)
+            eager.append(step(x, ids, w).clone())
+            sx.copy_(x)
+            sids.copy_(ids)
+            sw.copy_(w)
+            graph.replay()
+            replayed.append(sy.clone())
+        torch.cuda.synchronize()
+        out["graph_equal"] = [torch.equal(a, b) for a, b in zip(eager, replayed)]
+        # determinism: the same step three times, bitwise
+        x, ids, w = routing(5)
+        runs = [step(x, ids, w) for _ in range(3)]
+        out["deterministic"] = all(torch.equal(runs[0], r) for r in runs[1:])
+        # and against a plain reference on this rank's tokens? the experts are split, so the parent compares sums
+        out["finite"] = bool(torch.isfinite(runs[0]).all())
+    return out
+
+
+def _world(rank, world):
+    import torch.distributed as dist
+
+    from moetron.dispatch.fused import select_transport
+    from tests.test_fused_dispatch import _run_scenario
+
+    res = {}
+    for tr in TRANSPORTS:
+        probe = torch.empty(1, device="cuda")
+        chosen = select_transport(probe, dist.group.WORLD, tr)
+        res[tr] = {"chosen": chosen, "scenarios": {n: _run_scenario(n, rank, "cuda", tr) for n in W2},
+                   "graph": _graph_step(rank, tr)}
+    res["auto"] = select_transport(torch.empty(1, device="cuda"), dist.group.WORLD, "auto")
+    return res
+
+
+@pytest.fixture(scope="module")
+def gpu_world():
+    from tests._ep_harness import run_cuda_world
+
+    return run_cuda_world(2, _world)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("name", W2)
+def test_cpu_suite_checks_on_gpus(gpu_world, transport, name):
+    from tests import test_fused_dispatch as cpu
+
+    results = [r[transport] for r in gpu_world]
+    assert all(r["chosen"] == transport for r in results)
+    cpu.test_layout_equals_recount(results, None, name)
+    cpu.test_combine_once_per_destination(results, None, name)
+    cpu.test_weighted_combine_and_gradients_match_reference(results, None, name)
+    if name == "w2_basic":
+        cpu.test_int8_round_trips_within_scale_bounds(results, None, name)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_cuda_graph_replay_with_new_routing_and_determinism(gpu_world, transport):
+    for r in gpu_world:
+        gr = r[transport]["graph"]
+        assert gr["graph_equal"] == [True, True, True]
+        assert gr["deterministic"] and gr["finite"]
+
+
+def test_auto_picks_symmetric_memory_on_one_node(gpu_world):
+    assert [r["auto"] for r in gpu_world] == ["symm", "symm"]

@@ -1,0 +1,479 @@
+"""moetron.dispatch.fused (MoeDistributeDispatch / Combine semantics) on gloo: world 2 and world 4, CPU, NCCL-style
+transport (fixed-size all_to_all_single).
+
+Every rank's inputs come from a seed, so the parent rebuilds all of them and checks each rank's results against an
+independent recount written here with plain loops (never the code under test):
+
+- layout: tokens tagged with (source rank, token index) arrive exactly at the rows the recount says (expert-major,
+  then TP rank, EP source, token order), counts are exact, rows past the total are zeros;
+- combine with scales 1 / (the token's experts on that rank) gives x · (number of distinct destination ranks);
+- per-expert affine "experts" with random routing weights: y and the gradients of x and of the weights equal a
+  float64 single-process reference;
+- int8 dispatch: each row within half its scale; int8 return trip within the bound its scales imply;
+- uneven BS, a rank with zero tokens, shared-expert ranks (one shared expert on 1 of 2 ranks; on 2 of 4 ranks,
+  replicated), EP 2 x TP 2;
+- the MoE layer with dispatcher="fused" against the single-process layer (tests/test_dispatch_ep.py's checks);
+- the compat entry points (group passed by name) give the functional API's results.
+Bad input is checked in one process (group=None): the validation runs before any collective.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetron.dispatch import combine, dispatch
+from tests.test_parallel import run_world
+
+F64 = torch.float64
+
+# name: world, experts E, top-k K, hidden H, tokens per rank (global rank order), B, shared ranks, shared experts, tp
+SCENARIOS = {
+    # uneven BS, E_l = 3
+    "w2_basic": dict(world=2, E=6, K=3, H=8, T=[6, 3], B=8, Sh=0, nsh=0, tp=1),
+    # rank 0 holds the shared expert, rank 1 all 4 routed experts
+    "w2_shared": dict(world=2, E=4, K=2, H=8, T=[5, 4], B=6, Sh=1, nsh=1, tp=1),
+    # a rank with zero tokens, K = E_l + 1 (a token can bring at most E_l rows to a rank)
+    "w4_basic": dict(world=4, E=8, K=3, H=8, T=[5, 0, 7, 3], B=8, Sh=0, nsh=0, tp=1),
+    # two shared-expert ranks replicating one shared expert (token t goes to rank t mod 2), E_l = 3 on ranks 2, 3
+    "w4_shared": dict(world=4, E=6, K=2, H=8, T=[4, 6, 2, 5], B=6, Sh=2, nsh=1, tp=1),
+    # EP 2 x TP 2: EP groups {0, 1}, {2, 3}; TP groups {0, 2}, {1, 3}
+    "w4_tp": dict(world=4, E=4, K=2, H=8, T=[4, 3, 5, 2], B=6, Sh=0, nsh=0, tp=2),
+}
+
+
+def _coords(sc, rank):
+    """(ep rank, tp rank, ep size) of a global rank."""
+    P = sc["world"] // sc["tp"]
+    return rank % P, rank // P, P
+
+
+def make_inputs(name, rank):
+    sc = SCENARIOS[name]
+    g = torch.Generator().manual_seed(1000 * len(name) + 17 * rank + sum(map(ord, name)))
+    T, H, E, K = sc["T"][rank], sc["H"], sc["E"], sc["K"]
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K,
+                                                                                                    dtype=torch.int64)
+    w = torch.rand(T, K, generator=g) + 0.1
+    dy = torch.randn(T, H, generator=g)
+    return x, ids, w, dy
+
+
+def _affine(sc):
+    """Per-expert (c, d): expert e maps a row v to c[e]·v + d[e]; shared expert j is entry E + j."""
+    n = sc["E"] + max(sc["nsh"], 1)
+    c = 1.0 + 0.1 * torch.arange(n, dtype=F64)
+    d = 0.01 * (torch.arange(n, dtype=F64) + 1)
+    return c, d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _groups(sc, rank):
+    import torch.distributed as dist
+
+    P = sc["world"] // sc["tp"]
+    if sc["tp"] == 1:
+        return dist.group.WORLD, None
+    ep, _ = dist.new_subgroups_by_enumeration([list(range(j * P, (j + 1) * P)) for j in range(sc["tp"])])
+    tp, _ = dist.new_subgroups_by_enumeration([list(range(e, sc["world"], P)) for e in range(P)])
+    return ep, tp
+
+
+def _row_experts(tpe_cum, R, first, L, shared_id):
+    """Global expert id of each expand_x row from the cumulative counts (-1 past the total)."""
+    e = torch.searchsorted(tpe_cum, torch.arange(R, device=tpe_cum.device), right=True)
+    return torch.where(e < L, (shared_id if first < 0 else first) + e, -1)
+
+
+def _run_scenario(name, rank, device="cpu", transport="auto"):
+    """Every check's data for one scenario on this rank (tensors on ``device``; the GPU tests move them back)."""
+    sc = SCENARIOS[name]
+    ep, tp = _groups(sc, rank)
+    P = sc["world"] // sc["tp"]
+    ep_rank, tp_rank, _ = _coords(sc, rank)
+    x, ids, w, dy = (t.to(device) for t in make_inputs(name, rank))
+    kw = dict(group=ep, num_experts=sc["E"], max_tokens_per_rank=sc["B"], shared_expert_num=sc["nsh"],
+              shared_expert_rank_num=sc["Sh"], tp_group=tp, transport=transport)
+    out = {}
+
+    # 1. layout: rows tagged with (global source rank, token index)
+    T = x.shape[0]
+    tag = torch.cat([torch.full((T, 1), float(rank), device=device),
+                     torch.arange(T, device=device)[:, None].float(), x[:, 2:]], 1)
+    r = dispatch(tag, ids, expert_scales=w, tokens_per_expert_type="count", **kw)
+    out["layout"] = dict(expand_x=r.expand_x, counts=r.tokens_per_expert, expand_scales=r.expand_scales,
+                         ep_recv_counts=r.handle.ep_recv_counts(), tp_recv_counts=r.handle.tp_recv_counts())
+    first = r.handle.topo.first_expert()
+    L = r.handle.topo.L
+
+    # 2. scales 1 / (the token's experts at that destination): y = x · (distinct destinations), h = expand_x
+    r = dispatch(x, ids, **kw)
+    E_l = sc["E"] // (P - sc["Sh"])
+    dest = sc["Sh"] + ids.long() // E_l
+    per_dest = (dest[:, :, None] == dest[:, None, :]).sum(2).float()
+    y = combine(r.expand_x / sc["tp"], r.handle, 1.0 / per_dest)
+    out["per_dest"] = y
+
+    # 3. weighted affine experts with autograd (TP ranks hold 1/tp of each expert: partial sums)
+    c, d = (v.float().to(device) for v in _affine(sc))
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    r = dispatch(xg, ids, expert_scales=wg, **kw)
+    e_row = _row_experts(r.tokens_per_expert, r.expand_x.shape[0], first, L, sc["E"] + ep_rank // max(
+        1, sc["Sh"] // max(sc["nsh"], 1)) if sc["Sh"] else 0)
+    valid = (e_row >= 0)[:, None]
+    ce = c[e_row.clamp(min=0)][:, None]
+    de = d[e_row.clamp(min=0)][:, None]
+    h = torch.where(valid, (r.expand_x * ce + de) / sc["tp"], 0.0)
+    y = combine(h, r.handle, wg)
+    (y * dy).sum().backward()
+    out["affine"] = dict(y=y.detach(), xg=xg.grad, wg=wg.grad)
+
+    # 4. int8: dispatch quantized rows (tagged layout reuse), then an int8 return trip of exact expert outputs
+    r = dispatch(x, ids, expert_scales=w, quant="int8", **kw)
+    out["int8"] = dict(q=r.expand_x, s=r.dynamic_scales)
+    deq = r.expand_x.float() * r.dynamic_scales[:, None]
+    h = torch.where(valid, (deq * ce + de) / sc["tp"], 0.0)
+    out["int8"]["y_exact"] = combine(h, r.handle, w)
+    out["int8"]["y_q"] = combine(h, r.handle, w, comm_quant="int8")
+    out["int8"]["h"] = h
+    return out
+
+
+LAYER_LAYOUTS = {2: {"ep2": dict(ep=2)}, 4: {"ep4": dict(ep=4), "ep2_etp2": dict(ep=2, etp=2)}}
+
+
+def _run_layer(rank, world):
+    from moetron.parallel import ParallelGroups
+    from tests._ep_harness import DATA, run_layout
+
+    res = {}
+    for lay, sizes in LAYER_LAYOUTS[world].items():
+        res[lay] = run_layout(ParallelGroups.build(**sizes), rank, "dropless_aux", "fused", DATA)
+    return res
+
+
+def _run_compat(rank):
+    import torch.distributed as dist
+
+    from moetron.compat import moe_distribute_combine, moe_distribute_dispatch
+
+    sc = SCENARIOS["w2_basic"]
+    x, ids, w, _ = make_inputs("w2_basic", rank)
+    name = dist.group.WORLD.group_name
+    outs = moe_distribute_dispatch(x, ids.int(), name, 2, rank, sc["E"], expert_scales=w, global_bs=2 * sc["B"],
+                                   expert_token_nums_type=0)
+    y = moe_distribute_combine(outs[0] * 2, ids.int(), outs[2], outs[4], w, name, 2, rank, sc["E"],
+                               tp_send_counts=outs[5], global_bs=2 * sc["B"], shared_expert_x=x)
+    r = dispatch(x, ids, group=dist.group.WORLD, num_experts=sc["E"], expert_scales=w, max_tokens_per_rank=sc["B"])
+    y_api = combine(r.expand_x * 2, r.handle, w, shared_expert_x=x)
+    try:
+        moe_distribute_combine(outs[0], ids.int(), outs[2].clone(), outs[4], w, name, 2, rank, sc["E"],
+                               global_bs=2 * sc["B"])
+        err = None
+    except ValueError as e:
+        err = str(e)
+    return dict(outs=outs[:2] + outs[3:], y=y, api=(r.expand_x, r.tokens_per_expert, y_api), err=err)
+
+
+def _world(rank, world):
+    out = {"scenarios": {n: _run_scenario(n, rank) for n, sc in SCENARIOS.items() if sc["world"] == world}}
+    out["layer"] = _run_layer(rank, world)
+    if world == 2:
+        out["compat"] = _run_compat(rank)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return run_world(2, _world)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return run_world(4, _world)
+
+
+def _results(world2, world4, name):
+    return (world2 if SCENARIOS[name]["world"] == 2 else world4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Independent recount (plain loops)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def recount(name):
+    """For every global rank: the list of (global expert id or shared id, source global rank, token) of its rows,
+    in expert-major, TP-rank, EP-source, token order."""
+    sc = SCENARIOS[name]
+    world, tp, Sh = sc["world"], sc["tp"], sc["Sh"]
+    P = world // tp
+    E_l = sc["E"] // (P - Sh)
+    ids = [make_inputs(name, r)[1] for r in range(world)]
+    out = []
+    for g in range(world):
+        ep_rank, _, _ = _coords(sc, g)
+        rows = []
+        if ep_rank < Sh:
+            reps = Sh // sc["nsh"]
+            experts = [("shared", ep_rank // reps)]
+        else:
+            experts = [("moe", (ep_rank - Sh) * E_l + l) for l in range(E_l)]
+        for kind, e in experts:
+            for j in range(tp):
+                for s_ep in range(P):
+                    src = j * P + s_ep
+                    for t in range(ids[src].shape[0]):
+                        if kind == "shared":
+                            if t % (Sh // sc["nsh"]) == ep_rank % (Sh // sc["nsh"]):
+                                rows.append((sc["E"] + e, src, t))
+                        elif e in ids[src][t].tolist():
+                            rows.append((e, src, t))
+        out.append(rows)
+    return out
+
+
+def reference(name):
+    """float64 per rank: (y, x grad, w grad) of y[t] = sum_k w[t,k]·(c[e]·x[t] + d[e]) + sum over the shared
+    experts j of (c[E+j]·x[t] + d[E+j])."""
+    sc = SCENARIOS[name]
+    c, d = _affine(sc)
+    res = []
+    for r in range(sc["world"]):
+        x, ids, w, dy = make_inputs(name, r)
+        x64, w64 = x.to(F64).requires_grad_(), w.to(F64).requires_grad_()
+        e = ids.long()
+        y = (w64[:, :, None] * (c[e][:, :, None] * x64[:, None, :] + d[e][:, :, None])).sum(1)
+        for j in range(sc["nsh"]):
+            y = y + c[sc["E"] + j] * x64 + d[sc["E"] + j]
+        (y * dy.to(F64)).sum().backward()
+        res.append((y.detach(), x64.grad, w64.grad))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_layout_equals_recount(world2, world4, name):
+    sc = SCENARIOS[name]
+    expected = recount(name)
+    for g, res in enumerate(_results(world2, world4, name)):
+        lay = res["scenarios"][name]["layout"]
+        rows, xr = expected[g], lay["expand_x"]
+        n = len(rows)
+        got = [(int(a), int(b)) for a, b in xr[:n, :2].tolist()]
+        assert got == [(s, t) for _, s, t in rows], f"rank {g}"
+        assert torch.equal(xr[n:], torch.zeros_like(xr[n:])), f"rank {g}: rows past the total must be zeros"
+        experts = sorted({e for e, _, _ in rows} | set())
+        counts = lay["counts"].tolist()
+        assert sum(counts) == n
+        # per local expert, in order
+        ep_rank, _, P = _coords(sc, g)
+        if ep_rank < sc["Sh"]:
+            assert counts == [n]
+        else:
+            E_l = sc["E"] // (P - sc["Sh"])
+            first = (ep_rank - sc["Sh"]) * E_l
+            assert counts == [sum(1 for e, _, _ in rows if e == first + l) for l in range(E_l)]
+            # each row's routing scale travelled with it
+            for i, (e, s, t) in enumerate(rows):
+                _, ids_s, w_s, _ = make_inputs(name, s)
+                assert lay["expand_scales"][i].item() == w_s[t, ids_s[t].tolist().index(e)].item()
+        assert experts is not None
+        assert int(lay["ep_recv_counts"].sum()) == n and int(lay["tp_recv_counts"].sum()) == n
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_combine_once_per_destination(world2, world4, name):
+    sc = SCENARIOS[name]
+    P = sc["world"] // sc["tp"]
+    E_l = sc["E"] // (P - sc["Sh"])
+    for g, res in enumerate(_results(world2, world4, name)):
+        x, ids, _, _ = make_inputs(name, g)
+        n_dest = torch.tensor([len({sc["Sh"] + int(e) // E_l for e in row}) for row in ids.tolist()])
+        torch.testing.assert_close(res["scenarios"][name]["per_dest"],
+                                   x * n_dest[:, None].float() + (x * sc["nsh"] if sc["Sh"] else 0),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_weighted_combine_and_gradients_match_reference(world2, world4, name):
+    ref = reference(name)
+    for g, res in enumerate(_results(world2, world4, name)):
+        a = res["scenarios"][name]["affine"]
+        y_r, xg_r, wg_r = ref[g]
+        for what, got, want in (("y", a["y"], y_r), ("x grad", a["xg"], xg_r), ("w grad", a["wg"], wg_r)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("name", ["w2_basic", "w4_basic", "w4_tp"])
+def test_int8_round_trips_within_scale_bounds(world2, world4, name):
+    expected = recount(name)
+    sc = SCENARIOS[name]
+    for g, res in enumerate(_results(world2, world4, name)):
+        q8 = res["scenarios"][name]["int8"]
+        rows = expected[g]
+        q, s = q8["q"], q8["s"]
+        assert q.dtype == torch.int8 and s.dtype == torch.float32
+        xs = {r: make_inputs(name, r)[0] for r in range(sc["world"])}
+        for i, (_, src, t) in enumerate(rows):
+            row = xs[src][t]
+            assert s[i].item() == pytest.approx(row.abs().max().item() / 127, rel=1e-6)
+            assert (q[i].float() * s[i] - row).abs().max().item() <= s[i].item() * 0.5 * (1 + 1e-5)
+        assert not q[len(rows):].any() and not s[len(rows):].any()
+        # return trip: each destination's per-token sum is rounded to int8 with scale max|row| / 127
+        # a destination's row is a sum of at most K + shared rows, each |weight| <= 1.1: |row| <= (K + 1)·1.1·max|h|,
+        # rounded to within half its scale max|row| / 127; a token sums at most `world` such rows
+        hmax = max(w["scenarios"][name]["int8"]["h"].abs().max().item() for w in _results(world2, world4, name))
+        err = (q8["y_q"] - q8["y_exact"]).abs().max().item() if q8["y_q"].numel() else 0.0
+        bound = sc["world"] * (sc["K"] + 1) * 1.1 * hmax / 254
+        assert err <= bound + 1e-6
+        assert err > 0 or q8["y_q"].numel() == 0  # the return trip really quantized
+
+
+@pytest.mark.parametrize("world, lay", [(2, "ep2"), (4, "ep4"), (4, "ep2_etp2")])
+def test_layer_with_fused_dispatcher_matches_single_process(world2, world4, world, lay):
+    from moetron.parallel import ParallelLayout
+    from tests._ep_harness import check_against_references
+
+    worlds = world2 if world == 2 else world4
+    check_against_references([w["layer"][lay] for w in worlds],
+                             ParallelLayout.plan(world, **LAYER_LAYOUTS[world][lay]), "dropless_aux")
+
+
+def test_compat_entry_points_match_functional_api(world2):
+    for res in world2:
+        c = res["compat"]
+        expand_x, dynamic_scales, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = c["outs"]
+        ex, tpe, y_api = c["api"]
+        assert torch.equal(expand_x, ex) and dynamic_scales is None
+        assert torch.equal(expert_token_nums, tpe)  # expert_token_nums_type=0: cumulative
+        assert ep_recv_counts.shape == (3, 2) and int(ep_recv_counts.sum()) == int(tpe[-1])
+        assert torch.equal(c["y"], y_api)
+        assert "expand_idx must be the expand_idx tensor returned by moe_distribute_dispatch" in c["err"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input (one process: the validation runs before any collective)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _ok():
+    x = torch.randn(4, 8)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
+    return x, ids
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(ids=torch.tensor([[0, 1], [2, 4], [1, 0], [3, 2]])), r"expert_ids must lie in \[0, num_experts = 4\)"),
+    (dict(ids=torch.tensor([[0, 1], [2, -1], [1, 0], [3, 2]])), r"expert_ids must lie in"),
+    (dict(ids=torch.tensor([[0, 1], [2, 2], [1, 0], [3, 2]])), r"must not repeat an expert.*token 1 has \[2, 2\]"),
+    (dict(ids=torch.zeros(4, 5, dtype=torch.int64)), r"1 <= K <= num_experts = 4 .*got K = 5"),
+    (dict(max_tokens_per_rank=3), r"x has BS = 4 tokens, more than max_tokens_per_rank = 3"),
+    (dict(ids=torch.tensor([[0, 1], [2, 3], [1, 0]])), r"expert_ids must be \[T, K\] with T = x.shape\[0\] = 4"),
+    (dict(ids=torch.tensor([[0.0, 1.0]] * 4)), r"expert_ids must have dtype"),
+    (dict(num_experts=0), r"num_experts must be a positive int"),
+    (dict(quant="fp8"), r"quant must be one of"),
+    (dict(shared_expert_rank_num=1), r"shared_expert_rank_num must be an int in \[0, 1\)"),
+])
+def test_bad_dispatch_input_raises_clear_error(change, match):
+    x, ids = _ok()
+    kw = dict(group=None, num_experts=4)
+    ids = change.pop("ids", ids)
+    kw.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        dispatch(x, ids, **kw)
+
+
+def test_mismatched_h_and_scales_in_combine_raise():
+    x, ids = _ok()
+    r = dispatch(x, ids, group=None, num_experts=4)
+    w = torch.rand(4, 2)
+    with pytest.raises(ValueError, match=r"expand_x must be \[R, H\] = \[8, 8\].*got \(8, 6\)"):
+        combine(r.expand_x[:, :6], r.handle, w)
+    with pytest.raises(ValueError, match=r"shared_expert_x must be \[T, H\] = \[4, 8\]"):
+        combine(r.expand_x, r.handle, w, shared_expert_x=torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"expert_scales must be \[T, K\] = \[4, 2\]"):
+        combine(r.expand_x, r.handle, torch.rand(4, 3))
+    with pytest.raises(ValueError, match=r"expert_scales is required"):
+        combine(r.expand_x, r.handle, None)
+
+
+def test_single_process_round_trip_and_reserved_compat_arguments():
+    from moetron.compat import moe_distribute_combine, moe_distribute_dispatch
+
+    x, ids = _ok()
+    w = torch.rand(4, 2)
+    r = dispatch(x, ids, group=None, num_experts=4, expert_scales=w)
+    assert r.expand_x.shape == (8, 8) and r.tokens_per_expert.tolist() == [2, 4, 6, 8]
+    torch.testing.assert_close(combine(r.expand_x, r.handle, None), x * w.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="x_active_mask is a reserved argument"):
+        moe_distribute_dispatch(x, ids, "g", 1, 0, 4, x_active_mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scales is a reserved argument"):
+        moe_distribute_dispatch(x, ids, "g", 1, 0, 4, scales=torch.ones(4))
+    with pytest.raises(ValueError, match="group_list_type is a reserved argument"):
+        moe_distribute_combine(r.expand_x, ids, None, None, w, "g", 1, 0, 4, group_list_type=1)
+    with pytest.raises(ValueError, match="expert_shard_type must be 0"):
+        moe_distribute_dispatch(x, ids, "g", 1, 0, 4, expert_shard_type=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter check is for CPU machines; "
+                    "tests/gpu/test_fused_gpu.py runs these kernels on GPUs")
+def test_symm_kernels_in_triton_interpreter():
+    """The symmetric-memory kernels' addressing, on CPU tensors standing in for two ranks' buffers (the kernels
+    only see base addresses, so one process can play both ranks)."""
+    import os
+
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it without CUDA)")
+    from moetron.dispatch._symm import _combine_push_kernel, _push_rows_kernel
+
+    P, B, W, M, J = 2, 4, 5, 3, 2
+    T = [3, 2]
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.full((P * B + 1, W), -7.0) for _ in range(P)]
+    meta = [torch.full((P * B, M), -1, dtype=torch.int32) for _ in range(P)]
+    rb, mb = torch.tensor([r.data_ptr() for r in rows]), torch.tensor([m.data_ptr() for m in meta])
+    xs = [torch.randn(t, W, generator=g) for t in T]
+    pos = [torch.tensor([[0, -1], [1, 0], [-1, 1]]), torch.tensor([[-1, 0], [0, 1]])]
+    metas = [torch.arange(t * P * M, dtype=torch.int32).view(t, P, M) + 100 * r for r, t in enumerate(T)]
+    for me in range(P):
+        _push_rows_kernel[(2,)](xs[me], metas[me], pos[me], rb, mb, T[me], W, M, B, me, W, P=P, HAS_X=True,
+                                HAS_META=True, BLOCK_W=4, BLOCK_M=4)
+    expect_rows = [torch.full((P * B + 1, W), -7.0) for _ in range(P)]
+    expect_meta = [torch.full((P * B, M), -1, dtype=torch.int32) for _ in range(P)]
+    for me in range(P):
+        for t in range(T[me]):
+            for d in range(P):
+                p = int(pos[me][t, d])
+                if p >= 0:
+                    expect_rows[d][me * B + p] = xs[me][t]
+                    expect_meta[d][me * B + p] = metas[me][t, d]
+    for d in range(P):
+        assert torch.equal(rows[d], expect_rows[d]) and torch.equal(meta[d], expect_meta[d])
+
+    h = [torch.randn(6, W, generator=g) for _ in range(P)]
+    row_of = [torch.full((P * B, J), -1, dtype=torch.int64) for _ in range(P)]
+    row_of[0][0] = torch.tensor([2, -1])
+    row_of[0][B + 1] = torch.tensor([0, 5])
+    row_of[1][3] = torch.tensor([-1, 4])
+    sc = [torch.rand(P * B, J, generator=g) for _ in range(P)]
+    back = [torch.full((P * B + 1, W), -7.0) for _ in range(P)]
+    bb = torch.tensor([b.data_ptr() for b in back])
+    for me in range(P):
+        _combine_push_kernel[(3,)](h[me], row_of[me], sc[me], bb, P * B, W, B, me, W, J, J=J, BLOCK_W=4)
+    expect = [torch.full((P * B + 1, W), -7.0) for _ in range(P)]
+    expect[0][0] = sc[0][0, 0] * h[0][2]  # rank 0's slot (source 0, pos 0) back to rank 0 at (0, 0)
+    expect[1][1] = sc[0][B + 1, 0] * h[0][0] + sc[0][B + 1, 1] * h[0][5]  # rank 0's (source 1, pos 1) -> rank 1
+    expect[0][B + 3] = sc[1][3, 1] * h[1][4]  # rank 1's (source 0, pos 3) -> rank 0 at (1, 3)
+    for d in range(P):
+        torch.testing.assert_close(back[d], expect[d], rtol=1e-6, atol=1e-6)
