@@ -57,3 +57,86 @@ def write_results(name: str, rows: list[dict], extra_meta: dict | None = None, o
     with open(path, "w") as f:
         json.dump({"meta": {**meta(), **(extra_meta or {})}, "rows": rows}, f, indent=1)
     return path
+
+
+def dump_results(filename: str, rows: list[dict], extra_meta: dict | None = None, out_dir: str | None = None) -> str:
+    """Like write_results, with the whole file name given (``ep_h200x2.json``)."""
+    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, filename)
+    with open(path, "w") as f:
+        json.dump({"meta": {**meta(), **(extra_meta or {})}, "rows": rows}, f, indent=1)
+    return path
+
+
+class StepClock:
+    """Timestamps in stream order: CUDA events on the current stream (no sync when taken), or the host clock on the
+    CPU (where every op has finished when it returns). ``ms(a, b)`` needs ``sync()`` after ``b`` on CUDA."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def mark(self):
+        if not self.cuda:
+            import time
+
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _allreduce_max(v: float, group=None) -> float:
+    import torch.distributed as dist
+
+    dev = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    t = torch.tensor([float(v)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def bench_ms_ranks(fn, *, cuda: bool, collective: bool = True, group=None, warmup: int = 3, rep_ms: float = 500,
+                   min_reps: int = 5, max_reps: int = 200, flush_l2: bool = True) -> float:
+    """Median milliseconds of fn() on this rank, with the same number of calls on every rank of ``group``.
+
+    For code that runs collectives: triton.testing.do_bench picks its repetition count from its own timing, which
+    can differ between ranks and leave one rank waiting in a collective the others never call. Here the count comes
+    from the slowest rank's estimate (one all_reduce), the ranks start together (a barrier), and each call is timed
+    with CUDA events (L2 flushed before each, as do_bench does). ``collective=False``: one process timing alone
+    (no all_reduce, no barrier), with the same method. ``cuda=False``: host clock, no flush (CPU smoke runs)."""
+    import statistics
+
+    import torch.distributed as dist
+
+    clock = StepClock(cuda)
+    for _ in range(warmup):
+        fn()
+    clock.sync()
+    a = clock.mark()
+    for _ in range(3):
+        fn()
+    b = clock.mark()
+    clock.sync()
+    est = max(clock.ms(a, b) / 3, 1e-3)
+    if collective and dist.is_initialized():
+        est = _allreduce_max(est, group)
+    n = int(min(max_reps, max(min_reps, rep_ms / est)))
+    cache = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if (cuda and flush_l2) else None
+    if collective and dist.is_initialized():
+        dist.barrier(group=group)
+    pairs = []
+    for _ in range(n):
+        if cache is not None:
+            cache.zero_()
+        a = clock.mark()
+        fn()
+        pairs.append((a, clock.mark()))
+    clock.sync()
+    return statistics.median(clock.ms(a, b) for a, b in pairs)

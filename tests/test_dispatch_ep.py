@@ -16,7 +16,8 @@ TP-split sequences, is global). Capacity cases drop on each source rank among it
 semantics), so their reference is the single-process layer run on each rank's tokens, gradients summed.
 
 One spawned world of 2 ranks and one of 4 carry all checks (process start-up dominates the time); the tests
-below read their results. Shapes are tiny and fp32.
+below read their results. Shapes are tiny and fp32. The cases, data, assembly and references live in
+tests/_ep_harness.py, shared with the NCCL version of these checks (tests/gpu/test_ep_nccl.py).
 """
 
 from __future__ import annotations
@@ -28,38 +29,10 @@ import pytest
 import torch
 
 from moetron import MoEConfig, MoELayer
-from moetron.parallel import ParallelGroups, ParallelLayout, load_checkpoint, reduce_gradients, save_checkpoint
-from tests._tolerance import assert_close_to_ref
+from moetron.parallel import ParallelGroups, ParallelLayout, load_checkpoint, save_checkpoint
+from tests._ep_harness import (B, DATA, E, F64, FF, H, K, S, T, assemble, check_against_references, make_cfg,
+                               make_data, partition, reference, run_layout)
 from tests.test_parallel import run_world
-
-H, FF, E, K = 16, 12, 8, 2  # FF splits in two for ETP=2; E splits over EP=4
-B, S = 4, 6
-T = B * S
-F64 = torch.float64
-
-CASES = {
-    # every aux loss (batch, sequence, global) plus z-loss, expert biases and a shared expert
-    "dropless_aux": dict(load_balancing=("aux_loss", "seq_aux_loss", "global_aux_loss"),
-                         aux_loss_coeff=(0.1, 0.05, 0.2), z_loss_coeff=0.01, expert_linear_bias=True,
-                         shared_expert_ffn_hidden_size=8),
-    # drops by probs on each source rank, kept rows packed, each local expert padded to 2 rows at the destination
-    "capacity_packed": dict(capacity_factor=0.75, drop_policy="probs", pad_to=2, load_balancing="none",
-                            expert_linear_bias=True),
-    # drops by position into fixed [E·C, H] buffers (sync-free path); non-gated gelu experts (up_proj) with biases
-    "capacity_padded": dict(capacity_factor=0.75, drop_policy="position", pad_to_capacity=True,
-                            load_balancing="none", activation="gelu", expert_linear_bias=True),
-    # uneven token counts, one rank with none (2-D tokens): aux and global aux losses, z-loss
-    "uneven_aux": dict(load_balancing=("aux_loss", "global_aux_loss"), z_loss_coeff=0.01),
-    # same split, packed drops
-    "uneven_capacity": dict(capacity_factor=0.75, load_balancing="none"),
-    # uneven split, sigmoid with the aux-loss-free expert bias: update_expert_bias sums counts over all ranks
-    "uneven_bias": dict(score_function="sigmoid", expert_bias=True, load_balancing="none", bias_update_rate=0.01),
-    # sigmoid with an expert bias of +3 on experts 0 and 1, -3 elsewhere: every slot goes to EP rank 0's experts
-    # and experts 2..7 get none
-    "one_rank": dict(score_function="sigmoid", expert_bias=True, load_balancing="none", expert_linear_bias=True),
-}
-DROPLESS = {"dropless_aux", "uneven_aux", "uneven_bias", "one_rank"}
-UNEVEN_ROWS = [0, 7, 7, 16, 24]  # rank r holds flattened tokens [UNEVEN_ROWS[r], UNEVEN_ROWS[r + 1]); rank 1: none
 
 LAYOUTS = {
     2: {"ep2": dict(ep=2), "tp2_ep2": dict(tp=2, ep=2)},
@@ -75,60 +48,9 @@ RUNS = {  # (layout, case, dispatcher) run in each world
 }
 
 
-def make_cfg(case: str, dispatcher: str = "local", **kw) -> MoEConfig:
-    return MoEConfig(hidden_size=H, ffn_hidden_size=FF, num_experts=E, top_k=K, dispatcher=dispatcher,
-                     **{**CASES[case], **kw})
-
-
-def make_data(case: str, seed: int):
-    """(x [B, S, H], dy [B, S, H], global state dict) for a case, from fixed seeds."""
-    from tests.test_layer import randomize
-
-    g = torch.Generator().manual_seed(seed)
-    x, dy = torch.randn(B, S, H, generator=g), torch.randn(B, S, H, generator=g)
-    layer = MoELayer(make_cfg(case))
-    randomize(layer, seed)
-    if case == "one_rank":
-        with torch.no_grad():
-            layer.router.expert_bias.copy_(torch.tensor([3.0, 3.0] + [-3.0] * (E - 2)))
-    return x, dy, {k: v.clone() for k, v in layer.state_dict().items()}
-
-
-def partition(L: ParallelLayout, case: str) -> list[torch.Tensor]:
-    """Per rank, the indices of its tokens in the flattened global batch: [B_local, S_local] (a DP slice of the
-    sequences, a TP·CP chunk of each), or a 1-D row range for the uneven cases."""
-    if case.startswith("uneven"):
-        return [torch.arange(UNEVEN_ROWS[r], UNEVEN_ROWS[r + 1]) for r in range(L.world_size)]
-    grid = torch.arange(T).view(B, S)
-    out = []
-    for r in range(L.world_size):
-        c = L.coords(r)
-        sp, sp_r = L.tp * L.cp, c["tp"] + L.tp * c["cp"]
-        out.append(grid[c["dp"] * B // L.dp:(c["dp"] + 1) * B // L.dp, sp_r * S // sp:(sp_r + 1) * S // sp])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Worker side
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _run_layout(groups, rank, case, dispatcher, data):
-    x, dy, sd = data[case]
-    idx = partition(groups.layout, case)[rank]
-    layer = MoELayer(make_cfg(case, dispatcher), parallel=groups)
-    layer.load_state_dict(sd)
-    x_l = x.reshape(-1, H)[idx].clone().requires_grad_()
-    y = layer(x_l)
-    (y * dy.reshape(-1, H)[idx]).sum().backward()
-    reduce_gradients(layer, groups)
-    s = layer.last_stats
-    if layer.router.expert_bias is not None:
-        layer.update_expert_bias()
-    return dict(bias=None if layer.router.expert_bias is None else layer.router.expert_bias.clone(),y=y.detach(), xg=x_l.grad, grads={n: p.grad.clone() for n, p in layer.named_parameters()},
-                coords=(groups.ep_rank, groups.etp_rank, groups.edp_rank),
-                losses={k: float(v) for k, v in s["losses"].items()}, kept=s["tokens_per_expert"].tolist(),
-                dropped=int(s["num_dropped"]))
 
 
 class _SyncCounter:
@@ -160,7 +82,7 @@ def _world(rank, world, data, ckpt_dir, ckpt_data):
     out = {"runs": {}}
     built = {name: ParallelGroups.build(**sizes) for name, sizes in LAYOUTS[world].items()}
     for lay, case, disp in RUNS[world]:
-        out["runs"][(lay, case, disp)] = _run_layout(built[lay], rank, case, disp, data)
+        out["runs"][(lay, case, disp)] = run_layout(built[lay], rank, case, disp, data)
 
     x, _, sd = ckpt_data
     if world == 2:
@@ -226,10 +148,9 @@ def _world(rank, world, data, ckpt_dir, ckpt_data):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Parent side: data, worlds, assembly, references
+# Parent side: worlds and references (tests/_ep_harness.py)
 # ---------------------------------------------------------------------------------------------------------
 
-DATA = {case: make_data(case, seed) for seed, case in enumerate(CASES, start=40)}
 CKPT_DATA = make_data("dropless_aux", 99)
 
 
@@ -246,127 +167,6 @@ def world2(ckpt_dir):
 @pytest.fixture(scope="module")
 def world4(world2, ckpt_dir):  # loads the checkpoint world2 wrote
     return run_world(4, _world, DATA, ckpt_dir, CKPT_DATA)
-
-
-def _join_etp(shards: list[torch.Tensor], name: str) -> torch.Tensor:
-    """Undo the ETP split (written here independently of moetron.layer): F slices along dim 1 of the first
-    projection ([gate; up] halves sliced separately when gated) or dim 2 of down_proj."""
-    if name.endswith("down_proj_bias"):
-        return shards[0]
-    if name.endswith("down_proj"):
-        return torch.cat(shards, dim=2)
-    if "gate_up" in name:
-        halves = [s.chunk(2, dim=1) for s in shards]
-        return torch.cat([g for g, _ in halves] + [u for _, u in halves], dim=1)
-    return torch.cat(shards, dim=1)
-
-
-def assemble(results: list, L: ParallelLayout, case: str):
-    """Global y, x grad, {param: grad} from every rank's pieces; checks that replicas agree."""
-    idx = partition(L, case)
-    y, xg = torch.zeros(T, H), torch.zeros(T, H)
-    for r, res in enumerate(results):
-        y[idx[r].reshape(-1)] = res["y"].reshape(-1, H)
-        xg[idx[r].reshape(-1)] = res["xg"].reshape(-1, H)
-    grads = {}
-    for name in results[0]["grads"]:
-        if not name.startswith("experts."):
-            grads[name] = results[0]["grads"][name]
-            for res in results[1:]:  # replicated weights: identical after the reduction
-                torch.testing.assert_close(res["grads"][name], grads[name], rtol=0, atol=0)
-            continue
-        by_ep = []
-        for ep in range(L.ep):
-            shards = []
-            for etp in range(L.etp):
-                copies = [res["grads"][name] for res in results if res["coords"][:2] == (ep, etp)]
-                assert len(copies) == L.edp
-                for c in copies[1:]:
-                    torch.testing.assert_close(c, copies[0], rtol=0, atol=0)
-                shards.append(copies[0])
-            by_ep.append(_join_etp(shards, name))
-        grads[name] = torch.cat(by_ep, dim=0)
-    return y.view(B, S, H), xg.view(B, S, H), grads
-
-
-_REF_CACHE: dict = {}
-
-
-def reference(case: str, L: ParallelLayout):
-    """(baseline, fp64 reference), each (y, x grad, {param: grad}, losses, kept per rank, dropped per rank): the
-    single-process layer in fp32 and the float64 reference, on the global batch (dropless) or on each rank's
-    tokens (capacity), gradients summed over the pieces."""
-    from tests.test_layer import reference_layer
-
-    pieces = [torch.arange(T).view(B, S)] if case in DROPLESS else partition(L, case)
-    key = (case, tuple(tuple(p.reshape(-1).tolist()) for p in pieces))
-    if key in _REF_CACHE:
-        return _REF_CACHE[key]
-    x, dy, sd = DATA[case]
-    cfg = make_cfg(case)
-    x_flat, dy_flat = x.reshape(-1, H), dy.reshape(-1, H)
-    out = []
-    for high in (False, True):
-        y, xg = torch.zeros(T, H, dtype=F64), torch.zeros(T, H, dtype=F64)
-        grads = {n: torch.zeros_like(v, dtype=F64) for n, v in sd.items() if n != "router.expert_bias"}
-        losses, kept, dropped = {}, [], []
-        for idx in pieces:
-            seq_len = idx.shape[1] if idx.dim() == 2 else None
-            flat = idx.reshape(-1)
-            if flat.numel() == 0:  # a rank without tokens adds nothing (and drops nothing)
-                kept.append([0] * E)
-                dropped.append(0)
-                continue
-            if not high:
-                layer = MoELayer(cfg)
-                layer.load_state_dict(sd)
-                xi = x_flat[flat].clone().requires_grad_()
-                yi = layer(xi, seq_len)
-                (yi * dy_flat[flat]).sum().backward()
-                gi = {n: p.grad for n, p in layer.named_parameters()}
-                losses = {k: float(v) for k, v in layer.last_stats["losses"].items()}
-                kept.append(layer.last_stats["tokens_per_expert"].tolist())
-                dropped.append(int(layer.last_stats["num_dropped"]))
-            else:
-                xi = x_flat[flat].to(F64).requires_grad_()
-                P = {n: v.to(F64).requires_grad_() for n, v in sd.items() if n != "router.expert_bias"}
-                bias = sd.get("router.expert_bias")
-                yi, extra, info = reference_layer(xi, P, cfg, expert_bias=None if bias is None else bias.tolist(),
-                                                  seq_len=seq_len)
-                ((yi * dy_flat[flat].to(F64)).sum() + extra).backward()
-                gi = {n: (torch.zeros_like(p) if p.grad is None else p.grad) for n, p in P.items()}
-                losses = {k: float(v.detach()) for k, v in info["losses"].items()}
-            y[flat] = yi.detach().to(F64)
-            xg[flat] = xi.grad.to(F64)
-            for n in grads:
-                grads[n] += gi[n].to(F64)
-        out.append((y.view(B, S, H), xg.view(B, S, H), grads, losses, kept, dropped))
-    _REF_CACHE[key] = out
-    return out
-
-
-def check_against_references(results, L, case):
-    y, xg, grads = assemble(results, L, case)
-    (y_b, xg_b, g_b, losses_b, kept_b, dropped_b), (y_r, xg_r, g_r, losses_r, _, _) = reference(case, L)
-    named = [("y", y, y_r, y_b), ("grad of x", xg, xg_r, xg_b)]
-    named += [(f"grad of {n}", grads[n], g_r[n], g_b[n]) for n in g_b]
-    assert set(grads) == set(g_b)
-    for name, got, ref, base in named:
-        assert_close_to_ref(name, got, ref, base.float())
-        torch.testing.assert_close(got, base.float(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    # losses: global values, equal on every rank, equal to the single-process layer's and the reference's
-    for res in results:
-        assert res["losses"].keys() == losses_b.keys()
-        for k, v in res["losses"].items():
-            assert v == pytest.approx(losses_b[k], rel=1e-5, abs=1e-7), k
-            assert v == pytest.approx(losses_r[k], rel=1e-5, abs=1e-7), k
-    # counts: each rank's own tokens
-    if case in DROPLESS:
-        assert [sum(col) for col in zip(*(res["kept"] for res in results))] == kept_b[0]
-        assert all(res["dropped"] == 0 for res in results)
-    else:
-        assert [res["kept"] for res in results] == kept_b
-        assert [res["dropped"] for res in results] == dropped_b
 
 
 def _layout(world, name):
