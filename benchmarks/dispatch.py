@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script by torchrun
 
 CASES = {"dsv3": dict(H=7168, E=256, K=8), "qwen3_30b": dict(H=2048, E=128, K=8)}
 TOKENS = {"decode": 128, "prefill": 4096}
