@@ -273,11 +273,15 @@ def test_new_runs_never_overwrite(tmp_path, corpus_file):
         train(_cfg(tmp_path, corpus_file, steps=2, name="tiny"), log=_quiet)
 
 
-def test_expert_parallel_not_yet(tmp_path, corpus_file, capsys):
-    with pytest.raises(NotImplementedError, match="expert parallelism arrives with"):
+def test_expert_parallel_needs_torchrun(tmp_path, corpus_file, capsys, monkeypatch):
+    """--ep > 1 in one process, or sizes that do not fit, fail before any process group exists, naming the numbers
+    (tests/test_train_ep.py runs the real thing)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"--ep 2 needs 2 processes .* single process .*torchrun "
+                                         r"--nproc-per-node=2 -m moetron train --ep 2"):
         train(_cfg(tmp_path, corpus_file, ep=2), log=_quiet)
     assert cli.main(["train", "--ep", "2", "--data", corpus_file, "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert "expert parallelism arrives with" in capsys.readouterr().err
+    assert "--ep 2 needs 2 processes" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point(tmp_path, corpus_file):

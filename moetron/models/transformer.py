@@ -5,7 +5,8 @@ Legend: B sequences, S sequence length, H hidden, N query heads, NK key/value he
     MoETransformer(ModelConfig)(input_ids [B, S], labels=None) -> logits [B, S, V]  (or the mean loss with labels)
 
 Each layer is ``x + attn(rms(x))`` then ``x + ffn(rms(x))``. Attention is causal, rotary (rotate-half, as Llama and
-Qwen), with optional per-head RMSNorm on q and k (Qwen3's ``q_norm``/``k_norm``) and grouped key/value heads; it
+Qwen), with optional RMSNorm on q and k (per head as Qwen3's ``q_norm``/``k_norm``, or over all heads at once as
+OLMoE's) and grouped key/value heads; it
 runs through ``torch.nn.functional.scaled_dot_product_attention``. The FFN is a ``moetron.layer.MoELayer`` in MoE
 layers and a SwiGLU MLP in dense ones (``first_k_dense``, ``moe_layer_freq``).
 
@@ -57,6 +58,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     # Per-head RMSNorm on q and k before the rotation (Qwen3); keeps attention logits bounded at high LR.
     qk_norm: bool = True
+    # With qk_norm: False normalises each token's whole q (N·D) and k (NK·D) vectors at once instead of each head
+    # (OLMoE's q_norm/k_norm).
+    qk_norm_per_head: bool = True
     # Routed experts E per MoE layer.
     num_experts: int = 8
     # Experts K per token.
@@ -129,7 +133,8 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise _bad(name, "a finite float > 0", v)
-        for name in ("qk_norm", "tie_word_embeddings", "shared_expert_gate", "pre_softmax", "expert_bias"):
+        for name in ("qk_norm", "qk_norm_per_head", "tie_word_embeddings", "shared_expert_gate", "pre_softmax",
+                     "expert_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, "a bool", getattr(self, name))
         if isinstance(self.load_balancing, str):
@@ -191,7 +196,8 @@ class ModelConfig:
         dense = n_dense * self._dense_ffn_params()
         head = self.vocab_size * H
         embed = 0 if self.tie_word_embeddings else self.vocab_size * H
-        norms = H * (2 * self.num_layers + 1) + (2 * self.num_layers * self.head_dim if self.qk_norm else 0)
+        qk_width = 2 * self.head_dim if self.qk_norm_per_head else (self.num_heads + self.num_kv_heads) * self.head_dim
+        norms = H * (2 * self.num_layers + 1) + (self.num_layers * qk_width if self.qk_norm else 0)
         return {"total": attn + moe_total + dense + head + embed + norms,
                 "active": attn + moe_active + dense + head}
 
@@ -285,18 +291,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, NK * D, **kw)
         self.o_proj = nn.Linear(N * D, H, **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype)
+            q_width, k_width = (D, D) if cfg.qk_norm_per_head else (N * D, NK * D)
+            self.q_norm = RMSNorm(q_width, cfg.rms_norm_eps, device, dtype)
+            self.k_norm = RMSNorm(k_width, cfg.rms_norm_eps, device, dtype)
         else:
             self.q_norm = self.k_norm = None
 
     def forward(self, x_BSH, cos_SD, sin_SD):
         B, S, _ = x_BSH.shape
         N, NK, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q = self.q_proj(x_BSH).view(B, S, N, D)
-        k = self.k_proj(x_BSH).view(B, S, NK, D)
+        q, k = self.q_proj(x_BSH), self.k_proj(x_BSH)
+        if self.q_norm is not None and not self.cfg.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, S, N, D), k.view(B, S, NK, D)
         v = self.v_proj(x_BSH).view(B, S, NK, D)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.cfg.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q = _apply_rotary(q.transpose(1, 2), cos_SD, sin_SD)
         k = _apply_rotary(k.transpose(1, 2), cos_SD, sin_SD)
@@ -320,14 +329,14 @@ class DenseMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, index: int, device=None, dtype=None, parallel=None):
         super().__init__()
         self.is_moe = cfg.is_moe_layer(index)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         self.self_attn = Attention(cfg, device, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         if self.is_moe:
-            self.mlp = MoELayer(cfg.moe_config(), device=device, dtype=dtype)
+            self.mlp = MoELayer(cfg.moe_config(), parallel=parallel, device=device, dtype=dtype)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_ffn_hidden_size, device, dtype)
 
@@ -342,10 +351,10 @@ class DecoderLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, parallel=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype, parallel) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         cos, sin = _rotary_tables(cfg, device)
         # Derived from the config, so not saved (HF keeps rotary tables out of checkpoints too).
@@ -354,14 +363,19 @@ class _Backbone(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """Decoder-only language model; see the module docstring."""
+    """Decoder-only language model; see the module docstring.
 
-    def __init__(self, config: ModelConfig, *, device=None, dtype=None):
+    ``parallel``: None (one process) or a ``moetron.parallel.ParallelGroups`` passed to every MoELayer (expert
+    parallelism; ``config.dispatcher`` must then be "allgather" or "alltoall" when ep > 1). The init is random per
+    layout; ``moetron.train`` builds the one-process model first and loads its state dict (keyed by global expert
+    id) into this one, so every layout starts from the same weights."""
+
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None, parallel=None):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
-        self.model = _Backbone(config, device, dtype)
+        self.model = _Backbone(config, device, dtype, parallel)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -8,6 +8,11 @@ Layout of ``runs/<name>/checkpoints/``::
         manifest.json       byte size and sha256 of both files, written last
     latest                  the name of the newest complete checkpoint
 
+The format is the one-process model's whatever the run's layout: expert-parallel training
+(moetron/train/distributed.py) gathers the expert shards and their optimizer state to rank 0, which writes them in
+global expert order, and ``load_checkpoint`` slices them back for an expert-parallel model. So a checkpoint resumes at
+any EP size and ``moetron generate`` reads it.
+
 A checkpoint is written into a hidden temporary folder, flushed to disk, and renamed into place in one step; only
 then does ``latest`` move (itself replaced atomically) and are older checkpoints pruned. A crash at any moment
 therefore leaves the previous good checkpoint untouched. Loading checks every file against the manifest, so a
@@ -91,9 +96,26 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict, *, keep: int = 2) -> str:
+def _save_state_dict(sd: dict, path: str, metadata: dict) -> None:
+    """safetensors.torch.save_model for a state dict: names sharing one tensor (tied weights) are stored once,
+    under the first name in sorted order, and the others recorded in the metadata (what save_model does)."""
+    from safetensors.torch import save_file
+
+    by_id: dict = {}
+    for name in sorted(sd):
+        by_id.setdefault(id(sd[name]), []).append(name)
+    out, meta = {}, dict(metadata)
+    for names in by_id.values():
+        out[names[0]] = sd[names[0]].contiguous()
+        for other in names[1:]:
+            meta.setdefault(other, names[0])
+    save_file(out, path, metadata=meta)
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module | dict, state: dict, *, keep: int = 2) -> str:
     """Write checkpoint ``step`` (model weights + the training ``state`` dict) atomically; keep the newest ``keep``.
-    Returns the checkpoint folder."""
+    ``model``: the module, or its one-process state dict (expert-parallel training gathers one; tied weights are
+    the same tensor object under each name). Returns the checkpoint folder."""
     from safetensors.torch import save_model
 
     ck = os.path.join(run_dir, "checkpoints")
@@ -105,7 +127,10 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict
     os.makedirs(tmp)
     model_path = os.path.join(tmp, MODEL_FILE)
     state_path = os.path.join(tmp, STATE_FILE)
-    save_model(model, model_path, metadata={"step": str(step), "format": "pt"})
+    if isinstance(model, dict):
+        _save_state_dict(model, model_path, {"step": str(step), "format": "pt"})
+    else:
+        save_model(model, model_path, metadata={"step": str(step), "format": "pt"})
     torch.save(state, state_path)
     files = {}
     for name, path in ((MODEL_FILE, model_path), (STATE_FILE, state_path)):
@@ -178,14 +203,46 @@ def verify_checkpoint(path: str) -> dict:
     return manifest
 
 
-def load_checkpoint(path: str, model: torch.nn.Module | None = None, *, map_location="cpu") -> dict:
-    """Verify ``path``, load its weights into ``model`` (strict) and return the training state dict."""
+def _is_expert_parallel(model: torch.nn.Module) -> bool:
+    from ..parallel import ParallelGroups
+
+    return any(isinstance(getattr(m, "parallel", None), ParallelGroups) and m.parallel.ep_size > 1
+               for m in model.modules())
+
+
+def _load_global(model: torch.nn.Module, file: str):
+    """Load a one-process weights file into an expert-parallel model: MoELayer's load hook slices each expert
+    tensor [E, ...] to this rank's experts (by global expert id). Tied names stored once get the kept tensor."""
+    from safetensors.torch import load_file
+
+    sd = load_file(file, device="cpu")
+    aliases: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for names in aliases.values():
+        have = [n for n in names if n in sd]
+        for n in names:
+            if have and n not in sd:
+                sd[n] = sd[have[0]]
+    result = model.load_state_dict(sd, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def load_checkpoint(path: str, model: torch.nn.Module | None = None, *, map_location="cpu",
+                    verify: bool = True) -> dict:
+    """Verify ``path`` (unless ``verify=False``: the caller just did), load its weights into ``model`` (strict)
+    and return the training state dict. An expert-parallel model takes this rank's experts from the global
+    tensors, so a checkpoint written at any EP size (or by one process) loads."""
     from safetensors.torch import load_model
 
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
     if model is not None:
         try:
-            missing, unexpected = load_model(model, os.path.join(path, MODEL_FILE), strict=False)
+            if _is_expert_parallel(model):
+                missing, unexpected = _load_global(model, os.path.join(path, MODEL_FILE))
+            else:
+                missing, unexpected = load_model(model, os.path.join(path, MODEL_FILE), strict=False)
         except Exception as e:  # safetensors raises its own types for bad headers and shape mismatches
             raise CheckpointError(f"checkpoint {path!r}: cannot load {MODEL_FILE} into the model: {e}") from e
         if missing or unexpected:

@@ -48,7 +48,8 @@ class TrainConfig:
     steps: int | None = None
     # Stop after this many steps, checkpointing as if interrupted; --resume then continues to `steps`.
     stop_at: int | None = None
-    # Sequences per optimizer step (all micro-batches together). None: the preset's.
+    # Sequences per optimizer step (all micro-batches together; under torchrun, of all processes together: each
+    # process takes its share of every micro-batch). None: the preset's.
     batch_size: int | None = None
     # Micro-batches per optimizer step; batch_size must be a multiple of it. None: the preset's.
     grad_accum: int | None = None
@@ -92,9 +93,11 @@ class TrainConfig:
     resume: bool = False
     # Replace an existing run folder of the same name instead of picking a new name.
     overwrite: bool = False
-    # Expert-parallel size (1 until expert parallelism lands).
+    # Expert-parallel size: experts spread over ep processes (torchrun --nproc-per-node=N, N a multiple of ep; all N
+    # are data parallel for the rest). Not part of RESUME_MUST_MATCH: a checkpoint resumes at any ep.
     ep: int = 1
-    # MoE dispatcher of every MoE layer (MoEConfig.dispatcher). None: the model config's ("local").
+    # MoE dispatcher of every MoE layer (MoEConfig.dispatcher). None: the model config's ("local"), or "alltoall"
+    # when ep > 1.
     dispatcher: str | None = None
     # Show a tqdm progress bar.
     progress: bool = True

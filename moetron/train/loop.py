@@ -3,6 +3,10 @@
 AdamW with linear warm-up then cosine decay, gradient clipping, gradient accumulation, bf16 autocast on CUDA,
 expert-bias updates, validation every ``eval_every`` steps, checkpoints and exact resume.
 
+Several processes (``torchrun --nproc-per-node=N -m moetron train --ep EP``): expert parallelism over EP ranks,
+data parallelism over all N for the rest, computing the same steps as one process on the same global batch
+(``moetron.train.distributed`` says how). Rank 0 alone logs, plots and writes the run folder.
+
 Exact resume: the batch at step s is a pure function of (seed, s) (``ByteDataset.train_batch``); a checkpoint
 holds the weights, the optimizer and scheduler, every RNG state and the non-persistent buffers (router counters).
 On the CPU, a run of 2N steps and a run stopped at N (``stop_at``) then resumed give bitwise the same losses.
@@ -29,6 +33,7 @@ from ..router import AuxLossAutoScaler
 from . import checkpoint as ckpt
 from .config import RESUME_MUST_MATCH, TrainConfig
 from .data import ByteDataset, load_corpus
+from . import distributed as D
 
 __all__ = ["train", "ResumeError", "WarmupCosine", "build_model_config", "resolve_run_dir", "peak_flops"]
 
@@ -71,10 +76,20 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 
 
 def build_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model of ``cfg``. With ``ep > 1`` the dispatcher defaults to "alltoall" (and "local" is refused)."""
     overrides = dict(cfg.model_overrides)
     if cfg.dispatcher is not None:
         overrides["dispatcher"] = cfg.dispatcher
+    elif cfg.ep > 1:
+        overrides["dispatcher"] = "alltoall"
     mcfg = preset(cfg.preset, **overrides)
+    if cfg.ep > 1:
+        if mcfg.dispatcher == "local":
+            raise ValueError(f"--dispatcher local keeps every expert in one process; with --ep {cfg.ep} use "
+                             "--dispatcher alltoall (the default) or allgather")
+        if mcfg.num_experts % cfg.ep:
+            raise ValueError(f"--ep {cfg.ep} must divide num_experts={mcfg.num_experts} (each of the {cfg.ep} "
+                             f"expert-parallel ranks holds num_experts / ep experts)")
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len must be <= the model's max_seq_len ({mcfg.max_seq_len}), got "
                          f"{cfg.seq_len}; raise max_seq_len with --set max_seq_len=...")
@@ -144,8 +159,9 @@ def _rng_state(device: torch.device) -> dict:
     import numpy as np
 
     np_state = np.random.get_state()
+    # the training GPU's generator only: get_rng_state_all would open a context on every visible GPU from every rank
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
             "python": random.getstate(),
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
 
@@ -154,8 +170,9 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda"):
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device.type == "cuda" and cuda:  # one state (this format) or one per GPU (checkpoints before it)
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[device.index or 0], device)
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
@@ -163,10 +180,16 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _extra_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Non-persistent buffers (router counters): not in the weights file, yet needed for an exact resume."""
-    persistent = set(model.state_dict().keys())
-    return {name: b.detach().clone() for name, b in model.named_buffers()
-            if b is not None and name not in persistent and not name.startswith("model.rope_")}
+    """Non-persistent buffers (router counters): not in the weights file, yet needed for an exact resume. (Read
+    from the modules, not from state_dict(), which is a collective for an expert-parallel model.) Across ranks,
+    rank 0's are saved: the global aux counts are global, and the expert-bias counts are zero after every step."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        for n, b in mod._buffers.items():
+            name = f"{mod_name}.{n}" if mod_name else n
+            if b is not None and n in mod._non_persistent_buffers_set and not name.startswith("model.rope_"):
+                out[name] = b.detach().clone()
+    return out
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -212,24 +235,91 @@ def _fmt_list(vals, fmt="{:.2f}"):
     return "[" + " ".join(fmt.format(v) for v in vals) + "]"
 
 
-def _device(cfg: TrainConfig) -> torch.device:
+def _device(cfg: TrainConfig, world: int = 1) -> torch.device:
+    """The training device; with several processes, rank LOCAL_RANK of this host takes cuda:LOCAL_RANK."""
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
+    if world > 1 and dev.type == "cuda":
+        if dev.index is not None:
+            raise ValueError(f"--device {cfg.device}: with {world} processes each one uses cuda:LOCAL_RANK; pass "
+                             "--device cuda (or auto)")
+        local = D.env_local_rank()
+        if not 0 <= local < torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local} but this host has {torch.cuda.device_count()} GPUs; run at most "
+                             "that many processes per node")
+        dev = torch.device("cuda", local)
     return dev
 
 
+def _check_parallel(cfg: TrainConfig, world: int) -> None:
+    """Sizes that cannot work, raised before any process group exists (the same error on every rank)."""
+    if cfg.ep > 1 and world == 1:
+        raise ValueError(f"--ep {cfg.ep} needs {cfg.ep} processes (one per expert-parallel rank), but this is a "
+                         f"single process (WORLD_SIZE unset or 1); launch with torchrun --nproc-per-node={cfg.ep} "
+                         f"-m moetron train --ep {cfg.ep} ...")
+    if world % cfg.ep:
+        raise ValueError(f"--ep {cfg.ep} must divide the world size {world} (the torchrun processes): experts are "
+                         f"split over ep ranks, and world / ep such groups replicate each other")
+    micro = cfg.micro_batch_size()
+    if micro % world:
+        raise ValueError(f"each micro-batch of {micro} sequences (--batch-size {cfg.batch_size} / --grad-accum "
+                         f"{cfg.grad_accum}) must split evenly over the {world} processes; pass a --batch-size that "
+                         f"is a multiple of {cfg.grad_accum * world}")
+
+
 def train(cfg: TrainConfig, *, log=print) -> dict:
-    """Run (or resume) training as ``cfg`` says; returns the summary dict (also the last metrics.jsonl record)."""
-    t_start = time.perf_counter()
-    if cfg.ep > 1:
-        raise NotImplementedError(f"--ep {cfg.ep}: expert parallelism arrives with the all-to-all dispatcher "
-                                  "(moetron.dispatch) and process groups (moetron.parallel); train with --ep 1 for now")
-    device = _device(cfg)
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    """Run (or resume) training as ``cfg`` says; returns the summary dict (also the last metrics.jsonl record).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; the process group is created from the environment
+    (or the caller's is used) and every rank returns rank 0's summary."""
+    world = D.env_world_size()
+    _check_parallel(cfg, world)
+    device = _device(cfg, world)
     mcfg = build_model_config(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx = D.init_distributed(cfg.ep, device)
+    try:
+        return _train(cfg, mcfg, device, ctx, log if ctx.is_main else _silent)
+    finally:
+        ctx.close()
+
+
+def _silent(*_args, **_kw) -> None:
+    pass
+
+
+def _build_model(mcfg: ModelConfig, device: torch.device, ctx: "D.DistContext") -> MoETransformer:
+    """The model for this rank, with the weights of the one-process model of the same seed."""
+    if ctx.groups.ep_size == 1:
+        # replicated experts: the same shapes and random draws as one process (MoELayer re-broadcasts them anyway)
+        return MoETransformer(mcfg, device=device, parallel=ctx.groups if ctx.distributed else None)
+    import dataclasses
+
+    # Expert shards drawn directly would differ from the one-process init: build that model, then slice its experts
+    # by global expert id (MoELayer's load hook). The RNG then continues from where one process would be.
+    full = MoETransformer(dataclasses.replace(mcfg, dispatcher="local"), device=device)
+    global_sd = full.state_dict()
+    del full
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    model = MoETransformer(mcfg, device=device, parallel=ctx.groups)
+    model.load_state_dict(global_sd)
+    del global_sd
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    return model
+
+
+def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.DistContext", log) -> dict:
+    t_start = time.perf_counter()
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    sharded = ctx.groups.ep_size > 1
 
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes if cfg.max_data_bytes is not None or cfg.data
                          else cfg.default_corpus_bytes)
@@ -239,18 +329,22 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     if corpus.skipped_binary:
         log(f"data: skipped {len(corpus.skipped_binary)} binary files, e.g. {corpus.skipped_binary[0]}")
 
-    run_dir = resolve_run_dir(cfg)
-    resume_path = None
-    if cfg.resume:
-        config_path = os.path.join(run_dir, "config.json")
-        if not os.path.isfile(config_path):
-            raise ResumeError(f"--resume: {run_dir!r} has no config.json; it is not a moetron run folder")
-        with open(config_path) as f:
-            saved = json.load(f)
-        _check_resume(saved, cfg, mcfg, corpus.sha256, run_dir)
-        resume_path = ckpt.find_checkpoint(run_dir)
-        ckpt.verify_checkpoint(resume_path)
-    os.makedirs(run_dir, exist_ok=True)
+    def prepare_run_dir():  # rank 0 picks (and creates) the folder; its errors raise on every rank
+        run_dir = resolve_run_dir(cfg)
+        resume_path = saved = None
+        if cfg.resume:
+            config_path = os.path.join(run_dir, "config.json")
+            if not os.path.isfile(config_path):
+                raise ResumeError(f"--resume: {run_dir!r} has no config.json; it is not a moetron run folder")
+            with open(config_path) as f:
+                saved = json.load(f)
+            _check_resume(saved, cfg, mcfg, corpus.sha256, run_dir)
+            resume_path = ckpt.find_checkpoint(run_dir)
+            ckpt.verify_checkpoint(resume_path)
+        os.makedirs(run_dir, exist_ok=True)
+        return run_dir, resume_path, saved
+
+    run_dir, resume_path, saved = ctx.run_on_main(prepare_run_dir)
 
     # Everything random starts from the seed; a resume then overwrites the RNG states with the checkpoint's.
     torch.manual_seed(cfg.seed)
@@ -262,7 +356,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     except ImportError:
         pass
 
-    model = MoETransformer(mcfg, device=device)  # built in place: a 1B model initialises in seconds on a GPU
+    model = _build_model(mcfg, device, ctx)  # built in place: a 1B model initialises in seconds on a GPU
+    params = list(model.parameters())
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             eps=cfg.adam_eps, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
@@ -272,11 +367,13 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     start_step = 0
     prev = {"train_time": 0.0, "tokens": 0}
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, model, map_location="cpu")
+        # verified by rank 0 above; every rank reads the one-process format and keeps its own experts
+        state = ckpt.load_checkpoint(resume_path, model, map_location="cpu", verify=False)
         if state.get("format_version") != ckpt.FORMAT_VERSION:
             raise ckpt.CheckpointError(f"checkpoint {resume_path!r} has format {state.get('format_version')!r}, "
                                        f"this moetron reads {ckpt.FORMAT_VERSION}")
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(D.slice_optimizer_state(state["optimizer"], opt, model) if sharded
+                            else state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         # The horizon is this run's (steps may have grown); warm-up and floor are checked equal above.
         sched.lr_lambdas[0] = WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
@@ -295,27 +392,41 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         old_steps = saved.get("train", {}).get("steps")
         if old_steps != cfg.steps:
             log(f"note: steps changed from {old_steps} to {cfg.steps}; the cosine now ends at step {cfg.steps}")
+        saved_world = saved.get("world_size", 1)
+        if saved_world != ctx.world:
+            log(f"note: the checkpoint was written by {saved_world} process(es), this run has {ctx.world}")
 
-    with open(os.path.join(run_dir, "config.json.tmp"), "w") as f:
-        json.dump({"model": mcfg.to_dict(), "train": cfg.to_dict(), "data": data_info,
-                   "params": mcfg.num_params(), "flops_per_token": mcfg.flops_per_token(cfg.seq_len),
-                   "device": str(device), "torch": torch.__version__}, f, indent=1)
-    os.replace(os.path.join(run_dir, "config.json.tmp"), os.path.join(run_dir, "config.json"))
-    metrics = _Metrics(os.path.join(run_dir, "metrics.jsonl"), start_step if resume_path else None)
+    metrics = None
+    if ctx.is_main:
+        with open(os.path.join(run_dir, "config.json.tmp"), "w") as f:
+            json.dump({"model": mcfg.to_dict(), "train": cfg.to_dict(), "data": data_info,
+                       "params": mcfg.num_params(), "flops_per_token": mcfg.flops_per_token(cfg.seq_len),
+                       "device": str(device), "world_size": ctx.world, "torch": torch.__version__}, f, indent=1)
+        os.replace(os.path.join(run_dir, "config.json.tmp"), os.path.join(run_dir, "config.json"))
+        metrics = _Metrics(os.path.join(run_dir, "metrics.jsonl"), start_step if resume_path else None)
 
     n_params = mcfg.num_params()
     micro_bs = cfg.micro_batch_size()
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    rows = micro_bs // ctx.world  # this rank's sequences of each micro-batch
+    row0 = ctx.rank * rows
+    tokens_per_step = cfg.batch_size * cfg.seq_len  # the global batch
     flops_tok = mcfg.flops_per_token(cfg.seq_len)
     peak = peak_flops(device, cfg.peak_tflops)
-    val_set = [(x.to(device), y.to(device)) for x, y in dataset.val_batches(cfg.eval_batches, micro_bs)]
+    if peak is not None:
+        peak *= ctx.world  # MFU per GPU: global FLOP/s over every GPU's peak
+    val_set = [(x[row0:row0 + rows].to(device), y[row0:row0 + rows].to(device))
+               for x, y in dataset.val_batches(cfg.eval_batches, micro_bs)]
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     end_step = cfg.stop_at if cfg.stop_at is not None else cfg.steps
 
+    par = ""
+    if ctx.distributed:
+        par = (f", {ctx.world} processes (ep {ctx.groups.ep_size} x expert-dp {ctx.groups.edp_size}, "
+               f"dispatcher {mcfg.dispatcher})")
     log(f"run {run_dir}: {'resuming at step ' + str(start_step) if resume_path else 'new'}, preset {cfg.preset}, "
         f"{n_params['total'] / 1e6:.2f}M params ({n_params['active'] / 1e6:.2f}M active), "
         f"{mcfg.num_moe_layers}/{mcfg.num_layers} MoE layers x {mcfg.num_experts} experts top-{mcfg.top_k}, "
-        f"device {device}{' bf16' if use_bf16 else ' fp32'}")
+        f"device {device}{' bf16' if use_bf16 else ' fp32'}{par}")
     log(f"data: {corpus.source}: {data_info['train_bytes']:,} train / {data_info['val_bytes']:,} val bytes; "
         f"{cfg.batch_size} x {cfg.seq_len} bytes per step, {end_step - start_step} steps to go")
 
@@ -326,22 +437,36 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             for x, y in val_set:
                 total += model(x, y)
         model.train()
-        return total.item() / len(val_set)
+        return ctx.mean(total).item() / len(val_set)
 
     def save(step: int) -> str:
-        state = {"format_version": ckpt.FORMAT_VERSION, "step": step, "optimizer": opt.state_dict(),
+        buffers = _extra_buffers(model)
+        if sharded:  # collectives: every rank sends its experts, rank 0 writes
+            weights = D.gather_model_state(model, ctx)
+            opt_state = D.gather_optimizer_state(opt, model, ctx)
+        else:
+            weights, opt_state = model, (opt.state_dict() if ctx.is_main else None)
+        if not ctx.is_main:
+            return os.path.join(run_dir, "checkpoints", ckpt.step_dirname(step))
+        state = {"format_version": ckpt.FORMAT_VERSION, "step": step, "optimizer": opt_state,
                  "scheduler": sched.state_dict(),
                  "rng": _rng_state(device), "data": {"seed": cfg.seed, "next_step": step},
-                 "buffers": _extra_buffers(model), "totals": totals}
-        return ckpt.save_checkpoint(run_dir, step, model, state, keep=cfg.keep_checkpoints)
+                 "buffers": buffers, "totals": totals}
+        return ckpt.save_checkpoint(run_dir, step, weights, state, keep=cfg.keep_checkpoints)
 
     def plot():
+        if not ctx.is_main:
+            return
         from .plots import plot_run
 
         try:
             plot_run(run_dir)
         except Exception as e:  # a plot must never cost a run
             log(f"warning: plotting failed: {type(e).__name__}: {e}")
+
+    def write(records):
+        if metrics is not None:
+            metrics.write(records)
 
     totals = dict(prev)
     records: list[dict] = []
@@ -350,7 +475,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         t = time.perf_counter()
         v = evaluate()
         eval_time += time.perf_counter() - t
-        metrics.write([{"kind": "eval", "step": 0, "val_loss": v}])
+        write([{"kind": "eval", "step": 0, "val_loss": v}])
         log(f"step 0: val loss {v:.4f}")
 
     try:
@@ -359,18 +484,20 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         tqdm = _NoBar
 
     def say(msg: str) -> None:
+        if not ctx.is_main:
+            return
         if cfg.progress:
             bar.write(msg)  # above the bar, which then redraws
         else:
             log(msg)
 
     # Redrawn twice a second on a terminal; every 30 s into a log file, so logs stay readable.
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, unit="step", file=sys.stderr)
     pending_loss: list[torch.Tensor] = []
     pending_meta: list[tuple[int, float]] = []
     pending_gnorm: list[torch.Tensor] = []
-    tpe_acc = [torch.zeros(mcfg.num_experts, device=device) for _ in moe_layers]
+    tpe_acc = torch.zeros(len(moe_layers), mcfg.num_experts, device=device)
     interval_t = time.perf_counter()
     interval_steps = 0
     last_ckpt = None
@@ -378,7 +505,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     interrupted = False
     step = start_step
     stop_signal = _GracefulStop()
-    AuxLossAutoScaler.set_loss_scale(1.0 / cfg.grad_accum)
+    AuxLossAutoScaler.set_loss_scale(1.0 / cfg.grad_accum)  # global aux losses: each rank adds its share
+    loss_div = cfg.grad_accum * ctx.world  # each rank's mean loss / W: the ranks' gradients sum to the global mean's
     model.train()
     try:
         stop_signal.install()
@@ -386,33 +514,41 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 x, y = dataset.train_batch(step, micro, micro_bs)
+                if ctx.distributed:
+                    x, y = x[row0:row0 + rows], y[row0:row0 + rows]
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast():
                     loss = model(x, y)
-                (loss / cfg.grad_accum).backward()
+                (loss / loss_div).backward()
                 loss_sum += loss.detach()
                 for j, (_, layer) in enumerate(moe_layers):
-                    tpe_acc[j] += layer.last_stats["tokens_per_expert"].to(tpe_acc[j].dtype)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
-                                                   float("inf"))
+                    tpe_acc[j] += layer.last_stats["tokens_per_expert"].to(tpe_acc.dtype)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            if ctx.distributed:
+                D.reduce_grads(model, ctx)
+                gnorm = D.clip_grad_norm(params, max_norm, ctx)
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if use_expert_bias:
                 for _, layer in moe_layers:
-                    layer.update_expert_bias()
+                    layer.update_expert_bias()  # counts summed over every rank by the layer
             step += 1
             pending_loss.append(loss_sum / cfg.grad_accum)
             pending_gnorm.append(gnorm.detach())
             pending_meta.append((step, lr))
             interval_steps += 1
             bar.update(1)
-            # Ctrl-C or SIGTERM: finish this step as the last one (log, evaluate, checkpoint), then stop.
-            final = step == end_step or stop_signal.received is not None
+            # Ctrl-C or SIGTERM: finish this step as the last one (log, evaluate, checkpoint), then stop. Every
+            # rank agrees on it (a signal may reach one rank a step before another).
+            stopping = ctx.any(stop_signal.received is not None)
+            final = step == end_step or stopping
 
             if step % cfg.log_every == 0 or final:
-                losses = torch.stack(pending_loss).tolist()  # the one sync of the interval
+                losses = ctx.mean(torch.stack(pending_loss)).tolist()  # the one sync of the interval
                 gnorms = torch.stack(pending_gnorm).float().tolist()
                 now = time.perf_counter()
                 tok_s = interval_steps * tokens_per_step / max(now - interval_t, 1e-9)
@@ -420,22 +556,21 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
                 totals["tokens"] += interval_steps * tokens_per_step
                 for (s, lr_s), l, g in zip(pending_meta, losses, gnorms):
                     records.append({"kind": "train", "step": s, "loss": l, "lr": lr_s, "grad_norm": g})
+                all_counts = ctx.sum_(tpe_acc).tolist()
+                tpe_acc.zero_()
                 layers_rec = []
-                for j, (i, layer) in enumerate(moe_layers):
-                    counts = tpe_acc[j].tolist()
+                for (i, layer), counts, st in zip(moe_layers, all_counts, D.global_layer_stats(moe_layers, ctx)):
                     mean = sum(counts) / len(counts) if counts else 0.0
-                    st = layer.stats()
                     layers_rec.append({"layer": i, "tokens_per_expert": counts,
                                        "interval_imbalance": (max(counts) / mean) if mean else 0.0,
                                        **{k: v for k, v in st.items() if k != "tokens_per_expert"}})
-                    tpe_acc[j].zero_()
                 rec = {"kind": "moe", "step": step, "tokens_per_s": tok_s, "layers": layers_rec}
                 mfu = None
                 if peak is not None:
                     mfu = tok_s * flops_tok / peak
                     rec["mfu"] = mfu
                 records.append(rec)
-                metrics.write(records)
+                write(records)
                 records = []
                 aux = [_aux_value(l) for l in layers_rec]
                 imb = [l.get("load_imbalance", l["interval_imbalance"]) for l in layers_rec]
@@ -456,21 +591,23 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             if step % cfg.eval_every == 0 or final:
                 t = time.perf_counter()
                 last_val = evaluate()
-                metrics.write([{"kind": "eval", "step": step, "val_loss": last_val}])
+                write([{"kind": "eval", "step": step, "val_loss": last_val}])
                 say(f"step {step}: val loss {last_val:.4f}")
                 eval_time += time.perf_counter() - t
                 interval_t += time.perf_counter() - t
 
-            final = final or stop_signal.received is not None  # a signal during the log or the evaluation
+            stopping = stopping or ctx.any(stop_signal.received is not None)  # a signal during the log or eval
+            final = final or stopping
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or final:
                 t = time.perf_counter()
                 last_ckpt = save(step)
                 if not final:  # the end of the run plots once, after the summary
                     plot()
                 interval_t += time.perf_counter() - t
-            if stop_signal.received is not None:
+            if stopping:
                 interrupted = True
-                say(f"stopped by {stop_signal.name} after step {step}; checkpoint written, continue with --resume")
+                by = stop_signal.name or "a signal to another rank"
+                say(f"stopped by {by} after step {step}; checkpoint written, continue with --resume")
                 break
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once; the last complete checkpoint stays the latest
         bar.close()
@@ -481,7 +618,17 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         bar.close()
         AuxLossAutoScaler.set_loss_scale(1.0)
 
-    # Summary over the whole run, earlier invocations included.
+    summary = None
+    if ctx.is_main:
+        summary = _summarize(cfg, metrics, run_dir, step, t_start, totals, eval_time, last_ckpt, interrupted, log)
+        plot()
+        log(f"wrote {run_dir}/: config.json metrics.jsonl loss.png expert_load.png"
+            + (f" checkpoints/{os.path.basename(last_ckpt)}" if last_ckpt else ""))
+    return ctx.broadcast_object(summary)  # the other ranks wait here for rank 0's files
+
+
+def _summarize(cfg, metrics, run_dir, step, t_start, totals, eval_time, last_ckpt, interrupted, log) -> dict:
+    """The summary over the whole run, earlier invocations included (the last metrics.jsonl record)."""
     from .plots import read_metrics
 
     evals = sorted((r["step"], r["val_loss"]) for r in read_metrics(metrics.path) if r.get("kind") == "eval")
@@ -495,13 +642,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
                "run_dir": run_dir, "checkpoint": last_ckpt, "interrupted": interrupted}
     metrics.write([summary])
     metrics.close()
-    plot()
     log(f"done: step {step}/{cfg.steps} in {wall:.1f} s this invocation (train {totals['train_time']:.1f} s over "
         f"the run, eval {eval_time:.1f} s), {summary['tokens_per_s']:,.0f} tokens/s")
     if evals:
         log(f"val loss {first_val:.4f} -> {last_val:.4f} nats/byte ({-summary['val_drop_pct']:+.1f}%)")
-    log(f"wrote {run_dir}/: config.json metrics.jsonl loss.png expert_load.png"
-        + (f" checkpoints/{os.path.basename(last_ckpt)}" if last_ckpt else ""))
     return summary
 
 
