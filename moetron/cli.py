@@ -4,11 +4,13 @@
                   [--resume] [--set FIELD=VALUE ...] ...
     moetron generate [--run runs/NAME] [--prompt "def "] [--max-new-tokens 300]
     moetron plot [--run runs/NAME]
+    moetron convert [--from hf|moetron|dcp] [--to hf|moetron|dcp] SRC DST   (moetron/integrations/convert.py)
 
 ``moetron train`` with no arguments trains the ``tiny`` preset on the Python standard library's source on the CPU
-(about 3 minutes on 2 cores) and writes ``runs/tiny/``. ``--resume`` continues a run from its latest checkpoint
-with its saved settings; options given beside ``--resume`` override them, and one that would change the model, the
-data or the update rule is refused.
+(about 3 minutes on 2 cores) and writes ``runs/tiny/``. ``torchrun --nproc-per-node=N -m moetron train --ep N``
+trains the same steps with the experts spread over N processes (moetron/train/distributed.py). ``--resume``
+continues a run from its latest checkpoint with its saved settings; options given beside ``--resume`` override
+them, and one that would change the model, the data or the update rule is refused.
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=_S, help="auto (default), cpu, cuda or cuda:N")
     t.add_argument("--dtype", default=_S, choices=["auto", "bf16", "fp32"],
                    help="compute dtype (auto: bf16 autocast on CUDA, fp32 on CPU)")
-    t.add_argument("--ep", type=int, default=_S, help="expert-parallel size (only 1 for now)")
-    t.add_argument("--dispatcher", default=_S, help="MoE token dispatcher (local)")
+    t.add_argument("--ep", type=int, default=_S,
+                   help="expert-parallel size (default 1); > 1 runs under torchrun: torchrun --nproc-per-node=N "
+                        "-m moetron train --ep N (the N processes are also data parallel)")
+    t.add_argument("--dispatcher", default=_S,
+                   help="MoE token dispatcher: local (one process), alltoall (default with --ep > 1), allgather")
     t.add_argument("--resume", action="store_true", default=_S, help="continue the run from its latest checkpoint")
     t.add_argument("--overwrite", action="store_true", default=_S, help="replace an existing run of the same name")
     t.add_argument("--batch-size", type=int, default=_S, help="sequences per optimizer step")
@@ -101,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="redraw loss.png and expert_load.png of a run")
     pl.add_argument("--run", default=None, help="run folder (default: the most recently checkpointed under runs/)")
+
+    from .integrations import convert as _convert  # its arguments live beside the conversion code
+
+    _convert.build_parser(sub.add_parser("convert", help="convert checkpoints: Hugging Face <-> moetron <-> DCP",
+                                         description=_convert.__doc__.split("\n\n")[0]))
     return p
 
 
@@ -197,11 +207,17 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from .integrations.convert import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .train.checkpoint import CheckpointError
 
-    handlers = {"train": _cmd_train, "generate": _cmd_generate, "plot": _cmd_plot}
+    handlers = {"train": _cmd_train, "generate": _cmd_generate, "plot": _cmd_plot, "convert": _cmd_convert}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, NotImplementedError) as e:

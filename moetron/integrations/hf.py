@@ -1,0 +1,484 @@
+"""Hugging Face transformers backend: moetron's permute + grouped GEMM behind transformers' experts modules.
+
+Legend: T tokens, H hidden, F expert ffn, E experts on this rank, K top-k, R routed rows (T·K).
+
+transformers v5 keeps each MoE block's experts as 3-D tensors and dispatches their forward through a registry
+(``ExpertsInterface``), chosen with ``from_pretrained(..., experts_implementation=...)`` or
+``model.set_experts_implementation(...)``. Importing this module registers ``"moetron"`` there (when transformers
+has the registry; nothing happens otherwise), with the signature transformers calls::
+
+    experts_forward(experts, hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]
+
+        ids_TK   = top_k_index, with every id outside [0, E) replaced by E       (EP sentinels: "no expert")
+        p        = permute(x, ids_TK, E + 1)          expert-major rows; sentinel slots land in group E, the tail
+        h        = gmm(p.x, w1, offsets[:E])          rows of group E (past offsets[E-1]) come out zero
+        h        = gate(h)                            SwiGLU / the model's own _apply_gate / act_fn
+        y_R      = gmm(h, down_proj, offsets[:E])     (+ post_expert_norm)
+        out      = unpermute(y_R, row_map, weights)   fp32 sum over k; sentinel slots read zero rows
+
+Layout flags set by ``@use_experts_implementation`` are honoured: ``is_transposed`` (weights ``[E, H, 2F]`` /
+``[E, F, H]``, read with ``trans_w=False``; otherwise ``[E, 2F, H]`` / ``[E, H, F]`` read with ``trans_w=True``, so
+no weight is copied or transposed), ``has_bias``, ``has_gate`` (``up_proj`` and ``act_fn`` when False),
+``is_concatenated`` and custom gates (``_apply_gate``, e.g. GPT-OSS's clamped SwiGLU on interleaved columns:
+called as the model defines it), ``has_post_expert_norm``. The default concatenated gate with SiLU or tanh-GELU
+runs as moetron's fused gated activation (moetron/ops/gated_act.py: one kernel each way on CUDA).
+
+Expert-parallel sentinels: transformers marks a slot routed to an expert held by another rank with index E (the
+local expert count) and weight 0. Here any index outside [0, E) is such a slot: its weight is replaced by 0, its
+row falls past the last GEMM group, which gmm writes as zeros in both directions, so it reaches neither the
+output nor the gradient of any weight, of hidden_states or of top_k_weights.
+
+Nothing reads routing data on the host (no ``.item()``/``.tolist()``); on CUDA the whole forward and backward
+are Triton kernels plus a few elementwise ops. The weights compute in their own dtype (under ``torch.autocast``,
+in the autocast dtype); hidden_states are cast to it, and the result comes back in hidden_states' dtype.
+
+``patch(model)`` swaps each experts module (3-D expert parameters) for a ``MoetronExperts`` that holds the very same
+Parameter objects under the same names, so nothing is copied and ``state_dict``/``save_pretrained`` are unchanged;
+with ``router=True`` it also swaps routers whose rule moetron's ``TopKRouter`` reproduces. ``unpatch(model)``
+puts the original modules back. Use it where the registry is missing (a model class without
+``@use_experts_implementation``, remote code); with the registry, prefer ``experts_implementation="moetron"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.gmm import gmm
+from ..ops.permute import permute, unpermute
+
+__all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch",
+           "MoetronExperts", "MoetronRouter"]
+
+IMPLEMENTATION_NAME = "moetron"
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gate
+# ---------------------------------------------------------------------------------------------------------
+
+
+try:  # the fused Triton gate of moetron's own experts: one read of h [R, 2F], one write, each way
+    from ..ops.gated_act import gated_act as _fused_gated_act
+except ImportError:  # pragma: no cover - older tree without moetron/ops/gated_act.py
+    _fused_gated_act = None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up over the two halves of h [R, 2F], the fallback without the fused kernel. Saves only h
+    (autograd through chunk/silu/mul would also keep silu(gate), another R·F activation)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        d_up = dy * (gate * sig)
+        d_gate = dy * up * (sig * (1 + gate * (1 - sig)))  # d silu(g) / dg
+        return torch.cat([d_gate, d_up], dim=-1)
+
+
+def _fused_gate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if _fused_gated_act is not None:
+        return _fused_gated_act(h.contiguous(), activation)
+    if activation == "swiglu":
+        return _SwiGLU.apply(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _default_gate_fn():
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return None
+    return _default_apply_gate
+
+
+def _fused_kind(act) -> str | None:
+    """"swiglu" / "geglu" when ``act`` is SiLU / tanh-approximated GELU (what the fused gate computes)."""
+    name = type(act).__name__
+    if isinstance(act, nn.SiLU) or name in ("SiLUActivation", "SiLU") or act is F.silu:
+        return "swiglu"
+    if name in ("GELUTanh", "PytorchGELUTanh") or (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return "geglu"
+    return None
+
+
+def _apply_gate(experts, h: torch.Tensor) -> torch.Tensor:
+    """The experts' nonlinearity on the first projection's output, as transformers' implementations apply it."""
+    if not getattr(experts, "has_gate", True):
+        return experts.act_fn(h)
+    fn = getattr(experts, "_apply_gate", None)
+    default = _default_gate_fn()
+    is_default = fn is None or (default is not None and getattr(fn, "__func__", None) is default)
+    if is_default:
+        kind = _fused_kind(getattr(experts, "act_fn", None))
+        if kind is not None and getattr(experts, "is_concatenated", True):
+            return _fused_gate(h, kind)
+        if fn is None:
+            gate, up = h.chunk(2, dim=-1)
+            return experts.act_fn(gate) * up
+    return fn(h)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The experts forward
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _weights(experts):
+    """(w1, b1, w2, b2, trans_w) of an experts module in transformers v5's layout."""
+    has_gate = getattr(experts, "has_gate", True)
+    has_bias = getattr(experts, "has_bias", False)
+    w1 = experts.gate_up_proj if has_gate else experts.up_proj
+    w2 = experts.down_proj
+    b1 = b2 = None
+    if has_bias:
+        b1 = experts.gate_up_proj_bias if has_gate else experts.up_proj_bias
+        b2 = experts.down_proj_bias
+    # transposed: w1 [E, H, 2F], w2 [E, F, H] are [G, K, N] for gmm; otherwise [E, 2F, H], [E, H, F] are [G, N, K]
+    trans_w = not getattr(experts, "is_transposed", False)
+    return w1, b1, w2, b2, trans_w
+
+
+def _check_args(hidden_states, top_k_index, top_k_weights, w1, w2, trans_w):
+    for name, t in (("hidden_states", hidden_states), ("top_k_index", top_k_index),
+                    ("top_k_weights", top_k_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be [T, H] (2-D), got shape {tuple(hidden_states.shape)}")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"top_k_index must be [T, K] with T = {hidden_states.shape[0]}, got shape "
+                         f"{tuple(top_k_index.shape)}")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    if tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise ValueError(f"top_k_weights must have the shape of top_k_index {tuple(top_k_index.shape)}, got "
+                         f"{tuple(top_k_weights.shape)}")
+    if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0]:
+        raise ValueError(f"expert weights must be 3-D [E, ., .] with the same E, got {tuple(w1.shape)} and "
+                         f"{tuple(w2.shape)}")
+    H = hidden_states.shape[1]
+    w1_in = w1.shape[2] if trans_w else w1.shape[1]
+    if w1_in != H:
+        layout = "[E, 2F, H] (is_transposed=False)" if trans_w else "[E, H, 2F] (is_transposed=True)"
+        raise ValueError(f"the first expert projection must be {layout} with H = hidden_states.shape[1] = {H}, "
+                         f"got shape {tuple(w1.shape)}")
+
+
+def _bias_in(b, dtype):
+    if b is None or b.dtype in (dtype, torch.float32):
+        return b
+    return b.to(dtype)
+
+
+def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "moetron" experts implementation: ``[T, H], [T, K], [T, K] -> [T, H]`` (see the module docstring).
+
+    ``experts`` is a transformers v5 experts module (``gate_up_proj``/``up_proj``, ``down_proj``, optional biases,
+    the layout flags of ``@use_experts_implementation``). No host sync."""
+    w1, b1, w2, b2, trans_w = _weights(experts)
+    _check_args(hidden_states, top_k_index, top_k_weights, w1, w2, trans_w)
+    T, H = hidden_states.shape
+    E = w1.shape[0]
+    device = hidden_states.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    else:
+        dtype = w1.dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"the experts' compute dtype must be one of fp16, bf16, fp32 (moetron.gmm), got {dtype}; "
+                        "use another experts_implementation for float64")
+    if T == 0 or top_k_index.shape[1] == 0:
+        return hidden_states.new_zeros(T, H)
+    # autocast: cast like F.linear would; the copies are differentiable. Otherwise these are no-ops.
+    w1 = w1.to(dtype) if w1.dtype != dtype else w1
+    w2 = w2.to(dtype) if w2.dtype != dtype else w2
+    if not w1.is_contiguous():
+        w1 = w1.contiguous()
+    if not w2.is_contiguous():
+        w2 = w2.contiguous()
+    x = hidden_states.to(dtype).contiguous()
+
+    # EP sentinels (and any other id outside [0, E)): group E, zero weight
+    valid = (top_k_index >= 0) & (top_k_index < E)
+    ids = torch.where(valid, top_k_index, E)
+    probs = top_k_weights if top_k_weights.dtype in _FLOAT_DTYPES else top_k_weights.float()
+    probs = torch.where(valid, probs, 0)
+
+    p = permute(x, ids, E + 1)
+    offsets = p.offsets[:E]  # group E (the sentinels) lies past the last group: zeros out, zeros back
+    h = gmm(p.x_permuted, w1, offsets=offsets, trans_w=trans_w, bias=_bias_in(b1, dtype))
+    h = _apply_gate(experts, h)
+    if h.dtype != dtype:
+        h = h.to(dtype)
+    y = gmm(h.contiguous(), w2, offsets=offsets, trans_w=trans_w, bias=_bias_in(b2, dtype))
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y).to(dtype).contiguous()
+    out = unpermute(y, p.row_map, probs)
+    return out.to(hidden_states.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration in transformers' ExpertsInterface
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _interface():
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:  # transformers absent, or older than the experts registry
+        return None
+    return ExpertsInterface
+
+
+def register(name: str = IMPLEMENTATION_NAME) -> bool:
+    """Register ``experts_forward`` under ``name`` in transformers' ``ExpertsInterface``. Returns False (and does
+    nothing) when transformers is not installed or has no experts registry (use ``patch`` there)."""
+    interface = _interface()
+    if interface is None:
+        return False
+    interface.register(name, experts_forward)
+    return True
+
+
+def is_registered(name: str = IMPLEMENTATION_NAME) -> bool:
+    interface = _interface()
+    if interface is None:
+        return False
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ALL_EXPERTS_FUNCTIONS.get(name) is experts_forward
+
+
+register()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patch / unpatch
+# ---------------------------------------------------------------------------------------------------------
+
+_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")
+
+
+def _is_experts_module(m: nn.Module) -> bool:
+    params = m._parameters
+    down = params.get("down_proj")
+    first = params.get("gate_up_proj", params.get("up_proj"))
+    return down is not None and first is not None and down.dim() == 3 and first.dim() == 3
+
+
+def _infer_transposed(w1: torch.Tensor, w2: torch.Tensor, gated: bool) -> bool:
+    """Layout from shapes when the module carries no flag: [E, 2F, H]/[E, H, F] or [E, H, 2F]/[E, F, H]."""
+    mult = 2 if gated else 1
+    plain = w1.shape[2] == w2.shape[1] and w1.shape[1] == mult * w2.shape[2]
+    transposed = w1.shape[1] == w2.shape[2] and w1.shape[2] == mult * w2.shape[1]
+    if plain or not transposed:
+        return False
+    return True
+
+
+class MoetronExperts(nn.Module):
+    """An experts module running ``experts_forward``, holding the same Parameter objects (and buffers and
+    submodules, such as ``act_fn`` and ``post_expert_norm``) as the module it replaces, under the same names.
+
+    ``forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        if not _is_experts_module(original):
+            raise ValueError(f"original must be an experts module with 3-D expert parameters (gate_up_proj or "
+                             f"up_proj, and down_proj), got {type(original).__name__} with parameters "
+                             f"{sorted(original._parameters)}")
+        for name, p in original._parameters.items():
+            self.register_parameter(name, p)
+        for name, b in original._buffers.items():
+            self.register_buffer(name, b, persistent=name not in original._non_persistent_buffers_set)
+        for name, child in original._modules.items():
+            self.add_module(name, child)
+        gated = "gate_up_proj" in original._parameters
+        self.has_gate = getattr(original, "has_gate", gated)
+        self.has_bias = getattr(original, "has_bias", any(original._parameters.get(n) is not None
+                                                          for n in ("gate_up_proj_bias", "up_proj_bias")))
+        w1 = original._parameters["gate_up_proj" if self.has_gate else "up_proj"]
+        self.is_transposed = getattr(original, "is_transposed",
+                                     _infer_transposed(w1, original._parameters["down_proj"], self.has_gate))
+        self.is_concatenated = getattr(original, "is_concatenated", True)
+        self.has_post_expert_norm = getattr(original, "has_post_expert_norm", False)
+        self.num_experts = w1.shape[0]
+        if not hasattr(self, "act_fn"):
+            self.act_fn = getattr(original, "act_fn", nn.SiLU())
+        gate = getattr(type(original), "_apply_gate", None)
+        if gate is not None and gate is not _default_gate_fn():
+            # the model's own gate (GPT-OSS clamped SwiGLU, ...), reading its constants from the original module
+            self._apply_gate = getattr(original, "_apply_gate")
+        self.__dict__["_moetron_original"] = original  # not a submodule: its tensors are ours already
+
+    def extra_repr(self) -> str:
+        flags = ", ".join(f"{f}={getattr(self, f)}" for f in _FLAGS)
+        return f"num_experts={self.num_experts}, {flags}, replaces={type(self._moetron_original).__name__}"
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+# -- routers ---------------------------------------------------------------------------------------------------
+
+
+def _router_config(gate: nn.Module, hidden_size: int):
+    """The RouterConfig reproducing a transformers router, or (None, why) when there is none."""
+    from ..router import RouterConfig
+
+    name = type(gate).__name__
+    weight = gate._parameters.get("weight")
+    if weight is None or weight.dim() != 2:
+        return None, f"{name} has no 2-D weight"
+    E, H = weight.shape
+    K = getattr(gate, "top_k", None)
+    if not isinstance(K, int) or H != hidden_size:
+        return None, f"{name} has no int top_k or its weight is not [E, {hidden_size}]"
+    base = dict(hidden_size=H, num_experts=E, top_k=K, load_balancing=("none",))
+    if name in ("Qwen3MoeTopKRouter", "OlmoeTopKRouter", "Qwen2MoeTopKRouter"):
+        # softmax over all E, top-k, optional renormalisation; scores in the logits' dtype
+        norm = bool(getattr(gate, "norm_topk_prob", False))
+        return RouterConfig(**base, score_function="softmax", pre_softmax=True, norm_topk_prob=norm), None
+    if name == "MixtralTopKRouter":
+        # softmax over all E then renormalised top-k == softmax over the k selected logits
+        return RouterConfig(**base, score_function="softmax", pre_softmax=False), None
+    if name == "DeepseekV3TopkRouter":
+        groups, group_topk = getattr(gate, "num_group", 1), getattr(gate, "topk_group", 1)
+        # transformers scores a group by its top-2 experts; moetron by its top K // group_topk
+        if groups > 1 and K // group_topk != 2:
+            return None, (f"{name}: group scores use the top 2 experts, moetron's the top top_k // topk_group = "
+                          f"{K // group_topk}")
+        grouped = dict(num_groups=groups, group_topk=group_topk) if groups > 1 else {}
+        return RouterConfig(**base, score_function="sigmoid", expert_bias=True,
+                            norm_topk_prob=bool(gate.norm_topk_prob),
+                            scaling_factor=float(gate.routed_scaling_factor), **grouped), None
+    return None, f"{name} is not a router moetron reproduces"
+
+
+class MoetronRouter(nn.Module):
+    """A transformers router run by moetron's ``TopKRouter``, sharing the router's ``weight`` (and DeepSeek-V3's
+    ``e_score_correction_bias``) under the same names. ``forward(x [..., H]) -> (logits [T, E], scores [T, K],
+    indices [T, K])`` as the transformers router returns them. Load balancing stays the model's own (moetron adds
+    no aux loss: the model computes its loss from the returned logits)."""
+
+    def __init__(self, original: nn.Module, config):
+        super().__init__()
+        from ..router import TopKRouter
+
+        self.weight = original._parameters["weight"]
+        for name, b in original._buffers.items():
+            self.register_buffer(name, b, persistent=name not in original._non_persistent_buffers_set)
+        self.top_k, self.num_experts = config.top_k, config.num_experts
+        # scores in the logits' dtype (Qwen3, OLMoE), fp32 (Mixtral); logits in fp32 for DeepSeek-V3
+        kind = type(original).__name__
+        self._scores_in_x_dtype = kind in ("Qwen3MoeTopKRouter", "OlmoeTopKRouter", "Qwen2MoeTopKRouter")
+        self._logits_fp32 = kind == "DeepseekV3TopkRouter"
+        router = TopKRouter(config, device=self.weight.device, dtype=self.weight.dtype)
+        self.__dict__["_router"] = router  # not a submodule: its tensors are ours, bound at each call
+        self.__dict__["_moetron_original"] = original
+
+    def forward(self, hidden_states):
+        r = self._router
+        r._parameters["weight"] = self.weight
+        if r.config.expert_bias:
+            r._buffers["expert_bias"] = self._buffers["e_score_correction_bias"]
+        r.training = self.training
+        x = hidden_states.reshape(-1, self.weight.shape[1])
+        out = r(x)
+        logits = out.logits if self._logits_fp32 else out.logits.to(x.dtype)
+        scores = out.probs.to(x.dtype) if self._scores_in_x_dtype else out.probs
+        return logits, scores, out.expert_ids
+
+
+# -- the swap --------------------------------------------------------------------------------------------------
+
+
+def patch(model: nn.Module, *, router: bool = False) -> list[str]:
+    """Swap every experts module of ``model`` (a module holding 3-D ``gate_up_proj``/``up_proj`` and ``down_proj``
+    parameters, as transformers v5 MoE blocks do) for a ``MoetronExperts`` holding the same tensors; with
+    ``router=True`` also swap each such block's ``gate`` for a ``MoetronRouter`` where moetron reproduces its rule
+    (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3 when its group rule matches; other routers are left alone with a
+    warning). Nothing is copied: parameters keep their identity (optimizers, ``state_dict`` and ``save_pretrained``
+    see no change). Returns the names of the swapped modules. Calling it twice is harmless.
+
+    Raises ValueError when the model has no such experts module (transformers v4 blocks keep experts as an
+    ``nn.ModuleList`` of per-expert MLPs, which moetron cannot run without copying weights each step; convert
+    the checkpoint with ``moetron convert`` instead)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    swapped, skipped = [], []
+    found_any = False
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, MoetronExperts):
+                found_any = True
+                continue
+            if _is_experts_module(child):
+                found_any = True
+                setattr(parent, child_name, MoetronExperts(child))
+                swapped.append(full)
+                if router:
+                    gate = parent._modules.get("gate")
+                    if gate is not None and not isinstance(gate, MoetronRouter):
+                        cfg, why = _router_config(gate, _hidden_size(child))
+                        if cfg is None:
+                            skipped.append(f"{parent_name}.gate: {why}")
+                        else:
+                            setattr(parent, "gate", MoetronRouter(gate, cfg))
+                            swapped.append(f"{parent_name}.gate" if parent_name else "gate")
+    if not found_any:
+        raise ValueError("model must contain transformers v5 experts modules (3-D gate_up_proj or up_proj and "
+                         "down_proj parameters), found none; per-expert nn.ModuleList experts (transformers v4) are "
+                         "not supported by patch: convert the checkpoint with `moetron convert` instead")
+    if skipped:
+        warnings.warn("moetron.integrations.hf.patch kept these routers: " + "; ".join(skipped), stacklevel=2)
+    return swapped
+
+
+def _hidden_size(experts: nn.Module) -> int:
+    gated = "gate_up_proj" in experts._parameters
+    w1 = experts._parameters["gate_up_proj" if gated else "up_proj"]
+    transposed = getattr(experts, "is_transposed", _infer_transposed(w1, experts._parameters["down_proj"], gated))
+    return w1.shape[1] if transposed else w1.shape[2]
+
+
+def unpatch(model: nn.Module) -> list[str]:
+    """Undo ``patch``: put every original experts module and router back (with the current tensors, in case the
+    model was moved or cast since). Returns the names of the restored modules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    restored = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent._modules.items()):
+            if isinstance(child, (MoetronExperts, MoetronRouter)):
+                original = child._moetron_original
+                for name, p in child._parameters.items():
+                    if name in original._parameters:
+                        original._parameters[name] = p
+                for name, b in child._buffers.items():
+                    if name in original._buffers:
+                        original._buffers[name] = b
+                original.train(child.training)
+                setattr(parent, child_name, original)
+                restored.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return restored
