@@ -132,10 +132,20 @@ def _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS: tl.constexpr, BM: tl.conste
 
 @triton.jit
 def _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS: tl.constexpr, BLOCK_G: tl.constexpr):
-    """[start, end) rows of group g, clamped like _group_schedule."""
-    starts, ends, _, _ = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, 1, BLOCK_G)
-    sel = tl.arange(0, BLOCK_G) == g
-    return tl.sum(tl.where(sel, starts, 0)), tl.sum(tl.where(sel, ends, 0))
+    """[start, end) rows of group g, clamped into [0, M] (never out of bounds; valid sizes give the exact range).
+    The k-grouped kernel runs one short-lived program per output tile, so this stays cheap: two scalar loads
+    for cumulative ends, one masked sum for counts, instead of the full schedule's two prefix sums."""
+    if SIZES_ARE_ENDS:
+        start = tl.load(sizes_ptr + g - 1, mask=g > 0, other=0).to(tl.int64)
+        end = tl.load(sizes_ptr + g).to(tl.int64)
+    else:
+        idx = tl.arange(0, BLOCK_G)
+        counts = tl.maximum(tl.load(sizes_ptr + idx, mask=idx <= g, other=0).to(tl.int64), 0)
+        end = tl.sum(counts)
+        start = end - tl.sum(tl.where(idx == g, counts, 0))
+    start = tl.minimum(tl.maximum(start, 0), M)
+    end = tl.minimum(tl.maximum(end, start), M)
+    return start.to(tl.int32), end.to(tl.int32)
 
 
 @triton.jit

@@ -1,0 +1,66 @@
+"""Where a training step of the `moetron train` model goes: host time issued vs wall time per step, and the GPU
+kernels sorted by total time (torch.profiler), for a preset at a given micro-batch.
+
+    python benchmarks/profile_train.py --preset small --batch-size 16 --seq-len 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moetron.models import MoETransformer, preset  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = preset(args.preset)
+    model = MoETransformer(cfg, device="cuda").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, 256, (args.batch_size, args.seq_len), device="cuda")
+    y = torch.randint(0, 256, (args.batch_size, args.seq_len), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    host = (time.perf_counter() - t) / args.steps * 1e3
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / args.steps * 1e3
+    tokens = args.batch_size * args.seq_len
+    flops = cfg.flops_per_token(args.seq_len) * tokens if hasattr(cfg, "flops_per_token") else float("nan")
+    print(f"{args.preset} B={args.batch_size} S={args.seq_len}: host {host:.1f} ms/step issued, wall {wall:.1f} "
+          f"ms/step, {tokens / wall * 1e3:,.0f} tokens/s, {flops / wall / 1e9:.0f} TFLOP/s model FLOPs")
+    if args.no_profile:
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
