@@ -322,25 +322,19 @@ def _gmm_k_tma_kernel(
     BF16_FIXUPS: tl.constexpr,
     BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_K: tl.constexpr,
 ):
-    """_gmm_k_kernel with TMA loads (and optionally a TMA store of the output tile). Full row chunks run in a clean pipelined loop; the one chunk that crosses
-    the group's end is masked to zero on both operands afterwards (the next group's rows must not
-    contribute, and 0 * inf there would be NaN). Descriptors are built on the device (see _gmm_tma_kernel)."""
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, KA], strides=[stride_am, 1], block_shape=[BM, BK])
-    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[M, NB], strides=[stride_bm, 1], block_shape=[BM, BN])
+    """_gmm_k_kernel with TMA loads (and optionally a TMA store of the output tile). The descriptors are built
+    on the device (see _gmm_tma_kernel) with the group's end as their row count, so the copy engine zero-fills
+    the rows of the next group in the last row chunk: the reduction runs as one clean pipelined loop with no
+    masking (the next group's rows must not contribute, and 0 * inf there would be NaN)."""
     g, k_tile, n_tile = _wgrad_tile(tl.program_id(0), KA, NB, BK, BN, GROUP_K)
     row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
+    rows_visible = tl.maximum(row_end, 1)  # a descriptor needs a positive extent; an empty group loads nothing
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[rows_visible, KA], strides=[stride_am, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[rows_visible, NB], strides=[stride_bm, 1], block_shape=[BM, BN])
     acc = tl.zeros((BK, BN), dtype=tl.float32)
-    full_end = row_start + (row_end - row_start) // BM * BM
-    for r0 in range(row_start, full_end, BM):
+    for r0 in range(row_start, row_end, BM):
         a = a_desc.load([r0, k_tile * BK])
         b = b_desc.load([r0, n_tile * BN])
-        if BF16_FIXUPS:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    if full_end < row_end:
-        row_ok = (full_end + tl.arange(0, BM)) < row_end
-        a = tl.where(row_ok[:, None], a_desc.load([full_end, k_tile * BK]), 0.0)
-        b = tl.where(row_ok[:, None], b_desc.load([full_end, n_tile * BN]), 0.0)
         if BF16_FIXUPS:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
