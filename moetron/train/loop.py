@@ -252,6 +252,8 @@ def _device(cfg: TrainConfig, world: int = 1) -> torch.device:
             raise ValueError(f"LOCAL_RANK={local} but this host has {torch.cuda.device_count()} GPUs; run at most "
                              "that many processes per node")
         dev = torch.device("cuda", local)
+    elif dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # torch.cuda.set_device needs an index
     return dev
 
 
