@@ -45,10 +45,8 @@ FWD_VARIANTS = {
 WGRAD_VARIANTS = {
     "128x128x32_w4_s5": _wgrad(128, 128, 32, 4, 5),
     "128x128x32_w4_s5_st": _wgrad(128, 128, 32, 4, 5, tma_store=True),
-    "128x128x64_w4_s4_st": _wgrad(128, 128, 64, 4, 4, tma_store=True),
+    "128x128x64_w8_s4": _wgrad(128, 128, 64, 8, 4),
     "128x256x64_w8_s3": _wgrad(128, 256, 64, 8, 3),
-    "128x256x64_w8_s3_st": _wgrad(128, 256, 64, 8, 3, tma_store=True),
-    "128x256x32_w8_s4_st": _wgrad(128, 256, 32, 8, 4, tma_store=True),
 }
 
 FP32_FWD_VARIANTS = {
