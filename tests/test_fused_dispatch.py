@@ -426,41 +426,161 @@ def test_single_process_round_trip_and_reserved_compat_arguments():
         moe_distribute_dispatch(x, ids, "g", 1, 0, 4, expert_shard_type=1)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The symmetric-memory transport on CPU: each rank's "symmetric buffer" is a file in /dev/shm that every rank maps
+# (so the Triton kernels, in the interpreter, store straight into the peer's memory as on GPUs), and the barrier is
+# a gloo barrier. Every allocation and barrier is logged: the logs must be identical on all ranks whatever the
+# routing (the mixtral hang came from a rank signalling into a peer's buffer before the peer had set it up; a
+# routing-dependent allocation or barrier would hang the same way).
+# ---------------------------------------------------------------------------------------------------------
+
+# rank 0 sends every token to its own experts (rank 1 receives nothing from it); rank 1 has no tokens
+ASYM = dict(world=2, E=4, K=2, H=8, T=[5, 0], B=6)
+
+
+class _ShmBuffer:
+    log: list = []
+    dir: str = ""
+    count = 0
+
+    def __init__(self, group, P, B, W, dtype, MS, device):
+        import os
+
+        import torch.distributed as dist
+
+        esz = torch.empty((), dtype=dtype).element_size()
+        self.rows_bytes = -(-P * B * W * esz // 256) * 256
+        nbytes = self.rows_bytes + P * MS * 4 + 256
+        me = dist.get_rank(group)
+        k = _ShmBuffer.count
+        _ShmBuffer.count += 1
+        path = lambda r: os.path.join(_ShmBuffer.dir, f"buf{k}_{r}")  # noqa: E731
+        with open(path(me), "wb") as f:
+            f.write(b"\xff" * nbytes)  # poison: nothing may read a slot nobody wrote
+        dist.barrier(group)
+        self.maps = [torch.from_file(path(r), shared=True, size=nbytes, dtype=torch.uint8) for r in range(P)]
+        raw = self.maps[me]
+        self.rows = raw[:P * B * W * esz].view(dtype).view(P * B, W)
+        self.meta = raw[self.rows_bytes:self.rows_bytes + P * MS * 4].view(torch.int32).view(P, MS)
+        self.rows_base = torch.tensor([m.data_ptr() for m in self.maps], dtype=torch.int64)
+        self.meta_base = self.rows_base + self.rows_bytes
+        self.group = group
+        self.key = (P, B, W, str(dtype), MS)
+        _ShmBuffer.log.append(("alloc",) + self.key)
+
+    def barrier(self):
+        import torch.distributed as dist
+
+        _ShmBuffer.log.append(("barrier",) + self.key)
+        dist.barrier(self.group)
+
+
+def _emulate_symm(rank):
+    import tempfile
+
+    import torch.distributed as dist
+
+    from moetron.dispatch import _symm, fused
+
+    d = [tempfile.mkdtemp(dir="/dev/shm" if __import__("os").path.isdir("/dev/shm") else None) if rank == 0
+         else None]
+    dist.broadcast_object_list(d, src=0)
+    _ShmBuffer.dir = d[0]
+    _symm._Buffer = _ShmBuffer
+    _symm._BUFFERS.clear()
+    fused._symm_transport_available = lambda x, group: group is not None
+
+
+def _asym_inputs(rank):
+    g = torch.Generator().manual_seed(77 + rank)
+    T = ASYM["T"][rank]
+    x = torch.randn(T, ASYM["H"], generator=g)
+    ids = torch.stack([torch.randperm(2, generator=g) for _ in range(T)]) if T else torch.zeros(0, 2,
+                                                                                             dtype=torch.int64)
+    w = torch.rand(T, 2, generator=g) + 0.1
+    return x, ids, w
+
+
+def _run_asym(rank, transport):
+    """dispatch -> affine experts -> combine (no grad, then with gradients and new scales) on ASYM."""
+    import torch.distributed as dist
+
+    x, ids, w = _asym_inputs(rank)
+    kw = dict(group=dist.group.WORLD, num_experts=ASYM["E"], max_tokens_per_rank=ASYM["B"], transport=transport)
+    out = {}
+    with torch.no_grad():
+        r = dispatch(x, ids, expert_scales=w, **kw)
+        out["nograd"] = (r.expand_x, r.tokens_per_expert, combine(r.expand_x * 2 + 1, r.handle, None))
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    r = dispatch(xg, ids, expert_scales=w, **kw)
+    y = combine(r.expand_x * 3, r.handle, wg)
+    y.sum().backward()
+    out["grad"] = (y.detach(), xg.grad, wg.grad)
+    return out
+
+
+def _world_symm(rank, world):
+    _emulate_symm(rank)
+    from moetron.dispatch import _symm
+
+    res = {"basic": _run_scenario("w2_basic", rank, transport="symm"), "asym": _run_asym(rank, "symm")}
+    res["log"] = list(_ShmBuffer.log)
+    res["asym_nccl"] = _run_asym(rank, "nccl")
+    res["buffers"] = len(_symm._BUFFERS)
+    import shutil
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(_ShmBuffer.dir, ignore_errors=True)
+    return res
+
+
+@pytest.fixture(scope="module")
+def symm_world():
+    return run_world(2, _world_symm)
+
+
+def test_symm_transport_emulated_matches_recount_and_reference(symm_world):
+    results = [{"scenarios": {"w2_basic": r["basic"]}} for r in symm_world]
+    test_layout_equals_recount(results, None, "w2_basic")
+    test_combine_once_per_destination(results, None, "w2_basic")
+    test_weighted_combine_and_gradients_match_reference(results, None, "w2_basic")
+    test_int8_round_trips_within_scale_bounds(results, None, "w2_basic")
+
+
+def test_symm_transport_same_allocations_and_barriers_on_every_rank(symm_world):
+    """Skewed routing (one rank receives nothing, the other has no tokens): same buffers, same barriers, in the
+    same order on both ranks, and the same results as the NCCL transport."""
+    logs = [r["log"] for r in symm_world]
+    assert logs[0] == logs[1] and len(logs[0]) > 0
+    assert sum(1 for e in logs[0] if e[0] == "alloc") == symm_world[0]["buffers"]
+    for r in symm_world:
+        for part in ("nograd", "grad"):
+            for a, b in zip(r["asym"][part], r["asym_nccl"][part]):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # and against plain arithmetic: expert rows are exact copies, y = sum_k w·(2x + 1), then y = 3·sum_k w·x
+    x, ids, w = _asym_inputs(0)
+    torch.testing.assert_close(symm_world[0]["asym"]["nograd"][2], (w[:, :, None] * (2 * x[:, None] + 1)).sum(1))
+    torch.testing.assert_close(symm_world[0]["asym"]["grad"][0], 3 * w.sum(1, keepdim=True) * x)
+    assert symm_world[1]["asym"]["nograd"][2].shape == (0, ASYM["H"])
+    assert symm_world[1]["asym"]["nograd"][1].tolist() == [0, 0]  # rank 1 received nothing (cumulative counts)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter check is for CPU machines; "
                     "tests/gpu/test_fused_gpu.py runs these kernels on GPUs")
-def test_symm_kernels_in_triton_interpreter():
-    """The symmetric-memory kernels' addressing, on CPU tensors standing in for two ranks' buffers (the kernels
-    only see base addresses, so one process can play both ranks)."""
+def test_combine_push_kernel_in_triton_interpreter():
+    """The combine kernel's addressing, on CPU tensors standing in for two ranks' buffers (the kernel only sees base
+    addresses, so one process can play both ranks)."""
     import os
 
     if not os.environ.get("TRITON_INTERPRET"):
         pytest.skip("needs TRITON_INTERPRET=1 before triton is imported (tests/conftest.py sets it without CUDA)")
-    from moetron.dispatch._symm import _combine_push_kernel, _push_rows_kernel
+    from moetron.dispatch._symm import _combine_push_kernel
 
-    P, B, W, M, J = 2, 4, 5, 3, 2
-    T = [3, 2]
+    P, B, W, J = 2, 4, 5, 2
     g = torch.Generator().manual_seed(5)
-    rows = [torch.full((P * B + 1, W), -7.0) for _ in range(P)]
-    meta = [torch.full((P * B, M), -1, dtype=torch.int32) for _ in range(P)]
-    rb, mb = torch.tensor([r.data_ptr() for r in rows]), torch.tensor([m.data_ptr() for m in meta])
-    xs = [torch.randn(t, W, generator=g) for t in T]
-    pos = [torch.tensor([[0, -1], [1, 0], [-1, 1]]), torch.tensor([[-1, 0], [0, 1]])]
-    metas = [torch.arange(t * P * M, dtype=torch.int32).view(t, P, M) + 100 * r for r, t in enumerate(T)]
-    for me in range(P):
-        _push_rows_kernel[(2,)](xs[me], metas[me], pos[me], rb, mb, T[me], W, M, B, me, W, P=P, HAS_X=True,
-                                HAS_META=True, BLOCK_W=4, BLOCK_M=4)
-    expect_rows = [torch.full((P * B + 1, W), -7.0) for _ in range(P)]
-    expect_meta = [torch.full((P * B, M), -1, dtype=torch.int32) for _ in range(P)]
-    for me in range(P):
-        for t in range(T[me]):
-            for d in range(P):
-                p = int(pos[me][t, d])
-                if p >= 0:
-                    expect_rows[d][me * B + p] = xs[me][t]
-                    expect_meta[d][me * B + p] = metas[me][t, d]
-    for d in range(P):
-        assert torch.equal(rows[d], expect_rows[d]) and torch.equal(meta[d], expect_meta[d])
-
     h = [torch.randn(6, W, generator=g) for _ in range(P)]
     row_of = [torch.full((P * B, J), -1, dtype=torch.int64) for _ in range(P)]
     row_of[0][0] = torch.tensor([2, -1])

@@ -1,32 +1,44 @@
 """The symmetric-memory transport of the fused dispatch/combine (one node, NVLink): Triton kernels store token rows
 straight into the peers' receive buffers.
 
-Legend: P EP ranks, B max tokens per rank, T tokens here, W row width (H, or J scales), M metadata ints per row,
-J routing columns per token, N = P·B receive slots (no TP: that runs on NCCL around this transport).
+Legend: P EP ranks, B max tokens per rank, T tokens here, W row width (H, or J scales), M metadata ints per slot,
+MS = B·M + E_l + 1 ints per source block, J routing columns per token, N = P·B receive slots (no TP: that runs on
+NCCL around this transport).
 
-Each exchange owns a symmetric buffer (``torch.distributed._symmetric_memory``, allocated once per size and
+Each exchange kind owns a symmetric buffer (``torch.distributed._symmetric_memory``, allocated once per size and
 rendezvoused over the EP group, multicast off) laid out as
 
-    rows [P·B + 1, W] (source-major: slot s·B + p; the last row stays zero), then meta [P·B, M] int32
+    rows [P·B, W] (source-major: slot s·B + p), then meta [P, MS] int32 (source s's B metadata rows, then its counts
+    row: live slots, columns per local expert)
 
-and runs as
+and a dispatch runs as
 
-    1. clear this rank's meta region to -1 (unused slots say "no expert"), then barrier: every peer has finished
-       reading what the last exchange left in its buffer (stream order: its reads were queued before its barrier);
-    2. ``_push_rows_kernel``: ``num_sms`` programs stride over the tokens; token t's row (and meta row) is stored
-       to each destination d with pos[t, d] >= 0, at slot (this rank, pos[t, d]) of d's buffer. The row is loaded
-       once per block of W and stored to every destination that wants it;
-    3. barrier (signal pads, release/acquire at system scope, after the kernel's stores completed in stream order):
-       every row bound for this rank has landed. The receiver then reads its own buffer.
+    1. barrier: every peer has finished reading what the last exchange left in its buffer (stream order: its reads
+       were queued before its barrier);
+    2. fused._count_kernel + fused._push_kernel (``num_sms`` programs): each token's row and metadata row go once to
+       each destination that wants it, at slot (this rank, position); program 0 writes this rank's counts row into
+       every destination;
+    3. barrier (signal pads, release/acquire at system scope): every row bound for this rank has landed;
+    4. fused._recv_kernel reads the buffer in place: only the live slots (position < the source's count), straight
+       into the expert-major expand_x. Nothing is cleared between calls: stale slots are never read.
 
 combine's way back is ``_combine_push_kernel``: per receive slot, sum_j scale·h[row of (slot, j)] in fp32, stored
 straight into the source rank's return buffer at (this rank, position) — the reduction and the transfer in one
 pass, only for slots that hold a token. Then the source sums its destinations' rows (unpermute, rank order).
 
+Launches: dispatch 2 barriers + 3 kernels (count, push, receive); combine 2 barriers + 2 kernels (push, unpermute).
+
 The barriers are torch's ``SymmetricMemory.barrier`` (a kernel, so the whole step stays CUDA-graph capturable).
-Buffers are keyed by size; every rank must make the same calls in the same order (they must anyway: these are
-collectives). The first call of each size allocates and rendezvouses (a host-side collective): warm up before
-capturing a CUDA graph.
+Buffers are keyed by shapes only (never by routing), so every rank allocates the same buffers in the same order and
+runs the same barriers whatever its tokens; they must, as with any collective. The first call of each size allocates
+and rendezvouses (host-side collectives): warm up before capturing a CUDA graph.
+
+Allocation protocol (the mixtral hang): some torch releases zero a new buffer's signal pad with an asynchronous
+memset queued behind this rank's pending work. A faster peer could rendezvous, pass its own setup and signal into
+that pad before the memset ran; the memset then erased the signal, this rank waited forever in the barrier and the
+peer in its next one. So a new buffer is (a) allocated, (b) the device synchronized (the pad really is zero),
+(c) rendezvoused, and (d) followed by a group-wide host barrier (an all_reduce on the device, then a device sync)
+before any rank may signal into it.
 """
 
 from __future__ import annotations
@@ -38,14 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._launch import CachedLauncher
 from ..ops.permute import unpermute
-from ..ops._triton_utils import next_power_of_2
-
-# Row block per store loop: 16 KiB of bf16 in one program step (the probe's 294 GB/s at 16 programs used blocks of
-# 8192 elements and 8 warps). Not swept yet.
-_MAX_BLOCK_W = 8192
-_NUM_WARPS = 8
-
+from .fused import _NUM_WARPS, _block_w, _launch_push
 
 def available(group) -> bool:
     """torch symmetric memory importable, an NCCL group of >1 ranks, all of them on this node."""
@@ -77,49 +84,9 @@ def available(group) -> bool:
 
 
 @triton.jit
-def _push_rows_kernel(
-    x_ptr,  # [T, W] rows to send (read if HAS_X)
-    meta_ptr,  # [T, P, M] int32 per-destination metadata (read if HAS_META)
-    pos_ptr,  # [T, P] int64 position of t in d's region, -1 if t does not go to d
-    rows_base_ptr,  # [P] int64 address of each rank's rows region
-    meta_base_ptr,  # [P] int64 address of each rank's meta region
-    T, W, M, B, me,
-    stride_x,
-    P: tl.constexpr,
-    HAS_X: tl.constexpr,
-    HAS_META: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_W)
-    mcols = tl.arange(0, BLOCK_M)
-    for i in range(0, tl.cdiv(T - pid, nprog)):  # the grid never exceeds T, so T - pid > 0
-        t64 = pid + i * nprog
-        if HAS_X:
-            for w0 in range(0, W, BLOCK_W):
-                w = w0 + cols
-                in_row = w < W
-                v = tl.load(x_ptr + t64 * stride_x + w, mask=in_row)
-                for d in tl.static_range(P):
-                    p = tl.load(pos_ptr + t64 * P + d)
-                    if p >= 0:
-                        dst = tl.load(rows_base_ptr + d).to(tl.pointer_type(x_ptr.dtype.element_ty))
-                        tl.store(dst + (me * B + p) * W + w, v, mask=in_row)
-        if HAS_META:
-            for d in tl.static_range(P):
-                p = tl.load(pos_ptr + t64 * P + d)
-                if p >= 0:
-                    m = tl.load(meta_ptr + (t64 * P + d) * M + mcols, mask=mcols < M)
-                    dst = tl.load(meta_base_ptr + d).to(tl.pointer_type(tl.int32))
-                    tl.store(dst + (me * B + p) * M + mcols, m, mask=mcols < M)
-
-
-@triton.jit
 def _combine_push_kernel(
     h_ptr,  # [R, W] expert outputs (expand_x rows)
-    row_of_ptr,  # [N, J] int64 row of each (slot, column), -1 if none
+    row_of_ptr,  # [N, J] int32/int64 row of each (slot, column), -1 if none
     scale_ptr,  # [N, J] fp32 weights
     rows_base_ptr,  # [P] int64 address of each rank's return-rows region
     N, W, B, me,
@@ -134,9 +101,9 @@ def _combine_push_kernel(
     cols = tl.arange(0, BLOCK_W)
     for i in range(0, tl.cdiv(N - pid, nprog)):  # the grid never exceeds N
         n64 = pid + i * nprog
-        any_row = tl.load(row_of_ptr + n64 * J)
+        any_row = tl.load(row_of_ptr + n64 * J).to(tl.int64)
         for j in tl.static_range(1, J):
-            any_row = tl.maximum(any_row, tl.load(row_of_ptr + n64 * J + j))
+            any_row = tl.maximum(any_row, tl.load(row_of_ptr + n64 * J + j).to(tl.int64))
         if any_row >= 0:
             s = n64 // B
             p = n64 - s * B
@@ -146,11 +113,14 @@ def _combine_push_kernel(
                 in_row = w < W
                 acc = tl.zeros((BLOCK_W,), dtype=tl.float32)
                 for j in tl.static_range(J):
-                    r = tl.load(row_of_ptr + n64 * J + j)
+                    r = tl.load(row_of_ptr + n64 * J + j).to(tl.int64)
                     if r >= 0:
                         c = tl.load(scale_ptr + n64 * stride_s + j)
                         acc += c * tl.load(h_ptr + r * stride_h + w, mask=in_row, other=0.0).to(tl.float32)
                 tl.store(dst + (me * B + p) * W + w, acc.to(h_ptr.dtype.element_ty), mask=in_row)
+
+
+_COMBINE = CachedLauncher(_combine_push_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,30 +128,40 @@ def _combine_push_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _Buffer:
-    """One symmetric allocation: rows [P·B + 1, W] of ``dtype`` then meta [P·B, M] int32, on every rank."""
+def _host_barrier(group, device) -> None:
+    """Every rank of ``group`` has reached this point with its device idle (a device all_reduce, then a sync)."""
+    import torch.distributed as dist
 
-    def __init__(self, group, P, B, W, dtype, M, device):
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    dist.all_reduce(flag, group=group)
+    torch.cuda.synchronize(device)
+
+
+class _Buffer:
+    """One symmetric allocation: rows [P·B, W] of ``dtype`` then meta [P, MS] int32, on every rank."""
+
+    def __init__(self, group, P, B, W, dtype, MS, device):
         import torch.distributed._symmetric_memory as symm
 
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # NVLink multicast stays off
         esz = torch.empty((), dtype=dtype).element_size()
-        self.rows_bytes = -(-(P * B + 1) * W * esz // 256) * 256
-        nbytes = self.rows_bytes + P * B * M * 4 + 256
+        self.rows_bytes = -(-P * B * W * esz // 256) * 256
+        nbytes = self.rows_bytes + P * MS * 4 + 256
         self.raw = symm.empty(nbytes, dtype=torch.uint8, device=device)
+        torch.cuda.synchronize(device)  # (b): the allocation's signal-pad zeroing has run on this device
         enable = getattr(symm, "enable_symm_mem_for_group", None)
         if enable is not None:  # needed before rendezvous on older torch; deprecated (a no-op) on newer
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 enable(group.group_name)
         self.hdl = symm.rendezvous(self.raw, group.group_name)
-        self.rows = self.raw[:(P * B + 1) * W * esz].view(dtype).view(P * B + 1, W)
-        self.rows[P * B].zero_()
-        self.meta = self.raw[self.rows_bytes:self.rows_bytes + P * B * M * 4].view(torch.int32).view(P * B, M)
+        self.rows = self.raw[:P * B * W * esz].view(dtype).view(P * B, W)
+        self.meta = self.raw[self.rows_bytes:self.rows_bytes + P * MS * 4].view(torch.int32).view(P, MS)
         ptrs = list(self.hdl.buffer_ptrs)
         self.rows_base = torch.tensor(ptrs, dtype=torch.int64, device=device)
         self.meta_base = self.rows_base + self.rows_bytes
         torch.cuda.synchronize(device)
+        _host_barrier(group, device)  # (d): nobody signals into a pad before every rank finished (a)-(c)
 
     def barrier(self):
         self.hdl.barrier(channel=0)
@@ -190,15 +170,13 @@ class _Buffer:
 _BUFFERS: dict = {}
 
 
-def _buffer(group, P, B, W, dtype, M, device) -> _Buffer:
-    key = (group.group_name, P, B, W, dtype, M, str(device))
-    if key not in _BUFFERS:
-        _BUFFERS[key] = _Buffer(group, P, B, W, dtype, M, device)
-    return _BUFFERS[key]
-
-
-def _block(width: int) -> int:
-    return max(16, min(next_power_of_2(max(width, 1)), _MAX_BLOCK_W))
+def _buffer(group, P, B, W, dtype, MS, device) -> _Buffer:
+    """The buffer for these shapes (allocated on first use: a collective; the key holds shapes only)."""
+    key = (group.group_name, P, B, W, dtype, MS, str(device))
+    buf = _BUFFERS.get(key)
+    if buf is None:
+        buf = _BUFFERS[key] = _Buffer(group, P, B, W, dtype, MS, device)
+    return buf
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,55 +185,40 @@ def _block(width: int) -> int:
 
 
 class SymmTransport:
-    """Same contract as fused._NcclTransport (exchange / reduce_back), plus combine_fused."""
+    """Same contract as fused._NcclTransport (dispatch_exchange / replay / reduce_back), plus combine_fused."""
 
     name = "symm"
 
     def __init__(self, num_sms: int):
         self.num_sms = num_sms
 
-    def exchange(self, x, meta, ctx, keep: bool = True):
-        """Rows x [T, W] and meta [T, P, M] to their destinations. Returns (recv_x [N + 1, W], recv_meta [N, M]).
-        ``keep=False`` returns recv_x as a view of the symmetric buffer (valid until this rank's next exchange of
-        the same size: the caller consumes it at once); otherwise both are copies."""
+    def dispatch_exchange(self, x, ids, scales_TJ, dyn, topo, M: int, MS: int, num_sms: int):
+        """-> (recv rows [N, W], recv meta [S, MS], pos_TP, flat_TP). Without TP the rows and meta are views of the
+        symmetric buffer, valid until this rank's next dispatch of the same shapes: the caller reads them at once
+        (fused._recv_kernel, queued right after)."""
+        from .fused import _tp_gather
+
+        P, B = topo.P, topo.B
+        buf = _buffer(topo.group, P, B, x.shape[1], x.dtype, MS, x.device)
+        buf.barrier()
+        pos, flat = _launch_push(x, ids, scales_TJ, dyn, topo, rows=buf.rows_base, meta=buf.meta_base, peer=True,
+                                 slot0=topo.rank * B, src_row=topo.rank, MS=MS, M=M, plan=None, num_sms=num_sms)
+        buf.barrier()
+        return _tp_gather(buf.rows, topo), _tp_gather(buf.meta, topo), pos, flat
+
+    def replay(self, x, ctx) -> torch.Tensor:
+        """Rows x [T, W] to the slots dispatch chose -> [N, W] (a copy; rows of dead slots are unspecified)."""
+        from .fused import _tp_gather
+
         topo = ctx.topo
         P, B = topo.P, topo.B
-        ref = x if x is not None else meta
-        T = ref.shape[0]
-        W = x.shape[1] if x is not None else 1
-        dtype = x.dtype if x is not None else torch.int32
-        M = meta.shape[2] if meta is not None else 1
-        buf = _buffer(topo.group, P, B, W, dtype, M, ref.device)
-        if meta is not None:
-            buf.meta.fill_(-1)
+        buf = _buffer(topo.group, P, B, x.shape[1], x.dtype, 0, x.device)
         buf.barrier()
-        if T:
-            pos = ctx.pos_TP.contiguous()
-            grid = (min(self.num_sms, T),)
-            _push_rows_kernel[grid](
-                x if x is not None else pos, meta if meta is not None else pos, pos, buf.rows_base, buf.meta_base,
-                T, W, M, B, topo.rank, x.stride(0) if x is not None else 0,
-                P=P, HAS_X=x is not None, HAS_META=meta is not None, BLOCK_W=_block(W),
-                BLOCK_M=max(16, next_power_of_2(M)), num_warps=_NUM_WARPS)
+        _launch_push(x, None, None, None, topo, rows=buf.rows_base, meta=None, peer=True, slot0=topo.rank * B,
+                     src_row=topo.rank, MS=0, M=0, plan=(ctx.pos_TP, ctx.flat_TP), num_sms=ctx.num_sms)
         buf.barrier()
-        recv_x = recv_meta = None
-        if meta is not None:
-            recv_meta = buf.meta.clone()
-        if x is not None:
-            recv_x = buf.rows if not keep else buf.rows.clone()
-        if topo.P_tp > 1:  # expert-TP: gather the EP-received buffers over TP with NCCL (fixed size)
-            from ._comm import all_gather_flat
-
-            if recv_x is not None:
-                g = recv_x.new_empty(topo.N + 1, W)
-                g[topo.N].zero_()
-                all_gather_flat(g[:topo.N], recv_x[:P * B].contiguous(), topo.tp_group)
-                recv_x = g
-            if recv_meta is not None:
-                g = recv_meta.new_empty(topo.N, M)
-                all_gather_flat(g, recv_meta, topo.tp_group)
-                recv_meta = g
-        return recv_x, recv_meta
+        recv = buf.rows.clone()
+        return _tp_gather(recv, topo)
 
     def reduce_back(self, out_NW, ctx, quant=None):
         """y [T, W] = sum over destinations of the slot rows they return (after the TP reduce-scatter)."""
@@ -275,9 +238,7 @@ class SymmTransport:
             return _NCCL.reduce_back(red, dataclasses.replace(ctx, topo=topo_without_tp(topo)), quant)
         W = red.shape[1]
         row_of = torch.arange(P * B, device=red.device)
-        if ctx.slot_valid is not None:  # skip slots without a token (their rows are zeros or unused)
-            row_of = torch.where(ctx.slot_valid, row_of, -1)
-        row_of = row_of[:, None]
+        row_of = torch.where(ctx.slot_valid, row_of, -1)[:, None]  # skip slots without a token
         ones = torch.ones(P * B, 1, dtype=torch.float32, device=red.device)
         return self._push_back(red, row_of, ones, ctx, W)
 
@@ -288,17 +249,18 @@ class SymmTransport:
     def _push_back(self, h, row_of, scales, ctx, W):
         topo = ctx.topo
         P, B = topo.P, topo.B
-        buf = _buffer(topo.group, P, B, W, h.dtype, 1, h.device)
-        buf.barrier()
+        buf = _buffer(topo.group, P, B, W, h.dtype, 0, h.device)
         N = P * B
+        h = h.contiguous()
+        scales = scales.float().contiguous()
+        buf.barrier()
         if N:
-            scales = scales.float().contiguous()
-            _combine_push_kernel[(min(self.num_sms, N),)](
-                h.contiguous(), row_of.contiguous(), scales, buf.rows_base, N, W, B, topo.rank,
-                W, scales.stride(0), J=row_of.shape[1], BLOCK_W=_block(W), num_warps=_NUM_WARPS)
+            _COMBINE((min(self.num_sms, N),), [h, row_of.contiguous(), scales, buf.rows_base, N, W, B, topo.rank,
+                                               h.stride(0), scales.stride(0)],
+                     dict(J=row_of.shape[1], BLOCK_W=_block_w(W)), num_warps=_NUM_WARPS)
         buf.barrier()
         # the rows of this rank's tokens: (destination d, position) at d·B + pos; unpermute reads only those
-        return unpermute(buf.rows[:N], ctx.flat_TP, None)
+        return unpermute(buf.rows, ctx.flat_TP, None)
 
 
 def topo_without_tp(topo):

@@ -56,10 +56,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 from torch.autograd import Function
 
 from .. import _env
 from .._checks import check_tensor
+from ..ops._launch import CachedLauncher
 from ..ops.permute import unpermute
 
 __all__ = ["dispatch", "combine", "DispatchResult", "FusedHandle", "select_transport"]
@@ -203,68 +206,369 @@ def _debug_same_on_ranks(topo: _Topo, H: int, dtype) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Layout maths (torch ops on the device, no host sync)
+# Kernels (shared by both transports; they run under Triton's CPU interpreter too)
+#
+# A "virtual expert" ve numbers every routing column: ve = expert id for the K routed columns, E + d for the shared
+# column that goes to shared-expert rank d. Its destination is Sh + ve // E_l (routed) or ve - E (shared), its local
+# expert there ve % E_l (routed) or 0 (shared). EV = E + Sh of them.
+#
+# Sender (G programs, program g owns tokens [g·chunk, (g+1)·chunk)):
+#   _count_kernel: per program, how many columns hit each ve and how many tokens hit each destination (int atomics
+#       on the program's own row: the sums are exact whatever the order, nothing is decided by them).
+#   _push_kernel: program g adds the rows of programs < g (its base), then walks its tokens in order: a token's
+#       position at destination d = base + earlier tokens of the chunk bound for d (pos), and each column's rank among
+#       this rank's columns for the same ve (q). Positions only depend on token order: deterministic. It stores the
+#       row once per destination (slot (source, pos)), with a metadata row (local expert per column or -1, q per
+#       column, scales, int8 scale), and program 0 writes the per-destination counts row (live slots, then columns
+#       per local expert). The same kernel replays a stored plan (PLAN=False) for the other exchanges.
+# Receiver:
+#   _recv_kernel: from the counts rows of all sources, expert l's rows start at start[l] + (rows of l from earlier
+#       sources); a column's row is that + q. Each program recomputes this small table (sources x local experts)
+#       into its own scratch row, then copies each live slot's row to its columns' rows, writes row_of [N, J]
+#       (-1 for dead slots and other ranks' columns), the scales, and zeros past the total. Dead slots are never
+#       read: nothing has to be cleared between calls.
 # ---------------------------------------------------------------------------------------------------------
 
-
-def _source_plan(ids_TK: torch.Tensor, topo: _Topo):
-    """dest_TJ, local_TJ [T, J] (destination EP rank and local expert id per column), pos_TP [T, P] (position of
-    token t in destination d's region, -1 if t does not go there) and flat_TP = d·B + pos (or -1)."""
-    T, dev, P, B = ids_TK.shape[0], ids_TK.device, topo.P, topo.B
-    ids = ids_TK.long()
-    moe_rank = torch.div(ids, topo.E_l, rounding_mode="floor")
-    dest = topo.Sh + moe_rank
-    local = ids - moe_rank * topo.E_l
-    if topo.Sh:
-        # token t goes to replica t mod reps of every shared expert (from its index: deterministic, balanced)
-        reps = topo.Sh // topo.n_shared
-        t = torch.arange(T, device=dev)
-        d_sh = torch.arange(topo.n_shared, device=dev)[None, :] * reps + (t % reps)[:, None]
-        dest = torch.cat([dest, d_sh], 1)
-        local = torch.cat([local, torch.zeros_like(d_sh)], 1)
-    hit = torch.zeros(T, P, dtype=torch.int32, device=dev).scatter_(1, dest, 1)
-    pos = torch.where(hit > 0, torch.cumsum(hit, 0) - 1, -1)
-    flat = torch.where(pos >= 0, pos + torch.arange(P, device=dev) * B, -1)
-    return dest, local, pos, flat
+# Token block of the plan loops: BT·J_PAD = 64 (token, column) pairs compared pairwise (a [64, 64] tile).
+_PAIRS = 64
+# Row block per copy loop: 16 KiB of bf16 per program step (the probe's 294 GB/s at 16 programs used 8192-element
+# blocks and 8 warps). Not swept yet.
+_MAX_BLOCK_W = 8192
+_NUM_WARPS = 8
+_RECV_PROGRAMS_PER_SM = 4
 
 
-def _meta_rows(dest_TJ, local_TJ, scales_TJ, dyn_T, P) -> torch.Tensor:
-    """[T, P, M] int32: what travels with token t to rank d. Columns [0, J): local expert id of each column at d
-    (-1 if the column's expert is elsewhere); then J fp32 scales (bit pattern), then the int8 scale."""
-    T, J = dest_TJ.shape
-    d = torch.arange(P, device=dest_TJ.device)
-    ids = torch.where(dest_TJ[:, None, :] == d[None, :, None], local_TJ[:, None, :], -1).to(torch.int32)
-    parts = [ids]
-    if scales_TJ is not None:
-        parts.append(scales_TJ.float().view(torch.int32)[:, None, :].expand(T, P, J))
-    if dyn_T is not None:
-        parts.append(dyn_T.float().view(torch.int32)[:, None, None].expand(T, P, 1))
-    return torch.cat(parts, 2) if len(parts) > 1 else ids
+@triton.jit
+def _columns(ids_ptr, t, j, lim, K, E, E_l, Sh, reps, J: tl.constexpr):
+    """Virtual expert, destination and local expert of (token t, column j); valid = t < lim and j < J."""
+    valid = (t < lim) & (j < J)
+    routed = j < K
+    e = tl.load(ids_ptr + t * K + j, mask=valid & routed, other=0).to(tl.int64)
+    ve = tl.where(routed, e, E + (j - K) * reps + t % reps)
+    dest = tl.where(ve < E, Sh + ve // E_l, ve - E)
+    local = tl.where(ve < E, ve % E_l, 0)
+    return ve, dest, local, valid
 
 
-class _DestPlan(NamedTuple):
-    row_of_NJ: torch.Tensor  # [N, J] int64 expand_x row of each (slot, column), -1 if none
-    row_slot: torch.Tensor  # [R] int64 slot of each row (N for rows past the total: the zero row)
-    row_src: torch.Tensor  # [R] int64 flat (slot, column) of each row (N·J past the total)
-    counts_L: torch.Tensor  # [L] int64 rows per local expert
-    hits_NL: torch.Tensor  # [N, L] int32 one-hot
+@triton.jit
+def _count_kernel(ids_ptr, hist_ptr, hits_ptr, T, K, E, E_l, Sh, reps, chunk, EV, P,
+                  J: tl.constexpr, J_PAD: tl.constexpr, EV_PAD: tl.constexpr, P_PAD: tl.constexpr,
+                  BT: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BT * J_PAD)
+    tt = i // J_PAD
+    jj = i % J_PAD
+    ev = tl.arange(0, EV_PAD)
+    pd = tl.arange(0, P_PAD)
+    tl.store(hist_ptr + g * EV + ev, tl.zeros((EV_PAD,), tl.int32), mask=ev < EV)
+    tl.store(hits_ptr + g * P + pd, tl.zeros((P_PAD,), tl.int32), mask=pd < P)
+    tl.debug_barrier()
+    t_lo = g * chunk
+    t_hi = tl.minimum(t_lo + chunk, T)
+    for t0 in range(t_lo, t_hi, BT):
+        t = t0 + tt
+        ve, dest, local, valid = _columns(ids_ptr, t, jj, t_hi, K, E, E_l, Sh, reps, J)
+        tl.atomic_add(hist_ptr + g * EV + ve, 1, mask=valid)
+        # a token counts once per destination: its first column bound there
+        dup = (dest[:, None] == dest[None, :]) & (tt[:, None] == tt[None, :]) & (i[None, :] < i[:, None])
+        first = valid & (tl.sum((dup & valid[None, :]).to(tl.int32), 1) == 0)
+        tl.atomic_add(hits_ptr + g * P + dest, 1, mask=first)
 
 
-def _dest_plan(ids_NJ: torch.Tensor, topo: _Topo) -> _DestPlan:
-    N, J = ids_NJ.shape
-    L, R, dev = topo.L, topo.R, ids_NJ.device
-    ids = ids_NJ.long()
-    valid = ids >= 0
-    hits = torch.zeros(N, L + 1, dtype=torch.int32, device=dev).scatter_(1, torch.where(valid, ids, L), 1)[:, :L]
-    counts = hits.sum(0, dtype=torch.int64)
-    start = torch.cumsum(counts, 0) - counts
-    row_NL = start + torch.cumsum(hits, 0, dtype=torch.int64) - 1
-    row_of = torch.where(valid, row_NL.gather(1, torch.where(valid, ids, 0)), -1)
-    dump = torch.where(valid, row_of, R).reshape(-1)
-    row_src = torch.full((R + 1,), N * J, dtype=torch.int64, device=dev)
-    row_src.index_copy_(0, dump, torch.arange(N * J, device=dev))
-    row_src = row_src[:R]
-    return _DestPlan(row_of, torch.div(row_src, J, rounding_mode="floor"), row_src, counts, hits)
+@triton.jit
+def _push_kernel(
+    x_ptr,  # [T, W] rows to send
+    ids_ptr,  # [T, K] expert ids (PLAN)
+    scale_ptr,  # [T, J] fp32 routing scales (HAS_SCALES)
+    dyn_ptr,  # [T] fp32 int8 scales (HAS_DYN)
+    hist_ptr, hits_ptr,  # [G, EV], [G, P] int32 from _count_kernel (PLAN)
+    run_ptr,  # [G, EV + P] int32 scratch (PLAN)
+    q_ptr,  # [T, J] int32 scratch: rank of each column among this rank's columns of its ve (PLAN)
+    pos_ptr, flat_ptr,  # [T, P] int32: position at d / d·B + position, -1 if t does not go to d (written if PLAN)
+    rows_ptr,  # PEER: [P] int64 address of each destination's rows; else the [P·B, W] send buffer
+    meta_ptr,  # PEER: [P] int64 address of each destination's meta region; else the [P, MS] int32 send buffer
+    T, W, stride_x, K, E, E_l, Sh, reps, chunk, EV, B, slot0, src_row, MS, M, G,
+    P: tl.constexpr, J: tl.constexpr, J_PAD: tl.constexpr, EV_PAD: tl.constexpr, P_PAD: tl.constexpr,
+    M_PAD: tl.constexpr, CS_PAD: tl.constexpr, BT: tl.constexpr, BLOCK_W: tl.constexpr, PEER: tl.constexpr,
+    PLAN: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_DYN: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    t_lo = g * chunk
+    t_hi = tl.minimum(t_lo + chunk, T)
+    RS = EV + P
+    if PLAN:
+        i = tl.arange(0, BT * J_PAD)
+        tt = i // J_PAD
+        jj = i % J_PAD
+        ev = tl.arange(0, EV_PAD)
+        pd = tl.arange(0, P_PAD)
+        acc_e = tl.zeros((EV_PAD,), tl.int32)
+        acc_p = tl.zeros((P_PAD,), tl.int32)
+        for g2 in range(0, g):
+            acc_e += tl.load(hist_ptr + g2 * EV + ev, mask=ev < EV, other=0)
+            acc_p += tl.load(hits_ptr + g2 * P + pd, mask=pd < P, other=0)
+        tl.store(run_ptr + g * RS + ev, acc_e, mask=ev < EV)
+        tl.store(run_ptr + g * RS + EV + pd, acc_p, mask=pd < P)
+        tb = tl.arange(0, BT)
+        for t0 in range(t_lo, t_hi, BT):
+            tok = t0 + tb
+            none = tl.full((BT, P_PAD), -1, tl.int32)
+            tp_mask = (tok < t_hi)[:, None] & (pd < P)[None, :]
+            tl.store(pos_ptr + tok[:, None] * P + pd[None, :], none, mask=tp_mask)
+            tl.store(flat_ptr + tok[:, None] * P + pd[None, :], none, mask=tp_mask)
+            tl.debug_barrier()  # run's stores (and the -1s) before the loads below
+            t = t0 + tt
+            ve, dest, local, valid = _columns(ids_ptr, t, jj, t_hi, K, E, E_l, Sh, reps, J)
+            earlier = i[None, :] < i[:, None]
+            later = i[None, :] > i[:, None]
+            same = (ve[:, None] == ve[None, :]) & valid[None, :]
+            q = tl.load(run_ptr + g * RS + ve, mask=valid, other=0) + tl.sum((same & earlier).to(tl.int32), 1)
+            last_e = valid & (tl.sum((same & later).to(tl.int32), 1) == 0)
+            dup = (dest[:, None] == dest[None, :]) & (tt[:, None] == tt[None, :]) & earlier & valid[None, :]
+            first = valid & (tl.sum(dup.to(tl.int32), 1) == 0)
+            same_d = (dest[:, None] == dest[None, :]) & first[None, :]
+            pos = tl.load(run_ptr + g * RS + EV + dest, mask=first, other=0) + \
+                tl.sum((same_d & earlier).to(tl.int32), 1)
+            last_d = first & (tl.sum((same_d & later).to(tl.int32), 1) == 0)
+            tl.debug_barrier()  # every load of run before it moves on
+            tl.store(run_ptr + g * RS + ve, q + 1, mask=last_e)
+            tl.store(run_ptr + g * RS + EV + dest, pos + 1, mask=last_d)
+            tl.store(q_ptr + t * J + jj, q, mask=valid)
+            tl.store(pos_ptr + t * P + dest, pos, mask=first)
+            tl.store(flat_ptr + t * P + dest, (dest * B + pos).to(tl.int32), mask=first)
+            tl.debug_barrier()
+        if g == 0:  # the counts row for each destination: live slots, then columns per local expert
+            c = tl.arange(0, CS_PAD)
+            for d in tl.static_range(P):
+                first_ve = tl.where(d < Sh, E + d, (d - Sh) * E_l)
+                n_loc = tl.where(d < Sh, 1, E_l)
+                cm = (c >= 1) & (c <= n_loc)
+                row = tl.zeros((CS_PAD,), tl.int32)
+                for g2 in range(0, G):
+                    row += tl.load(hist_ptr + g2 * EV + first_ve + c - 1, mask=cm, other=0)
+                    row += tl.where(c == 0, tl.load(hits_ptr + g2 * P + d), 0)
+                if PEER:
+                    dst = tl.load(meta_ptr + d).to(tl.pointer_type(tl.int32)) + src_row * MS + B * M
+                else:
+                    dst = meta_ptr + d * MS + src_row * MS + B * M
+                tl.store(dst + c, row, mask=c <= n_loc)
+        tl.debug_barrier()  # pos / q of the chunk before the copies read them
+    cols = tl.arange(0, BLOCK_W)
+    mc = tl.arange(0, M_PAD)
+    for t in range(t_lo, t_hi):
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + cols
+            in_row = w < W
+            v = tl.load(x_ptr + t * stride_x + w, mask=in_row)
+            for d in tl.static_range(P):
+                p = tl.load(pos_ptr + t * P + d)
+                if p >= 0:
+                    if PEER:
+                        dst = tl.load(rows_ptr + d).to(tl.pointer_type(x_ptr.dtype.element_ty))
+                    else:
+                        dst = rows_ptr + d * B * W
+                    tl.store(dst + (slot0 + p) * W + w, v, mask=in_row)
+        if PLAN:
+            tm = t + tl.zeros((M_PAD,), tl.int64)
+            ve, dest, local, valid = _columns(ids_ptr, tm, mc, T, K, E, E_l, Sh, reps, J)
+            qv = tl.load(q_ptr + t * J + mc - J, mask=(mc >= J) & (mc < 2 * J), other=0)
+            meta = tl.where(mc < J, local, qv)
+            dcol = 2 * J
+            if HAS_SCALES:
+                sv = tl.load(scale_ptr + t * J + mc - dcol, mask=(mc >= dcol) & (mc < dcol + J), other=0.0)
+                meta = tl.where((mc >= dcol) & (mc < dcol + J), sv.to(tl.int32, bitcast=True), meta)
+                dcol += J
+            if HAS_DYN:
+                dv = tl.load(dyn_ptr + t + mc * 0, mask=mc == dcol, other=0.0)
+                meta = tl.where(mc == dcol, dv.to(tl.int32, bitcast=True), meta)
+            for d in tl.static_range(P):
+                p = tl.load(pos_ptr + t * P + d)
+                if p >= 0:
+                    row = tl.where((mc < J) & (dest != d), -1, meta).to(tl.int32)
+                    if PEER:
+                        dst = tl.load(meta_ptr + d).to(tl.pointer_type(tl.int32))
+                    else:
+                        dst = meta_ptr + d * MS
+                    tl.store(dst + src_row * MS + p * M + mc, row, mask=mc < M)
+
+
+@triton.jit
+def _recv_kernel(
+    rows_ptr,  # [S·B, W] received slot rows (slot s·B + p)
+    meta_ptr,  # [S, MS] int32: per source, B metadata rows of M ints, then its counts row
+    out_ptr,  # [R, W] expand_x
+    row_of_ptr,  # [N, J] int32 out
+    sc_out_ptr,  # [N, J] fp32 out (HAS_SCALES)
+    es_ptr,  # [R] fp32 out: each row's scale (HAS_SCALES)
+    dyn_out_ptr,  # [R] fp32 out (HAS_DYN)
+    tpe_ptr,  # [L] int64 out
+    cnt_out_ptr,  # [S, CS] int32 out: a copy of the counts rows
+    base_ptr,  # [G, S_PAD·L_PAD] int32 scratch
+    N, W, B, MS, M, R, S, L, CS,
+    J: tl.constexpr, J_PAD: tl.constexpr, S_PAD: tl.constexpr, L_PAD: tl.constexpr, CS_PAD: tl.constexpr,
+    BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_DYN: tl.constexpr, CUMSUM: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    G = tl.num_programs(0)
+    sr = tl.arange(0, S_PAD).to(tl.int64)
+    lc = tl.arange(0, L_PAD)
+    tab = tl.load(meta_ptr + sr[:, None] * MS + B * M + 1 + lc[None, :], mask=(sr < S)[:, None] & (lc < L)[None, :],
+                  other=0)
+    off = tl.cumsum(tab, 0) - tab  # rows of expert l from earlier sources
+    tot = tl.sum(tab, 0)
+    start = tl.cumsum(tot, 0) - tot
+    total = tl.sum(tot, 0)
+    tl.store(base_ptr + g * S_PAD * L_PAD + sr[:, None] * L_PAD + lc[None, :], start[None, :] + off)
+    if g == 0:
+        if CUMSUM:
+            tl.store(tpe_ptr + lc, (start + tot).to(tl.int64), mask=lc < L)
+        else:
+            tl.store(tpe_ptr + lc, tot.to(tl.int64), mask=lc < L)
+        cc = tl.arange(0, CS_PAD)
+        cnt = tl.load(meta_ptr + sr[:, None] * MS + B * M + cc[None, :], mask=(sr < S)[:, None] & (cc < CS)[None, :])
+        tl.store(cnt_out_ptr + sr[:, None] * CS + cc[None, :], cnt, mask=(sr < S)[:, None] & (cc < CS)[None, :])
+    tl.debug_barrier()
+    jc = tl.arange(0, J_PAD)
+    jm = jc < J
+    cols = tl.arange(0, BLOCK_W)
+    for n in range(g, N, G):
+        s = n // B
+        p = n - s * B
+        live = tl.load(meta_ptr + s * MS + B * M)
+        if p < live:
+            mrow = meta_ptr + s * MS + p * M
+            loc = tl.load(mrow + jc, mask=jm, other=-1)
+            here = loc >= 0
+            q = tl.load(mrow + J + jc, mask=jm & here, other=0)
+            rows = tl.where(here, tl.load(base_ptr + g * S_PAD * L_PAD + s * L_PAD + loc, mask=here, other=0) + q, -1)
+            tl.store(row_of_ptr + n * J + jc, rows, mask=jm)
+            if HAS_SCALES:
+                sc = tl.load(mrow + 2 * J + jc, mask=jm & here, other=0).to(tl.float32, bitcast=True)
+                tl.store(sc_out_ptr + n * J + jc, sc, mask=jm)
+                tl.store(es_ptr + rows, sc, mask=here)
+            if HAS_DYN:
+                dcol = 3 * J if HAS_SCALES else 2 * J
+                dv = tl.load(mrow + dcol + jc * 0).to(tl.float32, bitcast=True)
+                tl.store(dyn_out_ptr + rows, dv, mask=here)
+            for w0 in range(0, W, BLOCK_W):
+                w = w0 + cols
+                in_row = w < W
+                v = tl.load(rows_ptr + n * W + w, mask=in_row)
+                for j in tl.static_range(J):
+                    r = tl.sum(tl.where(jc == j, rows, 0), 0).to(tl.int64)
+                    if r >= 0:
+                        tl.store(out_ptr + r * W + w, v, mask=in_row)
+        else:
+            tl.store(row_of_ptr + n * J + jc, tl.full((J_PAD,), -1, tl.int32), mask=jm)
+            if HAS_SCALES:
+                tl.store(sc_out_ptr + n * J + jc, tl.zeros((J_PAD,), tl.float32), mask=jm)
+    # rows past the total are zeros (only those: the live rows were written above)
+    for r in range(total.to(tl.int64) + g, R, G):
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + cols
+            tl.store(out_ptr + r * W + w, tl.zeros((BLOCK_W,), out_ptr.dtype.element_ty), mask=w < W)
+        if HAS_SCALES:
+            tl.store(es_ptr + r, 0.0)
+        if HAS_DYN:
+            tl.store(dyn_out_ptr + r, 0.0)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _block_w(width: int) -> int:
+    return max(16, min(_pow2(width), _MAX_BLOCK_W))
+
+
+_COUNT = CachedLauncher(_count_kernel)
+_PUSH = CachedLauncher(_push_kernel)
+_RECV = CachedLauncher(_recv_kernel)
+
+
+def _plan_grid(T: int, num_sms: int) -> tuple[int, int]:
+    """(programs G, tokens per program): at least one program (it writes the counts rows even when T = 0)."""
+    G = max(1, min(num_sms, T))
+    return G, max(1, -(-T // G))
+
+
+def _launch_push(x, ids, scales_TJ, dyn, topo: "_Topo", *, rows, meta, peer: bool, slot0: int, src_row: int,
+                 MS: int, M: int, plan, num_sms: int):
+    """Sender side of one exchange. ``plan`` is None (compute it: returns (pos_TP, flat_TP)) or the (pos, flat) of an
+    earlier dispatch (replay: rows only)."""
+    T, W = x.shape
+    dev = x.device
+    P, B, J, K = topo.P, topo.B, topo.J, topo.K
+    G, chunk = _plan_grid(T, num_sms)
+    EV = topo.E + topo.Sh
+    reps = topo.Sh // topo.n_shared if topo.Sh else 1
+    J_PAD = _pow2(J)
+    BT = max(1, _PAIRS // J_PAD)
+    EV_PAD, P_PAD, CS_PAD = _pow2(EV), _pow2(P), _pow2(topo.E_l + 1)
+    M_PAD = max(16, _pow2(M)) if M else 16
+    is_plan = plan is None
+    i32 = torch.int32
+    if is_plan:
+        pos = torch.empty(T, P, dtype=i32, device=dev)
+        flat = torch.empty(T, P, dtype=i32, device=dev)
+        hist = torch.empty(G, EV, dtype=i32, device=dev)
+        hits = torch.empty(G, P, dtype=i32, device=dev)
+        run = torch.empty(G, EV + P, dtype=i32, device=dev)
+        q = torch.empty(max(T, 1), J, dtype=i32, device=dev)
+        ids = ids.contiguous()
+        _COUNT((G,), [ids, hist, hits, T, K, topo.E, topo.E_l, topo.Sh, reps, chunk, EV, P],
+               dict(J=J, J_PAD=J_PAD, EV_PAD=EV_PAD, P_PAD=P_PAD, BT=BT), num_warps=4)
+    else:
+        pos, flat = plan
+        hist = hits = run = q = pos
+        ids = pos
+    sc = scales_TJ if scales_TJ is not None else pos
+    dy = dyn if dyn is not None else pos
+    _PUSH((G,), [x, ids, sc, dy, hist, hits, run, q, pos, flat, rows, meta if meta is not None else pos,
+                 T, W, x.stride(0), K, topo.E, topo.E_l, topo.Sh, reps, chunk, EV, B, slot0, src_row, MS, M, G],
+          dict(P=P, J=J, J_PAD=J_PAD, EV_PAD=EV_PAD, P_PAD=P_PAD, M_PAD=M_PAD, CS_PAD=CS_PAD, BT=BT,
+               BLOCK_W=_block_w(W), PEER=peer, PLAN=is_plan, HAS_SCALES=scales_TJ is not None,
+               HAS_DYN=dyn is not None), num_warps=_NUM_WARPS)
+    return pos, flat
+
+
+def _meta_width(topo: "_Topo", has_scales: bool, has_dyn: bool) -> tuple[int, int]:
+    """(M ints per slot, ints per source block MS = B·M + counts row)."""
+    M = 2 * topo.J + (topo.J if has_scales else 0) + (1 if has_dyn else 0)
+    return M, topo.B * M + topo.E_l + 1
+
+
+class _Received(NamedTuple):
+    row_of_NJ: torch.Tensor  # [N, J] int32 expand_x row of each (slot, column), -1 if none
+    counts_SC: torch.Tensor  # [S, 1 + E_l] int32 per source block: live slots, then columns per local expert
+    scales_NJ: torch.Tensor | None  # [N, J] fp32 routing scales (0 where row_of is -1)
+
+
+def _launch_recv(rows, meta, topo: "_Topo", M: int, MS: int, *, has_scales, has_dyn, cumsum, num_sms):
+    """Receiver side: expert-major expand_x and everything combine needs, from the received slots."""
+    N, R, J, L, B = topo.N, topo.R, topo.J, topo.L, topo.B
+    S = topo.P_tp * topo.P
+    W = rows.shape[1]
+    dev = rows.device
+    # a local HBM copy (and the zeros past the total, which the API promises): 4x the transport's programs, as
+    # nothing else runs then. Predicted, not measured: 24 programs would cap it near 0.5 TB/s.
+    G = max(1, min(_RECV_PROGRAMS_PER_SM * num_sms, N))
+    S_PAD, L_PAD = _pow2(S), _pow2(L)
+    out = rows.new_empty(R, W)
+    row_of = torch.empty(N, J, dtype=torch.int32, device=dev)
+    sc = torch.empty(N, J, dtype=torch.float32, device=dev) if has_scales else None
+    es = torch.empty(R, dtype=torch.float32, device=dev) if has_scales else None
+    dyn = torch.empty(R, dtype=torch.float32, device=dev) if has_dyn else None
+    tpe = torch.empty(L, dtype=torch.int64, device=dev)
+    CS = topo.E_l + 1
+    cnt = torch.empty(S, CS, dtype=torch.int32, device=dev)
+    base = torch.empty(G, S_PAD * L_PAD, dtype=torch.int32, device=dev)
+    dummy = row_of
+    _RECV((G,), [rows, meta, out, row_of, sc if has_scales else dummy, es if has_scales else dummy,
+                 dyn if has_dyn else dummy, tpe, cnt, base, N, W, B, MS, M, R, S, L, CS],
+          dict(J=J, J_PAD=_pow2(J), S_PAD=S_PAD, L_PAD=L_PAD, CS_PAD=_pow2(CS), BLOCK_W=_block_w(W),
+               HAS_SCALES=has_scales, HAS_DYN=has_dyn, CUMSUM=cumsum), num_warps=_NUM_WARPS)
+    return out, es, dyn, tpe, _Received(row_of, cnt, sc)
 
 
 def _quant_int8(x: torch.Tensor):
@@ -283,67 +587,69 @@ def _quant_int8(x: torch.Tensor):
 
 @dataclass
 class _Ctx:
-    """What a transport needs for one dispatch's exchanges (mutable: slot_valid is known after the exchange)."""
+    """What a transport needs for one dispatch's later exchanges (set by dispatch)."""
     topo: _Topo
-    pos_TP: torch.Tensor  # [T, P] position at each destination, -1 if none
-    flat_TP: torch.Tensor  # [T, P] d·B + pos, or -1
-    slot_valid: torch.Tensor | None = None  # [P·B] bool: this rank's EP slots (own TP block) holding a token
+    pos_TP: torch.Tensor  # [T, P] int32 position at each destination, -1 if none
+    flat_TP: torch.Tensor  # [T, P] int32 d·B + pos, or -1
+    num_sms: int = DEFAULT_NUM_SMS
+    recv: _Received | None = None  # this rank's receive-side plan (after the exchange)
+    _slot_live: torch.Tensor | None = None
+
+    @property
+    def slot_valid(self) -> torch.Tensor:
+        """[P·B] bool: this rank's EP slots (own TP block) holding a token (computed once, on the device)."""
+        if self._slot_live is None:
+            t = self.topo
+            own = self.recv.row_of_NJ[t.tp_rank * t.P * t.B:(t.tp_rank + 1) * t.P * t.B]
+            self._slot_live = (own >= 0).any(1)
+        return self._slot_live
+
+
+def _tp_gather(t: torch.Tensor, topo: _Topo) -> torch.Tensor:
+    """Expert-TP: the EP-received block all-gathered over TP (fixed size, TP-rank-major)."""
+    if topo.P_tp == 1:
+        return t
+    from ._comm import all_gather_flat
+
+    g = t.new_empty((topo.P_tp * t.shape[0],) + tuple(t.shape[1:]))
+    all_gather_flat(g, t.contiguous(), topo.tp_group)
+    return g
 
 
 class _NcclTransport:
-    """Fixed-size all_to_all_single over [P, B] rows; TP by all_gather / reduce_scatter of the whole buffer."""
+    """Fixed-size all_to_all_single of the [P, B] slot rows (and of the metadata blocks); TP by all_gather /
+    reduce_scatter of the whole buffer. Works on gloo (the CPU tests)."""
 
     name = "nccl"
 
-    @staticmethod
-    def _pack_index(ctx: _Ctx):
-        """(dst [T·P] send row of each (t, d) or the dump row P·B, inv [P·B] token of each send row, 0 if none)."""
-        topo = ctx.topo
-        T = ctx.flat_TP.shape[0]
-        dump = topo.P * topo.B
-        dst = torch.where(ctx.flat_TP >= 0, ctx.flat_TP, dump).reshape(-1)
-        inv = torch.zeros(dump + 1, dtype=torch.int64, device=dst.device)
-        inv.index_copy_(0, dst, torch.arange(T, device=dst.device).repeat_interleave(topo.P))
-        return dst, inv[:dump]
+    def dispatch_exchange(self, x, ids, scales_TJ, dyn, topo: _Topo, M: int, MS: int, num_sms: int):
+        """-> (recv rows [N, W], recv meta [S, MS], pos_TP, flat_TP)."""
+        P, B = topo.P, topo.B
+        send_rows = x.new_empty(P * B, x.shape[1])
+        send_meta = torch.empty(P, MS, dtype=torch.int32, device=x.device)
+        pos, flat = _launch_push(x, ids, scales_TJ, dyn, topo, rows=send_rows, meta=send_meta, peer=False, slot0=0,
+                                 src_row=0, MS=MS, M=M, plan=None, num_sms=num_sms)
+        rows = self._a2a(send_rows, topo)
+        meta = self._a2a(send_meta, topo)
+        return _tp_gather(rows, topo), _tp_gather(meta, topo), pos, flat
 
-    def exchange(self, x, meta, ctx: _Ctx, keep: bool = True):
-        """Send x [T, W] rows (any dtype) and meta [T, P, M] int32 to the destinations. Returns (recv_x [N + 1, W]
-        with a zero last row, recv_meta [N, M] with -1 ids in unused slots); either may be None. ``keep`` is for
-        the symm transport (whose receive buffer is reused); results here are always fresh tensors."""
+    def replay(self, x, ctx: _Ctx) -> torch.Tensor:
+        """Rows x [T, W] to the slots dispatch chose -> [N, W] (rows of dead slots are unspecified)."""
         topo = ctx.topo
-        PB, N = topo.P * topo.B, topo.N
-        dst, inv = self._pack_index(ctx)
-        recv_x = recv_meta = None
-        if x is not None:
-            T, W = x.shape
-            send = x.index_select(0, inv) if T else x.new_zeros(PB, W)
-            recv_x = x.new_empty(N + 1, W)
-            recv_x[N].zero_()
-            self._a2a_gather(recv_x[:N], send, topo)
-        if meta is not None:
-            M = meta.shape[2]
-            send = torch.full((PB + 1, M), -1, dtype=torch.int32, device=meta.device)
-            send.index_copy_(0, dst, meta.reshape(-1, M))
-            recv_meta = send.new_empty(N, M)
-            self._a2a_gather(recv_meta, send[:PB], topo)
-        return recv_x, recv_meta
+        send = x.new_empty(topo.P * topo.B, x.shape[1])
+        _launch_push(x, None, None, None, topo, rows=send, meta=None, peer=False, slot0=0, src_row=0, MS=0, M=0,
+                     plan=(ctx.pos_TP, ctx.flat_TP), num_sms=ctx.num_sms)
+        return _tp_gather(self._a2a(send, topo), topo)
 
     @staticmethod
-    def _a2a_gather(out, send, topo: _Topo):
+    def _a2a(send, topo: _Topo):
         import torch.distributed as dist
 
-        if topo.P_tp == 1:
-            if topo.group is None:
-                out.copy_(send)
-            else:
-                dist.all_to_all_single(out, send, group=topo.group)
-            return
-        mid = send if topo.group is None else torch.empty_like(send)
-        if topo.group is not None:
-            dist.all_to_all_single(mid, send, group=topo.group)
-        from ._comm import all_gather_flat
-
-        all_gather_flat(out, mid, topo.tp_group)
+        if topo.group is None:
+            return send
+        out = torch.empty_like(send)
+        dist.all_to_all_single(out, send, group=topo.group)
+        return out
 
     def reduce_back(self, out_NW, ctx: _Ctx, quant: str | None = None):
         """y [T, W] = sum over destinations d of the slot rows d sends back for t (TP partial sums added first)."""
@@ -398,12 +704,18 @@ def select_transport(x: torch.Tensor, group, transport: str = "auto") -> str:
     return choice
 
 
+_SYMM_TRANSPORTS: dict = {}
+
+
 def _get_transport(name: str, num_sms: int):
     if name == "nccl":
         return _NCCL
-    from ._symm import SymmTransport
+    tr = _SYMM_TRANSPORTS.get(num_sms)
+    if tr is None:
+        from ._symm import SymmTransport
 
-    return SymmTransport(num_sms)
+        tr = _SYMM_TRANSPORTS[num_sms] = SymmTransport(num_sms)
+    return tr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,22 +723,42 @@ def _get_transport(name: str, num_sms: int):
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _Dispatch(Function):
+    """x [T, H] -> expand_x [R, H] (exchange + expert-major gather); adjoint: per-slot sums of the row gradients
+    (unpermute with row_of), sent back and summed per token (reduce_back)."""
+
+    @staticmethod
+    def forward(ctx, x, ids, scales_TJ, dyn, topo, tr, num_sms, cumsum):
+        has_scales, has_dyn = scales_TJ is not None, dyn is not None
+        M, MS = _meta_width(topo, has_scales, has_dyn)
+        rows, meta, pos, flat = tr.dispatch_exchange(x, ids, scales_TJ, dyn, topo, M, MS, num_sms)
+        out, es, dyn_R, tpe, recv = _launch_recv(rows, meta, topo, M, MS, has_scales=has_scales, has_dyn=has_dyn,
+                                                 cumsum=cumsum, num_sms=num_sms)
+        tctx = _Ctx(topo, pos, flat, num_sms, recv)
+        ctx.args = (tctx, tr)
+        extras = [t for t in (es, dyn_R, tpe) if t is not None]
+        ctx.mark_non_differentiable(*extras)
+        return out, es, dyn_R, tpe, tctx
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        tctx, tr = ctx.args
+        d = unpermute(g.contiguous(), tctx.recv.row_of_NJ, None)
+        return tr.reduce_back(d, tctx), None, None, None, None, None, None, None
+
+
 class _Scatter(Function):
-    """x [T, W] -> recv [N + 1, W] (slot rows, zero last row) and recv_meta; adjoint: _Return's forward."""
+    """x [T, W] -> [N, W] slot rows (replaying dispatch's plan); adjoint: _Return's forward."""
 
     @staticmethod
-    def forward(ctx, x, meta, tctx, transport, keep=True):
-        recv_x, recv_meta = transport.exchange(x, meta, tctx, keep)
+    def forward(ctx, x, tctx, transport):
         ctx.args = (tctx, transport)
-        if recv_meta is not None:
-            ctx.mark_non_differentiable(recv_meta)
-        return recv_x, recv_meta
+        return transport.replay(x.contiguous(), tctx)
 
     @staticmethod
-    def backward(ctx, grad_recv, _grad_meta):
+    def backward(ctx, grad_recv):
         tctx, transport = ctx.args
-        N = tctx.topo.N
-        return transport.reduce_back(grad_recv[:N], tctx), None, None, None, None
+        return transport.reduce_back(grad_recv, tctx), None, None
 
 
 class _Return(Function):
@@ -440,22 +772,7 @@ class _Return(Function):
     @staticmethod
     def backward(ctx, grad_y):
         tctx, transport = ctx.args
-        recv, _ = transport.exchange(grad_y.contiguous(), None, tctx)
-        return recv[:tctx.topo.N], None, None, None
-
-
-class _Expand(Function):
-    """recv [N + 1, W] -> expand [R, W] = recv[row_slot]; adjoint: per-slot sum of its rows (unpermute)."""
-
-    @staticmethod
-    def forward(ctx, recv, plan):
-        ctx.plan = plan
-        return recv.index_select(0, plan.row_slot)
-
-    @staticmethod
-    def backward(ctx, g):
-        d = unpermute(g.contiguous(), ctx.plan.row_of_NJ, None)
-        return torch.cat([d, d.new_zeros(1, d.shape[1])]), None
+        return transport.replay(grad_y.contiguous(), tctx), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,25 +783,36 @@ class _Expand(Function):
 class FusedHandle:
     """Opaque state from ``dispatch`` for ``combine`` (the seed's expandIdx / epRecvCounts / tpRecvCounts)."""
 
-    def __init__(self, topo, tctx, transport, plan, T, H, dtype, scales_src, recv_scales_NJ, counts_type):
-        self.topo, self.tctx, self.transport, self.plan = topo, tctx, transport, plan
+    def __init__(self, topo, tctx, transport, T, H, dtype, scales_src, counts_type):
+        self.topo, self.tctx, self.transport = topo, tctx, transport
         self.T, self.H, self.dtype = T, H, dtype
-        self.scales_src, self.recv_scales_NJ = scales_src, recv_scales_NJ
+        self.scales_src = scales_src
         self.counts_type = counts_type
+
+    @property
+    def recv_scales_NJ(self) -> torch.Tensor | None:
+        return self.tctx.recv.scales_NJ
+
+    @property
+    def row_of_NJ(self) -> torch.Tensor:
+        return self.tctx.recv.row_of_NJ
 
     @property
     def num_rows(self) -> int:
         return self.topo.R
 
+    def _counts_LS(self) -> torch.Tensor:
+        t = self.topo
+        return self.tctx.recv.counts_SC[:, 1:1 + t.L]
+
     def ep_recv_counts(self) -> torch.Tensor:
         """[L, P_tp·P] int32 rows each local expert received from each (TP rank, EP source)."""
-        t = self.topo
-        return self.plan.hits_NL.reshape(t.P_tp * t.P, t.B, t.L).sum(1, dtype=torch.int32).t().contiguous()
+        return self._counts_LS().t().contiguous()
 
     def tp_recv_counts(self) -> torch.Tensor:
         """[P_tp] int32 rows (token, expert) received from each TP rank's block."""
         t = self.topo
-        return self.plan.hits_NL.reshape(t.P_tp, -1).sum(1, dtype=torch.int32)
+        return self._counts_LS().reshape(t.P_tp, -1).sum(1, dtype=torch.int32)
 
     def __repr__(self) -> str:
         t = self.topo
@@ -545,33 +873,13 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
     transport_name = select_transport(x, group, transport)
     tr = _get_transport(transport_name, num_sms)
 
-    dest, local, pos, flat = _source_plan(expert_ids, topo)
     scales_TJ = None
     if expert_scales is not None:
-        scales_TJ = _extend_scales(expert_scales.detach(), topo)
+        scales_TJ = _extend_scales(expert_scales.detach(), topo).contiguous()
     x_send, dyn = (x, None) if quant is None else _quant_int8(x.detach())
-    meta = _meta_rows(dest, local, scales_TJ, dyn, topo.P)
-    tctx = _Ctx(topo, pos, flat)
-    # keep=False: the symm transport may hand back its receive buffer itself; _Expand copies out of it at once
-    recv_x, recv_meta = _Scatter.apply(x_send, meta, tctx, tr, False)
-
-    J = topo.J
-    plan = _dest_plan(recv_meta[:, :J], topo)
-    own = recv_meta[topo.tp_rank * topo.P * topo.B:(topo.tp_rank + 1) * topo.P * topo.B, :J]
-    tctx.slot_valid = (own >= 0).any(1)
-    expand_x = _Expand.apply(recv_x, plan)
-    col = J
-    recv_scales = expand_scales = dynamic_scales = None
-    if scales_TJ is not None:
-        recv_scales = recv_meta[:, col:col + J].view(torch.float32)
-        pad = torch.cat([recv_scales.reshape(-1), recv_scales.new_zeros(1)])
-        expand_scales = pad.index_select(0, plan.row_src)
-        col += J
-    if quant is not None:
-        dyn_N = torch.cat([recv_meta[:, col].view(torch.float32), recv_meta.new_zeros(1).view(torch.float32)])
-        dynamic_scales = dyn_N.index_select(0, plan.row_slot)
-    tpe = plan.counts_L if tokens_per_expert_type == "count" else torch.cumsum(plan.counts_L, 0)
-    handle = FusedHandle(topo, tctx, tr, plan, T, H, x.dtype, expert_scales, recv_scales, tokens_per_expert_type)
+    expand_x, expand_scales, dynamic_scales, tpe, tctx = _Dispatch.apply(
+        x_send.contiguous(), expert_ids, scales_TJ, dyn, topo, tr, num_sms, tokens_per_expert_type == "cumsum")
+    handle = FusedHandle(topo, tctx, tr, T, H, x.dtype, expert_scales, tokens_per_expert_type)
     return DispatchResult(expand_x, dynamic_scales, tpe, handle, expand_scales)
 
 
@@ -626,14 +934,14 @@ def combine(expand_x: torch.Tensor, handle: FusedHandle, expert_scales: torch.Te
         if expert_scales is handle.scales_src and handle.recv_scales_NJ is not None and not wants_grad:
             scales_NJ = handle.recv_scales_NJ
         else:  # send the (possibly new) scales to the destinations; differentiable
-            recv_s, _ = _Scatter.apply(_extend_scales(expert_scales, topo).contiguous(), None, tctx, tr)
-            scales_NJ = recv_s[:topo.N]
+            scales_NJ = _Scatter.apply(_extend_scales(expert_scales, topo).contiguous(), tctx, tr)
     needs_grad = torch.is_grad_enabled() and (expand_x.requires_grad or scales_NJ.requires_grad)
+    row_of = handle.row_of_NJ
     fused = getattr(tr, "combine_fused", None)
     if fused is not None and not needs_grad and topo.P_tp == 1 and comm_quant is None:
-        y = fused(expand_x, handle.plan.row_of_NJ, scales_NJ, tctx)
+        y = fused(expand_x, row_of, scales_NJ, tctx)
     else:
-        out = unpermute(expand_x, handle.plan.row_of_NJ, scales_NJ)  # [N, H] per-slot weighted sums
+        out = unpermute(expand_x, row_of, scales_NJ)  # [N, H] per-slot weighted sums
         y = _Return.apply(out, tctx, tr, comm_quant)
     if shared_expert_x is not None:
         y = y + shared_expert_x.to(y.dtype)

@@ -73,6 +73,54 @@ def _graph_step(rank, transport):
     return out
 
 
+def _no_sync_and_skew(rank, transport):
+    """(1) A warmed-up dispatch -> combine under torch.cuda.set_sync_debug_mode("error"): nothing reads the device
+    from the host. (2) The mixtral-hang pattern: new buffer shapes first used while this rank's GPU is still busy
+    (a long matmul queued just before, on rank 0 only, so the ranks' devices drift apart), with skewed routing (every
+    token to the rank's own experts: the peer receives nothing). Before the allocation protocol fix a peer's first
+    barrier signal could be erased by the late zeroing of the signal pad and the step hung."""
+    import torch.distributed as dist
+
+    from moetron.dispatch import combine, dispatch
+
+    dev = torch.device("cuda", rank)
+    H, E, K = 512, 8, 2
+    out = {}
+    with torch.no_grad():
+        x = torch.randn(64, H, device=dev, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(64)])
+        w = torch.rand(64, K, device=dev)
+        kw = dict(group=dist.group.WORLD, num_experts=E, expert_scales=w, max_tokens_per_rank=64, transport=transport)
+        r = dispatch(x, ids, **kw)
+        combine(r.expand_x, r.handle, w)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            r = dispatch(x, ids, **kw)
+            y = combine(r.expand_x, r.handle, w)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        out["no_sync"] = bool(torch.isfinite(y.float()).all())
+        big = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+        ok = []
+        for i in range(4):
+            T = 256 + 32 * i  # a new B each time: new buffers, allocated while the GPU is busy
+            xs = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+            own = (E // 2) * rank
+            ids_s = torch.stack([torch.randperm(E // 2, device=dev)[:K] + own for _ in range(T)])
+            ws = torch.rand(T, K, device=dev)
+            if rank == 0:
+                for _ in range(20):
+                    big = (big @ big).clamp_(-1, 1)
+            r = dispatch(xs, ids_s, group=dist.group.WORLD, num_experts=E, expert_scales=ws, max_tokens_per_rank=T,
+                         transport=transport)
+            y = combine(r.expand_x, r.handle, ws)
+            ok.append(torch.allclose(y.float(), (ws.sum(1, keepdim=True) * xs.float()), rtol=2e-2, atol=2e-2))
+        torch.cuda.synchronize()
+        out["skew"] = ok
+    return out
+
+
 def _world(rank, world):
     import torch.distributed as dist
 
@@ -84,7 +132,7 @@ def _world(rank, world):
         probe = torch.empty(1, device="cuda")
         chosen = select_transport(probe, dist.group.WORLD, tr)
         res[tr] = {"chosen": chosen, "scenarios": {n: _run_scenario(n, rank, "cuda", tr) for n in W2},
-                   "graph": _graph_step(rank, tr)}
+                   "graph": _graph_step(rank, tr), "sync_skew": _no_sync_and_skew(rank, tr)}
     res["auto"] = select_transport(torch.empty(1, device="cuda"), dist.group.WORLD, "auto")
     return res
 
@@ -120,3 +168,11 @@ def test_cuda_graph_replay_with_new_routing_and_determinism(gpu_world, transport
 
 def test_auto_picks_symmetric_memory_on_one_node(gpu_world):
     assert [r["auto"] for r in gpu_world] == ["symm", "symm"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_no_host_sync_and_no_hang_on_skewed_routing_with_fresh_buffers(gpu_world, transport):
+    for r in gpu_world:
+        s = r[transport]["sync_skew"]
+        assert s["no_sync"]
+        assert s["skew"] == [True] * 4
