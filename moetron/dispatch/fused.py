@@ -344,9 +344,9 @@ def _push_kernel(
                 n_loc = tl.where(d < Sh, 1, E_l)
                 cm = (c >= 1) & (c <= n_loc)
                 row = tl.zeros((CS_PAD,), tl.int32)
-                for g2 in range(0, G):
-                    row += tl.load(hist_ptr + g2 * EV + first_ve + c - 1, mask=cm, other=0)
-                    row += tl.where(c == 0, tl.load(hits_ptr + g2 * P + d), 0)
+                for g3 in range(0, G):  # not g2: Triton types a loop variable once per scope (int64 above)
+                    row += tl.load(hist_ptr + g3 * EV + first_ve + c - 1, mask=cm, other=0)
+                    row += tl.where(c == 0, tl.load(hits_ptr + g3 * P + d), 0)
                 if PEER:
                     dst = tl.load(meta_ptr + d).to(tl.pointer_type(tl.int32)) + src_row * MS + B * M
                 else:
