@@ -13,8 +13,6 @@ process per GPU).
 from __future__ import annotations
 
 import os
-import tempfile
-import time
 import traceback
 from datetime import timedelta
 
@@ -23,6 +21,7 @@ import torch
 
 from moetron import MoEConfig, MoELayer
 from moetron.parallel import ParallelLayout, reduce_gradients
+from tests._spawn import collect_world
 from tests._tolerance import assert_close_to_ref
 
 H, FF, E, K = 16, 12, 8, 2  # FF splits in two for ETP=2; E splits over EP=4
@@ -311,20 +310,6 @@ def run_cuda_world(world: int, fn, *args, timeout: float = 600.0, collective_tim
     """Run ``fn(rank, world, *args)`` on ``world`` spawned processes, rank r on cuda:r, NCCL, TF32 off; return the
     ranks' results (tensors moved to the CPU) in rank order. ``fn`` must be importable (module level). Spawn, not
     fork: the parent may already hold a CUDA context."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        ctx = mp.start_processes(_cuda_worker, args=(world, store, tmp, fn, args, collective_timeout_s),
-                                 nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                raise AssertionError(f"NCCL world of {world} ranks did not finish within {timeout} s")
-        outs = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
-    errors = [f"rank {r}:\n{o['error']}" for r, o in enumerate(outs) if "error" in o]
-    assert not errors, "\n".join(errors)
-    return [o["result"] for o in outs]
+    return collect_world(
+        _cuda_worker, lambda tmp: (world, os.path.join(tmp, "store"), tmp, fn, args, collective_timeout_s), world,
+        start_method="spawn", timeout=timeout, label="NCCL world")

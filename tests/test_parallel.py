@@ -8,7 +8,6 @@ instead of trusting ``group_ranks``; the spawned world checks the backend's grou
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -16,9 +15,9 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moetron.parallel import GROUP_NAMES, ParallelGroups, ParallelLayout, reduce_gradients
+from tests._spawn import collect_world
 
 # ---------------------------------------------------------------------------------------------------------
 # Spawn harness (gloo on the CPU)
@@ -55,21 +54,8 @@ def _start_method() -> str:
 def run_world(world: int, fn, *args, timeout: float = 150.0) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` fresh gloo ranks; return the ranks' results in rank order.
     ``fn`` must be importable (a module-level function) and return picklable values (tensors are fine)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        ctx = mp.start_processes(_worker, args=(world, store, tmp, fn, args), nprocs=world, join=False,
-                                 start_method=_start_method())
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                raise AssertionError(f"world of {world} ranks did not finish within {timeout} s")
-        outs = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
-    errors = [f"rank {r}:\n{o['error']}" for r, o in enumerate(outs) if "error" in o]
-    assert not errors, "\n".join(errors)
-    return [o["result"] for o in outs]
+    return collect_world(_worker, lambda tmp: (world, os.path.join(tmp, "store"), tmp, fn, args), world,
+                         start_method=_start_method(), timeout=timeout, label="gloo world")
 
 
 # ---------------------------------------------------------------------------------------------------------

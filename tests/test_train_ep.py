@@ -22,17 +22,15 @@ import json
 import os
 import shutil
 import socket
-import tempfile
-import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from moetron import cli
 from moetron.train import TrainConfig, train
 from moetron.train import checkpoint as ckpt
+from tests._spawn import collect_world
 
 SMALL_MODEL = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=32, num_experts=4,
                    top_k=2, moe_ffn_hidden_size=32)
@@ -92,21 +90,9 @@ def spawn(world: int, fn, *args, ports: int = 8, timeout: float = 240.0) -> list
         multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "moetron", "moetron.train.loop",
                                                 "tests.test_train_ep"])
         method = "forkserver"
-    with tempfile.TemporaryDirectory() as tmp:
-        port_list = [_free_port() for _ in range(ports)]
-        ctx = mp.start_processes(_worker, args=(world, port_list, tmp, fn, args), nprocs=world, join=False,
-                                 start_method=method)
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                raise AssertionError(f"world of {world} processes did not finish within {timeout} s")
-        outs = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
-    errors = [f"rank {r}:\n{o['error']}" for r, o in enumerate(outs) if "error" in o]
-    assert not errors, "\n".join(errors)
-    return [o["result"] for o in outs]
+    port_list = [_free_port() for _ in range(ports)]
+    return collect_world(_worker, lambda tmp: (world, port_list, tmp, fn, args), world, start_method=method,
+                         timeout=timeout, label="world")
 
 
 def _ep_jobs(rank, next_port, runs_dir, corpus):
