@@ -11,6 +11,9 @@ interpreter, or if a Triton release lacks the compiled-kernel call, it falls bac
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -19,6 +22,38 @@ try:
     from triton.runtime import _allocation
 except ImportError:  # a Triton without device-side descriptors: the TMA kernels are not used there
     _allocation = None
+
+
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+               torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+_recorded: set = set()
+
+
+def _type_name(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPE_NAMES[value.dtype]
+    if isinstance(value, float):
+        return "fp32"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
+
+
+def _record(kernel, runtime_args, constexprs: dict, options: dict) -> None:
+    """With MOETRON_RECORD_KERNELS=<dir>, append each new specialization this process launches (kernel, argument
+    types, constexprs, options) to <dir>/<pid>.jsonl. tests/test_sm90_compile.py compiles what a CPU run
+    recorded for a Hopper GPU offline: Triton's interpreter accepts programs the compiler rejects."""
+    out_dir = os.environ.get("MOETRON_RECORD_KERNELS")
+    if not out_dir:
+        return
+    fn = getattr(kernel, "fn", kernel)
+    line = json.dumps({"module": fn.__module__, "name": fn.__name__,
+                       "types": [_type_name(a) for a in runtime_args], "constexprs": constexprs,
+                       "options": options}, sort_keys=True)
+    if line not in _recorded:
+        _recorded.add(line)
+        with open(os.path.join(out_dir, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(line + "\n")
 
 
 def _torch_scratch(size: int, alignment: int, stream):
@@ -78,6 +113,7 @@ class CachedLauncher:
         return compiled
 
     def _launch(self, grid, runtime_args, constexprs, options):
+        _record(self.kernel, runtime_args, constexprs, options)
         runtime_names = [n for n in self.names if n not in constexprs]
         return self.kernel[grid](**dict(zip(runtime_names, runtime_args)), **constexprs, **options)
 

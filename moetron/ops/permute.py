@@ -38,6 +38,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .. import _env
+from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
 from .._checks import check_row_major, check_same_device, check_shape, check_tensor
 
@@ -381,18 +382,17 @@ def _route_triton(ids_R, num_experts, pad_to, capacity, num_rows) -> _Routing:
     dropped = torch.empty((), dtype=torch.int64, device=device)
     chunk_counts = torch.empty(max(num_chunks, 1), E, dtype=torch.int32, device=device)
     if num_chunks:
-        _expert_count_kernel[(num_chunks,)](
-            ids_R, chunk_counts, R, E,
-            CHUNK=cfg["CHUNK"], SUB=cfg["SUB"], BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"],
-        )
+        _launch_count((num_chunks,), (ids_R, chunk_counts, R, E),
+                      dict(CHUNK=cfg["CHUNK"], SUB=cfg["SUB"], BLOCK_E=cfg["BLOCK_E"]), num_warps=cfg["num_warps"])
         prefix = torch.cumsum(chunk_counts, 0, dtype=torch.int32)
     else:  # no slots: one chunk of zero counts, so the placing kernel still writes the per-expert outputs
         prefix = chunk_counts.zero_()
-    _place_kernel[(max(num_chunks, 1),)](
-        ids_R, prefix, row_map_R, src_slot, tokens_E, padded_E, offsets_E, dropped,
-        R, E, max(num_chunks, 1), pad_to, 0 if capacity is None else capacity,
-        HAS_CAPACITY=capacity is not None,
-        CHUNK=cfg["CHUNK"], SUB=cfg["SUB"], BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"],
+    _launch_place(
+        (max(num_chunks, 1),),
+        (ids_R, prefix, row_map_R, src_slot, tokens_E, padded_E, offsets_E, dropped,
+         R, E, max(num_chunks, 1), pad_to, 0 if capacity is None else capacity),
+        dict(HAS_CAPACITY=capacity is not None, CHUNK=cfg["CHUNK"], SUB=cfg["SUB"], BLOCK_E=cfg["BLOCK_E"]),
+        num_warps=cfg["num_warps"],
     )
     return _Routing(row_map_R, src_slot, tokens_E, padded_E, offsets_E, dropped)
 
@@ -418,6 +418,13 @@ def _route(expert_ids_TK, num_experts, probs_TK, pad_to, capacity, drop_policy, 
 # Launchers (inputs already validated; flat index tensors contiguous)
 # ---------------------------------------------------------------------------------------------------------
 
+# Cached launches (ops/_launch.py): Triton's kernel[grid](...) costs tens of microseconds of host time per call.
+_launch_count = CachedLauncher(_expert_count_kernel)
+_launch_place = CachedLauncher(_place_kernel)
+_launch_permute = CachedLauncher(_permute_kernel)
+_launch_unpermute = CachedLauncher(_unpermute_kernel)
+_launch_unpermute_bwd = CachedLauncher(_unpermute_bwd_kernel)
+
 
 
 
@@ -429,10 +436,11 @@ def _run_permute(x, src_slot, K, probs_R, out, probs_out):
     if _env.use_triton(x):
         cfg = _block_config(H, x.element_size(), on_cpu=not x.is_cuda)
         has_probs = probs_out is not None
-        _permute_kernel[(R_out,)](
-            x, src_slot, probs_R if has_probs else src_slot, out, probs_out if has_probs else src_slot,
-            H, K, x.stride(0), out.stride(0),
-            HAS_PROBS=has_probs, BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+        _launch_permute(
+            (R_out,),
+            (x, src_slot, probs_R if has_probs else src_slot, out, probs_out if has_probs else src_slot,
+             H, K, x.stride(0), out.stride(0)),
+            dict(HAS_PROBS=has_probs, BLOCK_H=cfg["BLOCK_H"]), num_warps=cfg["num_warps"],
         )
         return
     keep = src_slot >= 0
@@ -457,10 +465,10 @@ def _run_unpermute(y, row_map_R, probs_R, K, out):
     if _env.use_triton(y):
         cfg = _block_config(H, y.element_size(), on_cpu=not y.is_cuda)
         has_probs = probs_R is not None
-        _unpermute_kernel[(T,)](
-            y, row_map_R, probs_R if has_probs else row_map_R, out,
-            R_out, H, K, y.stride(0), out.stride(0),
-            HAS_PROBS=has_probs, ROUND_BF16_BITS=not y.is_cuda, BLOCK_H=cfg["BLOCK_H"],
+        _launch_unpermute(
+            (T,),
+            (y, row_map_R, probs_R if has_probs else row_map_R, out, R_out, H, K, y.stride(0), out.stride(0)),
+            dict(HAS_PROBS=has_probs, ROUND_BF16_BITS=not y.is_cuda, BLOCK_H=cfg["BLOCK_H"]),
             num_warps=cfg["num_warps"],
         )
         return
@@ -488,11 +496,13 @@ def _run_unpermute_bwd(dy, y, src_slot, probs_R, K, dy_perm, dprobs_R):
     if _env.use_triton(dy):
         cfg = _block_config(H, dy.element_size(), on_cpu=not dy.is_cuda)
         has_probs = probs_R is not None
-        _unpermute_bwd_kernel[(R_out,)](
-            dy, y if need_dprobs else dy, src_slot, probs_R if has_probs else src_slot, dy_perm,
-            dprobs_R if need_dprobs else src_slot,
-            H, K, dy.stride(0), y.stride(0) if need_dprobs else 0, dy_perm.stride(0),
-            HAS_PROBS=has_probs, NEED_DPROBS=need_dprobs, ROUND_BF16_BITS=not dy.is_cuda, BLOCK_H=cfg["BLOCK_H"],
+        _launch_unpermute_bwd(
+            (R_out,),
+            (dy, y if need_dprobs else dy, src_slot, probs_R if has_probs else src_slot, dy_perm,
+             dprobs_R if need_dprobs else src_slot, H, K, dy.stride(0), y.stride(0) if need_dprobs else 0,
+             dy_perm.stride(0)),
+            dict(HAS_PROBS=has_probs, NEED_DPROBS=need_dprobs, ROUND_BF16_BITS=not dy.is_cuda,
+                 BLOCK_H=cfg["BLOCK_H"]),
             num_warps=cfg["num_warps"],
         )
         return
