@@ -140,3 +140,29 @@ def bench_ms_ranks(fn, *, cuda: bool, collective: bool = True, group=None, warmu
         pairs.append((a, clock.mark()))
     clock.sync()
     return statistics.median(clock.ms(a, b) for a, b in pairs)
+
+
+def host_and_wall_ms(step, steps: int, warmup: int = 3) -> tuple[float, float]:
+    """(host ms per step to issue the work, wall ms per step until the GPU finished it), after ``warmup`` steps.
+    Host close to wall means the host is the bottleneck (or something syncs)."""
+    import time
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = (time.perf_counter() - t) / steps * 1e3
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t) / steps * 1e3
+
+
+def print_kernel_table(step, steps: int, rows: int, name_width: int = 70) -> None:
+    """GPU kernels of ``steps`` calls of ``step``, sorted by total time (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=name_width))
+

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import host_and_wall_ms, print_kernel_table  # noqa: E402
 from benchmarks.layer import SHAPES, build_moetron, master_weights  # noqa: E402
 
 
@@ -37,22 +37,9 @@ def main(argv=None):
             p.grad = None
         run(x).backward(dy)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    host = (time.perf_counter() - t) / args.steps * 1e3
-    torch.cuda.synchronize()
-    gpu = (time.perf_counter() - t) / args.steps * 1e3
-    print(f"{args.shape} T={args.tokens}: host {host:.2f} ms/step issued, {gpu:.2f} ms/step wall")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
-    print(table)
+    host, wall = host_and_wall_ms(step, args.steps)
+    print(f"{args.shape} T={args.tokens}: host {host:.2f} ms/step issued, {wall:.2f} ms/step wall")
+    print_kernel_table(step, args.steps, args.rows)
 
 
 if __name__ == "__main__":

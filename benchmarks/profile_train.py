@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import host_and_wall_ms, print_kernel_table  # noqa: E402
 from moetron.models import MoETransformer, preset  # noqa: E402
 
 
@@ -40,26 +40,13 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    host = (time.perf_counter() - t) / args.steps * 1e3
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / args.steps * 1e3
+    host, wall = host_and_wall_ms(step, args.steps)
     tokens = args.batch_size * args.seq_len
-    flops = cfg.flops_per_token(args.seq_len) * tokens if hasattr(cfg, "flops_per_token") else float("nan")
+    flops = cfg.flops_per_token(args.seq_len) * tokens
     print(f"{args.preset} B={args.batch_size} S={args.seq_len}: host {host:.1f} ms/step issued, wall {wall:.1f} "
           f"ms/step, {tokens / wall * 1e3:,.0f} tokens/s, {flops / wall / 1e9:.0f} TFLOP/s model FLOPs")
-    if args.no_profile:
-        return
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    if not args.no_profile:
+        print_kernel_table(step, 2, args.rows, name_width=60)
 
 
 if __name__ == "__main__":
