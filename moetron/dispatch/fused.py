@@ -26,8 +26,10 @@ The exchange (one step, either direction):
     TP (tp_group): the EP receive buffers are all-gathered over TP (fixed size), so every TP rank holds the slots of
         its experts from all P_tp·P sources; combine reduce-scatters them back (summing F-shard partial sums).
     destination: slot n = (tp rank, source, position) holds a token and the local experts it wants here. Expert l's
-        rows are its slots in slot order: row = start[l] + (hits of l in earlier slots), from a cumsum over a
-        [N, L] one-hot. ``expand_x`` gathers the slots' rows in that order.
+        rows are its slots in slot order: row = start[l] + (rows of l from earlier sources) + q, where q, the
+        column's rank among its source's columns for l, is computed by the sender and travels in the metadata,
+        and each source writes its per-expert counts next to its slots. One receive kernel copies the live slots
+        straight into ``expand_x`` in that order (three Triton kernels in all: count, push, receive).
     combine reverses it: each destination sums, per slot, sum_j scale[t, j]·h[row of (slot, j)] in fp32 (so a token
         comes back once per destination rank, not once per expert), reduce-scatters over TP, sends the slot rows
         back, and the source adds its destinations' rows in rank order (fixed order: bitwise deterministic).
