@@ -29,9 +29,10 @@ def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True, ws=False, flatten=False
                 warp_specialize=ws, flatten=flatten, tma_store=tma_store)
 
 
-def _wgrad(bk, bn, bm, warps, stages, tma=True, tma_store=False, group_k=8):
+def _wgrad(bk, bn, bm, warps, stages, tma=True, tma_store=False, group_k=8, persistent=False, flatten=False,
+           per_sm=1):
     return dict(BK=bk, BN=bn, BM=bm, num_warps=warps, num_stages=stages, tma=tma, tma_store=tma_store,
-                GROUP_K=group_k)
+                GROUP_K=group_k, persistent=persistent, flatten=flatten, programs_per_sm=per_sm)
 
 
 FWD_VARIANTS = {
@@ -44,9 +45,11 @@ FWD_VARIANTS = {
 }
 WGRAD_VARIANTS = {
     "128x128x32_w4_s5": _wgrad(128, 128, 32, 4, 5),
-    "128x128x32_w4_s5_st": _wgrad(128, 128, 32, 4, 5, tma_store=True),
-    "128x128x64_w8_s4": _wgrad(128, 128, 64, 8, 4),
+    "128x128x32_w4_s5_pers2": _wgrad(128, 128, 32, 4, 5, persistent=True, per_sm=2),
+    "128x128x32_w4_s5_pers2_fl": _wgrad(128, 128, 32, 4, 5, persistent=True, flatten=True, per_sm=2),
+    "128x128x64_w8_s3_pers_fl_st": _wgrad(128, 128, 64, 8, 3, persistent=True, flatten=True, tma_store=True),
     "128x256x64_w8_s3": _wgrad(128, 256, 64, 8, 3),
+    "128x256x64_w8_s3_pers_fl": _wgrad(128, 256, 64, 8, 3, persistent=True, flatten=True),
 }
 
 FP32_FWD_VARIANTS = {

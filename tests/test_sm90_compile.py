@@ -41,6 +41,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         main = torch.zeros(5, 32, 48)
         moetron.gmm_k(torch.randn(M, 32, dtype=dtype), torch.randn(M, 48, dtype=dtype), sizes, out=main,
                       accumulate=True)
+        if tma:  # the persistent wgrad kernel (opt-in), plain and flattened
+            gm._CONFIG_OVERRIDES["wgrad"].update(persistent=True, flatten=store)
+            moetron.gmm_k(torch.randn(M, 32, dtype=dtype), torch.randn(M, 48, dtype=dtype), sizes)
     h = torch.randn(7, 48, dtype=dtype, requires_grad=True)
     for act in ("swiglu", "geglu"):
         gated_act(h, act).sum().backward()
@@ -104,7 +107,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     names = {json.loads(line)["name"] for p in record.iterdir() for line in p.read_text().splitlines()}
-    expected = {"_gmm_kernel", "_gmm_tma_kernel", "_gmm_k_kernel", "_gmm_k_tma_kernel", "_gated_fwd_kernel",
+    expected = {"_gmm_kernel", "_gmm_tma_kernel", "_gmm_k_kernel", "_gmm_k_tma_kernel",
+                "_gmm_k_tma_persistent_kernel", "_gated_fwd_kernel",
                 "_gated_bwd_kernel", "_expert_count_kernel", "_place_kernel", "_permute_kernel", "_unpermute_kernel",
                 "_unpermute_bwd_kernel", "_count_kernel", "_push_kernel", "_recv_kernel"}
     assert expected <= names, f"the workload did not launch {sorted(expected - names)}"

@@ -338,6 +338,15 @@ def _gmm_k_tma_kernel(
         if BF16_FIXUPS:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+    _wgrad_store(acc, out_ptr, g, k_tile, n_tile, G, KA, NB, stride_og, stride_ok, stride_on, ACCUMULATE, TMA_STORE,
+                 BF16_FIXUPS, BK, BN)
+
+
+@triton.jit
+def _wgrad_store(acc, out_ptr, g, k_tile, n_tile, G, KA, NB, stride_og, stride_ok, stride_on,
+                 ACCUMULATE: tl.constexpr, TMA_STORE: tl.constexpr, BF16_FIXUPS: tl.constexpr,
+                 BK: tl.constexpr, BN: tl.constexpr):
+    """Write (or add into) the [BK, BN] tile of out[g]."""
     if TMA_STORE:  # out is [G, KA, NB] with a unit last stride
         out_desc = tl.make_tensor_descriptor(out_ptr, shape=[G, KA, NB], strides=[stride_og, stride_ok, 1],
                                              block_shape=[1, BK, BN])
@@ -352,6 +361,51 @@ def _gmm_k_tma_kernel(
         if ACCUMULATE:
             acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptrs, to_output_dtype(acc, out_ptr, BF16_FIXUPS), mask=mask)
+
+
+@triton.jit
+def _gmm_k_tma_persistent_kernel(
+    a_ptr, b_ptr, out_ptr, sizes_ptr,
+    M, KA, NB, G, num_programs,
+    stride_am, stride_bm,
+    stride_og, stride_ok, stride_on,
+    ACCUMULATE: tl.constexpr,
+    TMA_STORE: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    SIZES_ARE_ENDS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_FIXUPS: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_K: tl.constexpr,
+):
+    """Persistent variant of _gmm_k_tma_kernel, opt-in (``persistent`` in a wgrad config) until the H100 sweep
+    decides. With 128 groups a tile reduces only ~512 rows, so its prologue and epilogue weigh as much as its
+    MMAs; one long-lived program per SM walking the tiles (FLATTEN: the next tile's loads overlap this tile's
+    store) is the standard cure. The descriptors span all M rows (built once per program), so the chunk that
+    crosses the group's end is masked on both operands after the loop, as 0 * inf would be NaN."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, KA], strides=[stride_am, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[M, NB], strides=[stride_bm, 1], block_shape=[BM, BN])
+    total_tiles = G * tl.cdiv(KA, BK) * tl.cdiv(NB, BN)
+    for tile in tl.range(tl.program_id(0), total_tiles, num_programs, flatten=FLATTEN):
+        g, k_tile, n_tile = _wgrad_tile(tile, KA, NB, BK, BN, GROUP_K)
+        row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
+        acc = tl.zeros((BK, BN), dtype=tl.float32)
+        full_end = row_start + (row_end - row_start) // BM * BM
+        for r0 in range(row_start, full_end, BM):
+            a = a_desc.load([r0, k_tile * BK])
+            b = b_desc.load([r0, n_tile * BN])
+            if BF16_FIXUPS:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+        if full_end < row_end:
+            row_ok = (full_end + tl.arange(0, BM)) < row_end
+            a = tl.where(row_ok[:, None], a_desc.load([full_end, k_tile * BK]), 0.0)
+            b = tl.where(row_ok[:, None], b_desc.load([full_end, n_tile * BN]), 0.0)
+            if BF16_FIXUPS:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+        _wgrad_store(acc, out_ptr, g, k_tile, n_tile, G, KA, NB, stride_og, stride_ok, stride_on, ACCUMULATE,
+                     TMA_STORE, BF16_FIXUPS, BK, BN)
 
 
 @triton.jit
@@ -438,6 +492,7 @@ _launch_gmm_pointer = CachedLauncher(_gmm_kernel)
 _launch_gmm_tma = CachedLauncher(_gmm_tma_kernel, device_scratch=True)
 _launch_gmm_k_pointer = CachedLauncher(_gmm_k_kernel)
 _launch_gmm_k_tma = CachedLauncher(_gmm_k_tma_kernel, device_scratch=True)
+_launch_gmm_k_tma_persistent = CachedLauncher(_gmm_k_tma_persistent_kernel, device_scratch=True)
 
 
 def _tma_eligible(*tensors: torch.Tensor) -> bool:
@@ -517,11 +572,17 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     )
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("tma", True) and _tma_eligible(a, b):
-        _launch_gmm_k_tma(
-            grid, (a, b, out, groups.sizes, a.shape[0], KA, NB, G, a.stride(0), b.stride(0),
-                   out.stride(0), out.stride(1), out.stride(2)),
-            dict(TMA_STORE=cfg.get("tma_store", False) and _tma_eligible(out), **constexprs), **options,
-        )
+        constexprs["TMA_STORE"] = cfg.get("tma_store", False) and _tma_eligible(out)
+        strides = (a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2))
+        if cfg.get("persistent", False):
+            programs = _num_sms(a.device.index or 0) * cfg.get("programs_per_sm", 1) if a.is_cuda else 4
+            programs = max(1, min(programs, grid[0]))
+            _launch_gmm_k_tma_persistent(
+                (programs,), (a, b, out, groups.sizes, a.shape[0], KA, NB, G, programs, *strides),
+                dict(FLATTEN=cfg.get("flatten", False), **constexprs), **options,
+            )
+            return out
+        _launch_gmm_k_tma(grid, (a, b, out, groups.sizes, a.shape[0], KA, NB, G, *strides), constexprs, **options)
         return out
     _launch_gmm_k_pointer(
         grid, (a, b, out, groups.sizes, a.shape[0], KA, NB, G, a.stride(0), a.stride(1),

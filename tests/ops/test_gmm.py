@@ -210,16 +210,25 @@ def test_gmm_k(path, dtype, accumulate):
     _check_gmm_k(path, dtype, accumulate, K=21, N=19)
 
 
-@pytest.mark.skipif(ON_GPU, reason="on CUDA the default configs choose the store")
+WGRAD_VARIANTS = {
+    "tma_store": dict(tma_store=True),
+    "persistent": dict(persistent=True),
+    "persistent_flatten_store": dict(persistent=True, flatten=True, tma_store=True),
+}
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the default configs choose the variant")
+@pytest.mark.parametrize("variant", list(WGRAD_VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
-def test_gmm_k_tma_store(monkeypatch, dtype, accumulate):
-    # the output tile written (and, accumulating, read) through a TMA descriptor; K = 24 and N = 40 are not
-    # multiples of the 16-wide tile, so the descriptor clips the edge tiles
+def test_gmm_k_variants(monkeypatch, variant, dtype, accumulate):
+    # tma_store: the output tile written (and, accumulating, read) through a TMA descriptor; K = 24 and N = 40 are
+    # not multiples of the 16-wide tile, so the descriptor clips the edge tiles. persistent: 4 programs walk all
+    # the tiles, so one program crosses groups (empty ones included) and masks each group's last row chunk.
     monkeypatch.setenv("MOETRON_BACKEND", "triton")
     monkeypatch.setenv("MOETRON_TMA", "1")
     monkeypatch.setitem(gmm_module._CONFIG_OVERRIDES, "wgrad",
-                        dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1, tma_store=True))
+                        dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1, **WGRAD_VARIANTS[variant]))
     _check_gmm_k("cpu", dtype, accumulate, K=24, N=40)
 
 
