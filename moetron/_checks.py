@@ -8,6 +8,9 @@ from typing import Iterable
 
 import torch
 
+# The floating-point dtypes the kernels take (inputs and outputs).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def is_int(v) -> bool:
     """A real Python int (bools excluded), for config validation."""

@@ -63,13 +63,12 @@ import triton.language as tl
 from torch.autograd import Function
 
 from .. import _env
-from .._checks import check_tensor
+from .._checks import FLOAT_DTYPES, check_tensor
 from ..ops._launch import CachedLauncher
 from ..ops.permute import unpermute
 
 __all__ = ["dispatch", "combine", "DispatchResult", "FusedHandle", "select_transport"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ID_DTYPES = (torch.int32, torch.int64)
 _QUANT_MODES = (None, "int8")
 _TRANSPORTS = ("auto", "nccl", "symm")
@@ -138,7 +137,7 @@ def _is_int(v) -> bool:
 
 def _make_topo(x, ids, group, num_experts, max_tokens_per_rank, shared_expert_num, shared_expert_rank_num,
                tp_group) -> _Topo:
-    check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("expert_ids", ids, ndim=2, dtypes=_ID_DTYPES)
     T, H = x.shape
     if ids.shape[0] != T:
@@ -866,7 +865,7 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
     if not _is_int(num_sms) or num_sms < 1:
         raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
     if expert_scales is not None:
-        check_tensor("expert_scales", expert_scales, ndim=2, dtypes=_FLOAT_DTYPES)
+        check_tensor("expert_scales", expert_scales, ndim=2, dtypes=FLOAT_DTYPES)
         if tuple(expert_scales.shape) != tuple(expert_ids.shape):
             raise ValueError(f"expert_scales must have the shape of expert_ids {tuple(expert_ids.shape)}, got "
                              f"{tuple(expert_scales.shape)}")
@@ -911,7 +910,7 @@ def combine(expand_x: torch.Tensor, handle: FusedHandle, expert_scales: torch.Te
     if not isinstance(handle, FusedHandle):
         raise TypeError(f"handle must be the FusedHandle from moetron.dispatch.dispatch, got {type(handle).__name__}")
     topo = handle.topo
-    check_tensor("expand_x", expand_x, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("expand_x", expand_x, ndim=2, dtypes=FLOAT_DTYPES)
     if tuple(expand_x.shape) != (topo.R, handle.H):
         raise ValueError(f"expand_x must be [R, H] = [{topo.R}, {handle.H}] (dispatch's rows and hidden size), got "
                          f"{tuple(expand_x.shape)}")
@@ -919,7 +918,7 @@ def combine(expand_x: torch.Tensor, handle: FusedHandle, expert_scales: torch.Te
         raise ValueError(f"comm_quant must be one of {_QUANT_MODES}, got {comm_quant!r}")
     T = handle.T
     if shared_expert_x is not None:
-        check_tensor("shared_expert_x", shared_expert_x, ndim=2, dtypes=_FLOAT_DTYPES)
+        check_tensor("shared_expert_x", shared_expert_x, ndim=2, dtypes=FLOAT_DTYPES)
         if tuple(shared_expert_x.shape) != (T, handle.H):
             raise ValueError(f"shared_expert_x must be [T, H] = [{T}, {handle.H}], got "
                              f"{tuple(shared_expert_x.shape)}")
@@ -929,7 +928,7 @@ def combine(expand_x: torch.Tensor, handle: FusedHandle, expert_scales: torch.Te
             raise ValueError("expert_scales is required when dispatch was not given expert_scales")
         scales_NJ = handle.recv_scales_NJ
     else:
-        check_tensor("expert_scales", expert_scales, ndim=2, dtypes=_FLOAT_DTYPES)
+        check_tensor("expert_scales", expert_scales, ndim=2, dtypes=FLOAT_DTYPES)
         if tuple(expert_scales.shape) != (T, topo.K):
             raise ValueError(f"expert_scales must be [T, K] = [{T}, {topo.K}], got {tuple(expert_scales.shape)}")
         wants_grad = torch.is_grad_enabled() and expert_scales.requires_grad

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import FLOAT_DTYPES
 from ..ops.gmm import gmm
 from ..ops.permute import permute, unpermute
 
@@ -55,7 +56,6 @@ __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered"
 
 IMPLEMENTATION_NAME = "moetron"
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
         dtype = torch.get_autocast_dtype(device.type)
     else:
         dtype = w1.dtype
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"the experts' compute dtype must be one of fp16, bf16, fp32 (moetron.gmm), got {dtype}; "
                         "use another experts_implementation for float64")
     if T == 0 or top_k_index.shape[1] == 0:
@@ -217,7 +217,7 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     # EP sentinels (and any other id outside [0, E)): group E, zero weight
     valid = (top_k_index >= 0) & (top_k_index < E)
     ids = torch.where(valid, top_k_index, E)
-    probs = top_k_weights if top_k_weights.dtype in _FLOAT_DTYPES else top_k_weights.float()
+    probs = top_k_weights if top_k_weights.dtype in FLOAT_DTYPES else top_k_weights.float()
     probs = torch.where(valid, probs, 0)
 
     p = permute(x, ids, E + 1)

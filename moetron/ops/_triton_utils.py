@@ -1,7 +1,16 @@
 """Small @triton.jit helpers shared by the ops."""
 
+import torch
 import triton
 import triton.language as tl
+
+
+def interpreter_bf16_fixups(t: torch.Tensor) -> bool:
+    """Whether a kernel on ``t`` needs the BF16_FIXUPS path. Triton's CPU interpreter (3.9) gets bf16 wrong in
+    two places: tl.dot on bf16 tiles multiplies the raw bits, and fp32 -> bf16 rounding is off. Under the
+    interpreter, bf16 tiles go to fp32 before the dot (exact; the accumulation is fp32 either way) and the output
+    rounding is done on the bits (``to_output_dtype``)."""
+    return (not t.is_cuda) and t.dtype == torch.bfloat16
 
 
 @triton.jit

@@ -23,11 +23,10 @@ import triton.language as tl
 
 from .. import _env
 from ._launch import CachedLauncher
-from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
-from .._checks import check_row_major, check_tensor
+from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
+from .._checks import FLOAT_DTYPES, check_row_major, check_tensor
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK_F = 1024  # columns per program; F=768 (Qwen3) is one block per row
 _SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -87,11 +86,6 @@ def _grid(rows: int, f: int):
     return (rows, cdiv(f, block)), block
 
 
-def _bf16_fixups(t: torch.Tensor) -> bool:
-    # see moetron/ops/gmm.py: Triton's CPU interpreter rounds fp32 -> bf16 wrongly
-    return (not t.is_cuda) and t.dtype == torch.bfloat16
-
-
 def _forward(h: torch.Tensor, activation: str) -> torch.Tensor:
     rows, f = h.shape[0], h.shape[1] // 2
     a = torch.empty(rows, f, dtype=h.dtype, device=h.device)
@@ -101,7 +95,7 @@ def _forward(h: torch.Tensor, activation: str) -> torch.Tensor:
         return _torch_gated(h.float(), activation).to(h.dtype)
     grid, block = _grid(rows, f)
     _launch_fwd(grid, (h, a, f, h.stride(0), a.stride(0)),
-                dict(GELU=activation == "geglu", BF16_FIXUPS=_bf16_fixups(h), BLOCK_F=block), num_warps=4)
+                dict(GELU=activation == "geglu", BF16_FIXUPS=interpreter_bf16_fixups(h), BLOCK_F=block), num_warps=4)
     return a
 
 
@@ -118,7 +112,7 @@ def _backward(h: torch.Tensor, da: torch.Tensor, activation: str) -> torch.Tenso
     dh = torch.empty_like(h)
     grid, block = _grid(rows, f)
     _launch_bwd(grid, (h, da, dh, f, h.stride(0), da.stride(0), dh.stride(0)),
-                dict(GELU=activation == "geglu", BF16_FIXUPS=_bf16_fixups(dh), BLOCK_F=block), num_warps=4)
+                dict(GELU=activation == "geglu", BF16_FIXUPS=interpreter_bf16_fixups(dh), BLOCK_F=block), num_warps=4)
     return dh
 
 
@@ -139,7 +133,7 @@ def gated_act(h: torch.Tensor, activation: str = "swiglu") -> torch.Tensor:
     """``act(h[:, :F]) * h[:, F:]`` for ``h [R, 2F]`` (gate columns first, then up), returned as ``[R, F]`` in h's
     dtype; act is silu (``"swiglu"``) or tanh-approximated gelu (``"geglu"``). Computed in fp32, differentiable,
     one Triton kernel each way on CUDA (PyTorch on CPU tensors unless MOETRON_BACKEND=triton)."""
-    check_tensor("h", h, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("h", h, ndim=2, dtypes=FLOAT_DTYPES)
     if h.shape[1] % 2:
         raise ValueError(f"h must be [R, 2F] (gate then up columns), got an odd width: shape {tuple(h.shape)}")
     if activation not in GATED_ACTIVATIONS:

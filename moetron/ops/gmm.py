@@ -24,15 +24,14 @@ import triton
 import triton.language as tl
 
 from .. import _env
-from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
+from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
 from ._launch import CachedLauncher
-from .._checks import check_row_major, check_same_device, check_same_dtype, check_shape, check_tensor
+from .._checks import FLOAT_DTYPES, check_row_major, check_same_device, check_same_dtype, check_shape, check_tensor
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
 # ---------------------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Tiles the CPU interpreter uses: 16 is the smallest tl.dot takes, so tiny test shapes still span many tiles
 # and exercise the tile schedule, group edges and K tails.
@@ -96,13 +95,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def _interpreter_bf16_fixups(t: torch.Tensor) -> bool:
-    # Triton's CPU interpreter (3.9) gets bf16 wrong in two places: tl.dot on bf16 tiles multiplies the raw
-    # bits, and fp32 -> bf16 rounding is off. Under the interpreter, bf16 tiles go to fp32 before the dot
-    # (exact; the accumulation is fp32 either way) and the output rounding is done on the bits.
-    return (not t.is_cuda) and t.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -531,7 +523,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
         HAS_BIAS=bias is not None,
         **groups.kernel_args(),
         INPUT_PRECISION=_input_precision(x.dtype),
-        BF16_FIXUPS=_interpreter_bf16_fixups(x),
+        BF16_FIXUPS=interpreter_bf16_fixups(x),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
     )
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -567,7 +559,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
         ACCUMULATE=accumulate,
         **groups.kernel_args(),
         INPUT_PRECISION=_input_precision(a.dtype),
-        BF16_FIXUPS=_interpreter_bf16_fixups(a) or _interpreter_bf16_fixups(out),
+        BF16_FIXUPS=interpreter_bf16_fixups(a) or interpreter_bf16_fixups(out),
         BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"], GROUP_K=cfg.get("GROUP_K", _GROUP_M),
     )
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -763,8 +755,8 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
     are checked only with ``MOETRON_DEBUG=1``; otherwise invalid ones are clamped to [0, M] (never out of
     bounds, result unspecified).
     """
-    check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES)
-    check_tensor("w", w, ndim=3, dtypes=_FLOAT_DTYPES)
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("w", w, ndim=3, dtypes=FLOAT_DTYPES)
     check_same_dtype("w", w, "x", x)
     check_same_device("w", w, "x", x)
     M, K = x.shape
@@ -823,8 +815,8 @@ def gmm_k(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Tensor | None = 
         order (no atomics), so results are deterministic; empty groups give exact zeros (or leave ``out``
         unchanged when accumulating). Not differentiable.
     """
-    check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES)
-    check_tensor("dy", dy, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("dy", dy, ndim=2, dtypes=FLOAT_DTYPES)
     check_same_dtype("dy", dy, "x", x)
     check_same_device("dy", dy, "x", x)
     if dy.shape[0] != x.shape[0]:

@@ -40,13 +40,12 @@ from torch.autograd.function import once_differentiable
 from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
-from .._checks import check_row_major, check_same_device, check_shape, check_tensor
+from .._checks import FLOAT_DTYPES, check_row_major, check_same_device, check_shape, check_tensor
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
 # ---------------------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _DROP_POLICIES = ("probs", "position")
 
@@ -673,7 +672,7 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, *, prob
     range-checked only with ``MOETRON_DEBUG=1`` (that syncs); otherwise an id outside [0, E) drops its slot
     (row_map -1, counted in num_dropped). CPU ids are always checked.
     """
-    check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_row_major("x", x)
     check_tensor("expert_ids", expert_ids, ndim=2, dtypes=_INDEX_DTYPES)
     check_same_device("expert_ids", expert_ids, "x", x)
@@ -692,7 +691,7 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, *, prob
     if drop_policy not in _DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {_DROP_POLICIES}, got {drop_policy!r}")
     if probs is not None:
-        check_tensor("probs", probs, ndim=2, dtypes=_FLOAT_DTYPES)
+        check_tensor("probs", probs, ndim=2, dtypes=FLOAT_DTYPES)
         check_shape("probs", probs, (T, K), "[T, K], the shape of expert_ids")
         check_same_device("probs", probs, "x", x)
     elif capacity is not None and drop_policy == "probs":
@@ -760,7 +759,7 @@ def unpermute(y_permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tens
     No host sync. Rows of a GPU row_map are range-checked only with ``MOETRON_DEBUG=1``; otherwise a row outside
     [0, R_out) is treated as dropped (never read or written out of bounds). A CPU row_map is always checked.
     """
-    check_tensor("y_permuted", y_permuted, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor("y_permuted", y_permuted, ndim=2, dtypes=FLOAT_DTYPES)
     check_row_major("y_permuted", y_permuted)
     check_tensor("row_map", row_map, ndim=2, dtypes=_INDEX_DTYPES)
     check_same_device("row_map", row_map, "y_permuted", y_permuted)
@@ -771,7 +770,7 @@ def unpermute(y_permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tens
         if num_tokens != T:
             raise ValueError(f"num_tokens must equal row_map.shape[0] = {T} (row_map is [T, K]), got {num_tokens}")
     if probs is not None:
-        check_tensor("probs", probs, ndim=2, dtypes=_FLOAT_DTYPES)
+        check_tensor("probs", probs, ndim=2, dtypes=FLOAT_DTYPES)
         check_shape("probs", probs, (T, K), "[T, K], the shape of row_map")
         check_same_device("probs", probs, "y_permuted", y_permuted)
     if row_map.numel() and (row_map.device.type == "cpu" or _env.debug_checks_enabled()):
