@@ -65,3 +65,17 @@ def check_row_major(name: str, t: torch.Tensor):
     if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides "
                          f"{tuple(t.stride())}; call .contiguous() first")
+
+
+def check_out(out: torch.Tensor, *, needs_grad: bool, grad_inputs: str, dtype: torch.dtype, shape: tuple,
+              what: str, like_name: str, like: torch.Tensor):
+    """An op's ``out=`` argument: refused while autograd records (``grad_inputs`` says which inputs may require
+    grad), then it must have ``dtype`` and ``shape`` (described by ``what``), sit on ``like``'s device, and have a
+    unit last stride (the kernels store rows with unit stride)."""
+    if needs_grad:
+        raise ValueError(f"out= is not supported while autograd records ({grad_inputs} requires grad); call "
+                         "under torch.no_grad() or drop out=")
+    check_tensor("out", out, ndim=len(shape), dtypes=(dtype,))
+    check_shape("out", out, shape, what)
+    check_same_device("out", out, like_name, like)
+    check_row_major("out", out)

@@ -26,7 +26,8 @@ import triton.language as tl
 from .. import _env
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
 from ._launch import CachedLauncher
-from .._checks import FLOAT_DTYPES, check_row_major, check_same_device, check_same_dtype, check_shape, check_tensor
+from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
+                       check_tensor)
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -740,7 +741,7 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
             ``group_list``). Pass exactly one of the two.
         trans_w: read ``w`` as ``[G, N, K]``.
         bias: optional ``[G, N]`` in x's dtype or fp32.
-        out: optional ``[M, N]`` output in x's dtype (not allowed while autograd records).
+        out: optional ``[M, N]`` output in x's dtype, unit stride along N (not allowed while autograd records).
 
     Returns:
         ``[M, N]`` in x's dtype, accumulated in fp32. Rows past the last group (when the sizes add up to
@@ -780,12 +781,8 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                               or (bias is not None and bias.requires_grad))
     if out is not None:
-        if needs_grad:
-            raise ValueError("out= is not supported while autograd records (an input requires grad); "
-                             "call under torch.no_grad() or drop out=")
-        check_tensor("out", out, ndim=2, dtypes=(x.dtype,))
-        check_shape("out", out, (M, N), "[M, N]")
-        check_same_device("out", out, "x", x)
+        check_out(out, needs_grad=needs_grad, grad_inputs="an input", dtype=x.dtype, shape=(M, N), what="[M, N]",
+                  like_name="x", like=x)
         return _run_gmm(x, w, bias, groups, out, trans_w)
     if not needs_grad:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)

@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
-from .._checks import FLOAT_DTYPES, check_row_major, check_same_device, check_shape, check_tensor
+from .._checks import FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_shape, check_tensor
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -708,13 +708,8 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, *, prob
                              f"[{lo}, {hi}]")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (probs is not None and probs.requires_grad))
     if out is not None:
-        if needs_grad:
-            raise ValueError("out= is not supported while autograd records (x or probs requires grad); call "
-                             "under torch.no_grad() or drop out=")
-        check_tensor("out", out, ndim=2, dtypes=(x.dtype,))
-        check_shape("out", out, (num_rows, H), "[R_out, H], R_out from permuted_rows()")
-        check_same_device("out", out, "x", x)
-        check_row_major("out", out)
+        check_out(out, needs_grad=needs_grad, grad_inputs="x or probs", dtype=x.dtype, shape=(num_rows, H),
+                  what="[R_out, H], R_out from permuted_rows()", like_name="x", like=x)
     return _permute(x, expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, out)
 
 
@@ -781,13 +776,8 @@ def unpermute(y_permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tens
     needs_grad = torch.is_grad_enabled() and (y_permuted.requires_grad
                                               or (probs is not None and probs.requires_grad))
     if out is not None:
-        if needs_grad:
-            raise ValueError("out= is not supported while autograd records (y_permuted or probs requires grad); "
-                             "call under torch.no_grad() or drop out=")
-        check_tensor("out", out, ndim=2, dtypes=(y_permuted.dtype,))
-        check_shape("out", out, (T, H), "[T, H]")
-        check_same_device("out", out, "y_permuted", y_permuted)
-        check_row_major("out", out)
+        check_out(out, needs_grad=needs_grad, grad_inputs="y_permuted or probs", dtype=y_permuted.dtype,
+                  shape=(T, H), what="[T, H]", like_name="y_permuted", like=y_permuted)
         probs_R = None if probs is None else probs.reshape(T * K).contiguous()
         _run_unpermute(y_permuted, row_map.reshape(T * K).contiguous(), probs_R, K, out)
         return out

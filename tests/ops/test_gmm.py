@@ -349,6 +349,9 @@ def test_bad_input_autograd_out_and_main_grad():
     x, w, s = _ok_inputs()
     with pytest.raises(ValueError, match="out= is not supported while autograd records"):
         moetron.gmm(x.requires_grad_(True), w, s, out=torch.empty(8, 3))
+    # the kernels store rows with unit stride: a transposed out would be written wrongly
+    with pytest.raises(ValueError, match="out must be contiguous in its last dimension"):
+        moetron.gmm(x.detach(), w, s, out=torch.empty(3, 8).t())
     w = w.clone().requires_grad_(True)
     w.main_grad = torch.zeros(2, 4, 3, dtype=torch.float16)
     with pytest.raises(TypeError, match="w.main_grad must have dtype"):
