@@ -3,6 +3,7 @@ what was expected and what was received, so kernels only ever see validated shap
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterable
 
@@ -25,6 +26,16 @@ def is_real(v) -> bool:
 def config_error(config: str, field: str, expected: str, got) -> ValueError:
     """The error a config dataclass raises for a bad field: names the field, what was expected and what came."""
     return ValueError(f"{config}.{field} must be {expected}, got {got!r}")
+
+
+def config_from_dict(cls, d: dict):
+    """``cls(**d)`` for a config dataclass, with an error naming the keys it does not know (a config.json written by
+    another version, say) instead of a TypeError from the constructor."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {unknown}; known fields: {sorted(names)}")
+    return cls(**d)
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:

@@ -146,7 +146,7 @@ def _train_config(given: dict):
                  runs_dir=os.path.dirname(run_dir) or ".")
     saved["model_overrides"] = {**saved.get("model_overrides", {}), **overrides}
     saved.update(given)
-    return TrainConfig(**saved)
+    return TrainConfig.from_dict(saved)
 
 
 def _cmd_train(args) -> int:

@@ -130,7 +130,7 @@ def test_resume_is_exact(tmp_path, corpus_file, variant):
         assert bias and any(wa[k].abs().sum() > 0 for k in bias)  # the bias really moved
 
 
-def test_resume_refuses_an_incompatible_config(tmp_path, corpus_file):
+def test_resume_refuses_an_incompatible_config(tmp_path, corpus_file, capsys):
     train(_cfg(tmp_path, corpus_file, steps=4, stop_at=2), log=_quiet)
     with pytest.raises(ResumeError, match=r"model\.hidden_size: checkpoint 32, now 64"):
         train(_cfg(tmp_path, corpus_file, steps=4, resume=True, model_overrides=dict(SMALL_MODEL, hidden_size=64)),
@@ -146,6 +146,14 @@ def test_resume_refuses_an_incompatible_config(tmp_path, corpus_file):
     assert cli.main(["train", "--resume", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--no-progress"]) == 0
     assert cli.main(["train", "--resume", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--steps", "6",
                      "--set", "num_experts=8", "--no-progress"]) == 2
+    # a config.json with a setting this version does not know is named, not a TypeError
+    path = os.path.join(str(tmp_path / "runs"), "r", "config.json")
+    saved = json.load(open(path))
+    saved["train"]["warp_drive"] = True
+    json.dump(saved, open(path, "w"))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--no-progress"]) == 2
+    assert "TrainConfig has no fields ['warp_drive']" in capsys.readouterr().err
 
 
 def test_bad_data_errors(tmp_path, corpus_file):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoEConfig, MoELayer
-from .._checks import config_error, is_int
+from .._checks import config_error, config_from_dict, is_int
 
 __all__ = ["ModelConfig", "MoETransformer", "PRESETS", "preset"]
 
@@ -222,11 +222,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ModelConfig has no fields {unknown}; known fields: {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # Named model presets. The training settings that go with each (steps, batch, LR) are in

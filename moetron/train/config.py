@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from .._checks import config_error, is_int, is_real
+from .._checks import config_error, config_from_dict, is_int, is_real
 
 __all__ = ["TrainConfig", "PRESET_TRAIN", "RESUME_MUST_MATCH"]
 
@@ -168,10 +168,6 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"TrainConfig has no fields {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
