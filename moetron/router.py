@@ -568,17 +568,23 @@ class TopKRouter(torch.nn.Module):
 
         return RouterOutput(probs_TK, ids_TK, logits_TE, tokens_per_expert, losses)
 
+    def _aux_scores(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores the aux losses see (Megatron's compute_routing_scores_for_aux_loss) and each token's top-K
+        experts by them: softmax over all E, or sigmoid normalised to sum to 1. Independent of group-limited
+        routing and the expert bias, as in Megatron."""
+        if self.config.score_function == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores_TE, torch.topk(scores_TE.detach(), self.config.top_k, dim=-1)[1]
+
     def _aux_losses(self, logits_TE: torch.Tensor, seq_len: int | None) -> dict[str, torch.Tensor]:
         """Megatron's compute_routing_scores_for_aux_loss + switch_load_balancing_loss_func for each aux type.
         Not divided by the coefficient: the caller multiplies."""
         cfg = self.config
         T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
-        if cfg.score_function == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1)
-        else:
-            scores_TE = torch.sigmoid(logits_TE)
-            scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
-        ids_TK = torch.topk(scores_TE.detach(), K, dim=-1)[1]
+        scores_TE, ids_TK = self._aux_scores(logits_TE)
         out = {}
         if "aux_loss" in self._aux_coeffs or "global_aux_loss" in self._aux_coeffs:
             counts_E = _count(ids_TK.reshape(1, -1), E, scores_TE.dtype).view(E)
@@ -609,12 +615,7 @@ class TopKRouter(torch.nn.Module):
         cfg = self.config
         T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
         dt = logits_TE.dtype
-        if cfg.score_function == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1)
-        else:
-            scores_TE = torch.sigmoid(logits_TE)
-            scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
-        ids_TK = torch.topk(scores_TE.detach(), K, dim=-1)[1]
+        scores_TE, ids_TK = self._aux_scores(logits_TE)
         counts_E = _count(ids_TK.reshape(1, -1), E, torch.float64).view(E)
         scores_sum_E = scores_TE.sum(dim=0)
         zero = logits_TE.new_zeros((), dtype=torch.float64)
