@@ -88,11 +88,11 @@ def _grid(rows: int, f: int):
 
 def _forward(h: torch.Tensor, activation: str) -> torch.Tensor:
     rows, f = h.shape[0], h.shape[1] // 2
-    a = torch.empty(rows, f, dtype=h.dtype, device=h.device)
     if rows == 0 or f == 0:
-        return a
+        return h.new_empty(rows, f)
     if not _env.use_triton(h):
         return _torch_gated(h.float(), activation).to(h.dtype)
+    a = torch.empty(rows, f, dtype=h.dtype, device=h.device)
     grid, block = _grid(rows, f)
     _launch_fwd(grid, (h, a, f, h.stride(0), a.stride(0)),
                 dict(GELU=activation == "geglu", BF16_FIXUPS=interpreter_bf16_fixups(h), BLOCK_F=block), num_warps=4)
