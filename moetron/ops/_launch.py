@@ -98,8 +98,7 @@ class CachedLauncher:
             return self._launch(grid, runtime_args, constexprs, options)
         if self.device_scratch:
             ensure_scratch_allocator()
-        key = (torch.cuda.current_device(), tuple(_arg_key(a) for a in runtime_args),
-               tuple(constexprs.items()), tuple(options.items()))
+        key = self._key(runtime_args, constexprs, options)
         hit = self._compiled.get(key)
         if hit is None:
             compiled = self._launch(grid, runtime_args, constexprs, options)
@@ -112,8 +111,71 @@ class CachedLauncher:
         compiled[grid](*[constexprs[n] if c else next(it) for n, c in zip(self.names, is_constexpr)])
         return compiled
 
+    @staticmethod
+    def _key(runtime_args, constexprs: dict, options: dict) -> tuple:
+        return (torch.cuda.current_device(), tuple(_arg_key(a) for a in runtime_args), tuple(constexprs.items()),
+                tuple(options.items()))
+
+    def relauncher(self, grid, runtime_args, constexprs: dict, options: dict):
+        """After a launch with these arguments: ``f(tensors)`` launches the same compiled kernel with the same grid
+        and non-tensor arguments, and ``tensors`` in place of the tensors of ``runtime_args`` (same order). None
+        under the interpreter or before the first launch. The caller's cache key must pin everything the
+        specialization and the non-tensor arguments depend on (dtypes, 16-byte alignment, shapes, strides)."""
+        hit = self._compiled.get(self._key(runtime_args, constexprs, options)) if self._compiled else None
+        if hit is None:
+            return None
+        compiled, is_constexpr = hit
+        it = iter(runtime_args)
+        template = [constexprs[n] if c else next(it) for n, c in zip(self.names, is_constexpr)]
+        slots = [i for i, v in enumerate(template) if isinstance(v, torch.Tensor)]
+        for i in slots:
+            template[i] = None  # hold no reference to this call's tensors
+        runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]
+        scratch = self.device_scratch
+
+        def relaunch(tensors):
+            if scratch:
+                ensure_scratch_allocator()
+            args = template.copy()
+            for i, t in zip(slots, tensors):
+                args[i] = t
+            runner(*args)
+
+        return relaunch
+
     def _launch(self, grid, runtime_args, constexprs, options):
         _record(self.kernel, runtime_args, constexprs, options)
         runtime_names = [n for n in self.names if n not in constexprs]
         return self.kernel[grid](**dict(zip(runtime_names, runtime_args)), **constexprs, **options)
 
+
+
+class LaunchPlans:
+    """Ready-to-run launches of one call site, keyed by everything that decides the launch except the tensors'
+    addresses. A hit skips the call site's Python (config choice, argument lists, specialization key) and runs
+    the compiled kernel straight away: the host cost of a small grouped GEMM is mostly that Python, and it runs
+    2-4x slower on autograd's backward thread than on the main thread (benchmarks/NOTES.md)."""
+
+    def __init__(self, max_entries: int = 512):
+        self._plans: dict = {}
+        self.max_entries = max_entries
+
+    def run(self, key, tensors) -> bool:
+        """Launch the plan of ``key`` with ``tensors``; False if there is none yet."""
+        plan = self._plans.get(key)
+        if plan is None:
+            return False
+        plan(tensors)
+        return True
+
+    def add(self, key, launcher: CachedLauncher, grid, runtime_args, constexprs: dict, options: dict) -> None:
+        """Remember the launch just made through ``launcher`` with these arguments under ``key``."""
+        relaunch = launcher.relauncher(grid, runtime_args, constexprs, options)
+        if relaunch is None:
+            return
+        if len(self._plans) >= self.max_entries:  # e.g. a new row count every step: start over, never grow
+            self._plans.clear()
+        self._plans[key] = relaunch
+
+    def clear(self) -> None:
+        self._plans.clear()

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import _env
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
-from ._launch import CachedLauncher
+from ._launch import CachedLauncher, LaunchPlans
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
                        check_tensor)
 
@@ -511,7 +511,30 @@ def _tma_eligible(*tensors: torch.Tensor) -> bool:
     return True
 
 
+_FWD_PLANS = LaunchPlans()
+_WGRAD_PLANS = LaunchPlans()
+
+
+def _plan_key(tensors, extra) -> tuple | None:
+    """The LaunchPlans key of a CUDA launch on ``tensors`` (None: take the full path). Shapes, strides and
+    dtypes decide every non-tensor argument and the specialization; addresses only through their 16-byte
+    alignment, so misaligned operands (rare) always take the full path."""
+    t0 = tensors[0]
+    if not t0.is_cuda or _CONFIG_OVERRIDES:
+        return None
+    parts = [torch.cuda.current_device(), t0.device.index, os.environ.get("MOETRON_TMA", "auto"), *extra]
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return None
+        parts += (t.shape, t.stride(), t.dtype)
+    return tuple(parts)
+
+
 def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
+    tensors = (x, w, bias if bias is not None else out, out, groups.sizes)
+    plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends))
+    if plan_key is not None and _FWD_PLANS.run(plan_key, tensors):
+        return out
     M, K = x.shape
     N = out.shape[1]
     G = groups.num_groups
@@ -532,26 +555,28 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     if cfg.get("tma", True) and _tma_eligible(x, w):
         tma_store = cfg.get("tma_store", False) and _tma_eligible(out)
-        _launch_gmm_tma(
-            (programs,),
-            (x, w, bias_arg, out, groups.sizes, M, N, K, G, programs, x.stride(0), w.stride(0), w.stride(1),
-             *bias_strides, out.stride(0)),
-            dict(TRANS_W=trans_w, WARP_SPECIALIZE=cfg.get("warp_specialize", False),
-                 FLATTEN=cfg.get("flatten", False), TMA_STORE=tma_store, **constexprs), **options,
-        )
-        return out
-    # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
-    stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
-    _launch_gmm_pointer(
-        (programs,),
-        (x, w, bias_arg, out, groups.sizes, M, N, K, G, programs, x.stride(0), x.stride(1),
-         w.stride(0), stride_wk, stride_wn, *bias_strides, out.stride(0), out.stride(1)),
-        constexprs, **options,
-    )
+        launcher = _launch_gmm_tma
+        args = (x, w, bias_arg, out, groups.sizes, M, N, K, G, programs, x.stride(0), w.stride(0), w.stride(1),
+                *bias_strides, out.stride(0))
+        constexprs.update(TRANS_W=trans_w, WARP_SPECIALIZE=cfg.get("warp_specialize", False),
+                          FLATTEN=cfg.get("flatten", False), TMA_STORE=tma_store)
+    else:
+        # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
+        stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
+        launcher = _launch_gmm_pointer
+        args = (x, w, bias_arg, out, groups.sizes, M, N, K, G, programs, x.stride(0), x.stride(1),
+                w.stride(0), stride_wk, stride_wn, *bias_strides, out.stride(0), out.stride(1))
+    launcher((programs,), args, constexprs, **options)
+    if plan_key is not None:
+        _FWD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options)
     return out
 
 
 def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
+    tensors = (a, b, out, groups.sizes)
+    plan_key = _plan_key(tensors, (accumulate, groups.are_ends))
+    if plan_key is not None and _WGRAD_PLANS.run(plan_key, tensors):
+        return out
     KA, NB = a.shape[1], b.shape[1]
     G = groups.num_groups
     cfg = _CONFIG_OVERRIDES.get("wgrad") or _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda)
@@ -569,19 +594,20 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
         strides = (a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2))
         if cfg.get("persistent", False):
             programs = _num_sms(a.device.index or 0) * cfg.get("programs_per_sm", 1) if a.is_cuda else 4
-            programs = max(1, min(programs, grid[0]))
-            _launch_gmm_k_tma_persistent(
-                (programs,), (a, b, out, groups.sizes, a.shape[0], KA, NB, G, programs, *strides),
-                dict(FLATTEN=cfg.get("flatten", False), **constexprs), **options,
-            )
-            return out
-        _launch_gmm_k_tma(grid, (a, b, out, groups.sizes, a.shape[0], KA, NB, G, *strides), constexprs, **options)
-        return out
-    _launch_gmm_k_pointer(
-        grid, (a, b, out, groups.sizes, a.shape[0], KA, NB, G, a.stride(0), a.stride(1),
-               b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2)),
-        constexprs, **options,
-    )
+            grid = (max(1, min(programs, grid[0])),)
+            launcher = _launch_gmm_k_tma_persistent
+            args = (a, b, out, groups.sizes, a.shape[0], KA, NB, G, grid[0], *strides)
+            constexprs["FLATTEN"] = cfg.get("flatten", False)
+        else:
+            launcher = _launch_gmm_k_tma
+            args = (a, b, out, groups.sizes, a.shape[0], KA, NB, G, *strides)
+    else:
+        launcher = _launch_gmm_k_pointer
+        args = (a, b, out, groups.sizes, a.shape[0], KA, NB, G, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                out.stride(0), out.stride(1), out.stride(2))
+    launcher(grid, args, constexprs, **options)
+    if plan_key is not None:
+        _WGRAD_PLANS.add(plan_key, launcher, grid, args, constexprs, options)
     return out
 
 

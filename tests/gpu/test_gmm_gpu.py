@@ -138,3 +138,52 @@ def test_bitwise_deterministic():
         results.append((out, xg.grad, wg.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_launch_plans_rerun_with_new_tensors():
+    """The second call of a shape reuses the first call's launch plan (moetron.ops._launch.LaunchPlans): new data,
+    new group sizes, counts vs ends, bias vs none, a misaligned operand and a new row count must all still be
+    right, and a plan must not keep the tensors of the call that made it alive."""
+    import gc
+    import weakref
+
+    import importlib
+
+    gmm_module = importlib.import_module("moetron.ops.gmm")
+
+    gen = torch.Generator().manual_seed(5)
+    K, N, G = 192, 320, 7
+
+    def check(M, bias=False, misalign=False, ends=False):
+        storage = torch.randn(M * K + 8, generator=gen).to("cuda", torch.bfloat16)
+        x = storage[1:1 + M * K].view(M, K) if misalign else storage[:M * K].view(M, K)
+        w = (torch.randn(G, K, N, generator=gen) / math.sqrt(K)).to("cuda", torch.bfloat16)
+        b = torch.randn(G, N, generator=gen).to("cuda", torch.bfloat16) if bias else None
+        counts = torch.randint(0, M // G + 40, (G,), generator=gen)
+        counts[2] = 0
+        counts = (counts * M // max(int(counts.sum()), 1))
+        sizes = torch.cumsum(counts, 0) if ends else counts
+        out = moetron.gmm(x, w, **{("offsets" if ends else "group_sizes"): sizes.cuda()}, bias=b)
+        ref = torch.zeros(M, N, device="cuda")
+        s = 0
+        for g, c in enumerate(counts.tolist()):
+            ref[s:s + c] = x[s:s + c].float() @ w[g].float() + (b[g].float() if bias else 0)
+            s += c
+        assert_close_to_ref("out", out, ref, ref.to(torch.bfloat16))
+        dy = torch.randn(M, N, generator=gen).to("cuda", torch.bfloat16)
+        dw = moetron.gmm_k(x, dy, sizes.cuda() if not ends else None, offsets=sizes.cuda() if ends else None)
+        s = 0
+        for g, c in enumerate(counts.tolist()):
+            ref_g = x[s:s + c].float().t() @ dy[s:s + c].float()
+            assert_close_to_ref(f"dw[{g}]", dw[g], ref_g, ref_g.to(torch.bfloat16))
+            s += c
+        return weakref.ref(x)
+
+    for M in (513, 513, 1024, 513):
+        check(M)
+    for kwargs in (dict(bias=True), dict(bias=True), dict(ends=True), dict(ends=True), dict(misalign=True)):
+        check(513, **kwargs)
+    assert len(gmm_module._FWD_PLANS._plans) > 0, "no plan was recorded: the fast path is not exercised"
+    ref = check(640)
+    gc.collect()
+    assert ref() is None, "a launch plan keeps a caller's tensor alive"
