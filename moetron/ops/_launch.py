@@ -132,6 +132,8 @@ class CachedLauncher:
             template[i] = None  # hold no reference to this call's tensors
         runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]
         scratch = self.device_scratch
+        device = torch.cuda.current_device()
+        current_stream = torch._C._cuda_getCurrentRawStream
 
         def relaunch(tensors):
             if scratch:
@@ -139,7 +141,8 @@ class CachedLauncher:
             args = template.copy()
             for i, t in zip(slots, tensors):
                 args[i] = t
-            runner(*args)
+            # the stream straight from torch (what Triton's runner would look up through its driver layer)
+            runner(*args, stream=current_stream(device))
 
         return relaunch
 
