@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -86,7 +87,7 @@ def _providers(x, w, sizes, offsets, streams):
     }
 
 
-def run(dtype_names, case_names, modes, providers, out_name):
+def run(dtype_names, case_names, modes, providers, out_name, rounds=3):
     dev = "cuda"
     streams = [torch.cuda.Stream() for _ in range(4)]
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows: every provider under the same TF32 setting
@@ -103,31 +104,48 @@ def run(dtype_names, case_names, modes, providers, out_name):
             w = torch.randn(G, K, N, device=dev, dtype=dtype) / math.sqrt(K)
             dy = torch.randn(M, N, device=dev, dtype=dtype)
             fns = _providers(x, w, sizes, offsets, streams)
-            ref = None
             flops = 2 * M * K * N
-            for provider in providers:
-                fn = fns[provider]
-                for mode in modes:
+            ref = None
+            for mode in modes:
+                rows_here = {}
+                for provider in providers:
                     row = {"case": name, "provider": provider, "mode": mode, "dtype": dtype_name,
-                           "M": M, "K": K, "N": N, "G": G}
-                    try:
-                        if mode == "fwd":
-                            out = fn(x, w)
+                           "M": M, "K": K, "N": N, "G": G, "ms_rounds": []}
+                    rows_here[provider] = row
+                    if mode == "fwd":
+                        try:
+                            out = fns[provider](x, w)
                             if provider == "loop":
                                 ref = out.float()
                             if provider != "dense" and ref is not None:
                                 row["rel_err_vs_loop"] = ((out.float() - ref).norm() / ref.norm()).item()
-                            row["ms"] = bench_ms(lambda: fn(x, w))
-                        else:
-                            xg = x.clone().requires_grad_(True)
-                            wg = w.clone().requires_grad_(True)
-                            row["ms"] = bench_ms(lambda: fn(xg, wg).backward(dy), grad_to_none=[xg, wg])
-                            del xg, wg
+                        except Exception as e:  # a provider that cannot run a case is recorded, not fatal
+                            row["error"] = repr(e)[:300]
+                # the providers take turns, `rounds` times: this machine's clocks drift by ~10% within a minute
+                # (benchmarks/NOTES.md), so one back-to-back pair of timings can mislead
+                for _ in range(rounds):
+                    for provider, row in rows_here.items():
+                        if "error" in row:
+                            continue
+                        fn = fns[provider]
+                        try:
+                            if mode == "fwd":
+                                row["ms_rounds"].append(bench_ms(lambda x=x, w=w: fn(x, w)))
+                            else:
+                                xg = x.clone().requires_grad_(True)
+                                wg = w.clone().requires_grad_(True)
+                                row["ms_rounds"].append(bench_ms(lambda dy=dy: fn(xg, wg).backward(dy),
+                                                                 grad_to_none=[xg, wg]))
+                                del xg, wg
+                        except Exception as e:
+                            row["error"] = repr(e)[:300]
+                for row in rows_here.values():
+                    if row["ms_rounds"] and "error" not in row:
+                        row["ms"] = statistics.median(row["ms_rounds"])
                         row["tflops"] = (flops if mode == "fwd" else 3 * flops) / row["ms"] / 1e9
-                    except Exception as e:  # a provider that cannot run a case is recorded, not fatal
-                        row["error"] = repr(e)[:300]
                     rows.append(row)
-                    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                           if k != "ms_rounds"}, flush=True)
             del x, w, dy, ref, fns
             torch.cuda.empty_cache()
     path = write_results(out_name, rows)
@@ -198,12 +216,13 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--out-name", default="gmm", help="results file stem (benchmarks/results/<stem>_<gpu>.json)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timings per provider; the median is kept")
     args = parser.parse_args(argv)
     if args.self_check:
         return self_check()
     if not torch.cuda.is_available():
         parser.error("timing needs a CUDA GPU; on a CPU machine use --self-check")
-    run(args.dtype, args.cases, args.modes, args.providers, args.out_name)
+    run(args.dtype, args.cases, args.modes, args.providers, args.out_name, args.rounds)
     return 0
 
 
