@@ -455,12 +455,13 @@ class MoELayer(nn.Module):
         x_TH = x.reshape(-1, c.hidden_size).contiguous()
 
         route: RouterOutput = self.router(x_TH, seq_len)
-        # queued before dispatch: the device works on it while an all-to-all dispatcher waits for split sizes
-        y_shared = self.shared_experts(x_TH) if self.shared_experts is not None else None
         x_send = x_TH
-        if self.dispatcher.name != "local" and torch.is_autocast_enabled(x.device.type):
-            # the experts compute in the autocast dtype anyway: communicate in it too (half the bytes of fp32)
+        if torch.is_autocast_enabled(x.device.type):
+            # the experts compute in the autocast dtype anyway: cast the T rows once here, so the permutation
+            # (or the all-to-all) moves half the bytes of fp32 and the experts do not cast T·K rows
             x_send = x_TH.to(torch.get_autocast_dtype(x.device.type))
+        # queued before dispatch: the device works on it while an all-to-all dispatcher waits for split sizes
+        y_shared = self.shared_experts(x_send) if self.shared_experts is not None else None
         d = self.dispatcher.dispatch(x_send, route.probs, route.expert_ids)
         h = self.experts(d.x, d.offsets)
         y_TH = self.dispatcher.combine(h, d.handle)
