@@ -14,20 +14,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moetron  # noqa: E402
+from benchmarks.gmm_overhead import host_us  # noqa: E402
 
 gmm_module = importlib.import_module("moetron.ops.gmm")
-
-
-def host_us(fn, n=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return elapsed / n * 1e6
 
 
 def python_work():
