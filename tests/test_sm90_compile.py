@@ -5,9 +5,10 @@ passed every interpreter test and failed only on the H100. Here a workload runs 
 MOETRON_RECORD_KERNELS set (every kernel specialization it launches is written down: argument types, constexprs,
 warps, stages), and a second process without the interpreter compiles each one with ``triton.compile`` for
 GPUTarget("cuda", 90, 32). The workload covers gmm (pointer and TMA kernels, every epilogue, trans_w, bias,
-counts and offsets, fp32/bf16/fp16), gmm_k (overwrite, accumulate, TMA store), the gated activations, permute
-and unpermute (dropless, padded, capacity) with their backward, and the fused dispatch/combine kernels (the CPU
-tests of tests/test_fused_dispatch.py, symmetric-memory emulation included).
+counts and offsets, fp32/bf16/fp16), gmm_k (overwrite, accumulate, TMA store), the gated activations, rotary,
+rms_norm (interpreter and GPU tile shapes, mixed x/weight/output dtypes), permute and unpermute (dropless, padded,
+capacity) with their backward, and the fused dispatch/combine kernels (the CPU tests of
+tests/test_fused_dispatch.py, symmetric-memory emulation included).
 """
 
 import json
@@ -23,6 +24,8 @@ WORKLOAD = r"""
 import importlib, torch, moetron
 from moetron.ops import gated_act, permute, unpermute
 gm = importlib.import_module("moetron.ops.gmm")
+rn = importlib.import_module("moetron.ops.rmsnorm")
+from moetron.ops.rotary import apply_rotary
 torch.manual_seed(0)
 sizes = torch.tensor([40, 0, 16, 33, 1])
 M = int(sizes.sum()) + 5
@@ -47,6 +50,20 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     h = torch.randn(7, 48, dtype=dtype, requires_grad=True)
     for act in ("swiglu", "geglu"):
         gated_act(h, act).sum().backward()
+    for gpu_tiles in (False, True):  # the interpreter's small tiles, then the ones a GPU launch would pick
+        rn._GPU_CONFIG_ON_CPU = gpu_tiles
+        for rows, width, w_dtype, out_dtype in ((33, 48, torch.float32, None),
+                                                (7, 100, torch.bfloat16, torch.bfloat16)):
+            xn = torch.randn(rows, width, dtype=dtype, requires_grad=True)
+            wn = torch.randn(width, dtype=w_dtype, requires_grad=True)
+            rn.rms_norm(xn, wn, 1e-6, out_dtype).float().sum().backward()
+    xn = torch.randn(2, 8192, dtype=dtype, requires_grad=True)  # the widest row: one row per program, 16 warps
+    rn.rms_norm(xn, torch.ones(8192, requires_grad=True), 1e-6).float().sum().backward()
+    rn._GPU_CONFIG_ON_CPU = False
+    xr = torch.randn(2, 3, 5, 24, dtype=dtype).transpose(1, 2).requires_grad_(True)  # strided [B, S, N, D]
+    apply_rotary(xr, torch.randn(7, 24), torch.randn(7, 24)).sum().backward()  # [P, D] tables
+    xr = torch.randn(1, 4, 2, 128, dtype=dtype, requires_grad=True)
+    apply_rotary(xr, torch.randn(4, 64), torch.randn(4, 64)).sum().backward()  # [P, D/2] tables
     x = torch.randn(6, 32, dtype=dtype, requires_grad=True)
     ids = torch.randint(0, 4, (6, 2))
     probs = torch.rand(6, 2, requires_grad=True)
@@ -108,7 +125,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     names = {json.loads(line)["name"] for p in record.iterdir() for line in p.read_text().splitlines()}
     expected = {"_gmm_kernel", "_gmm_tma_kernel", "_gmm_k_kernel", "_gmm_k_tma_kernel",
-                "_gmm_k_tma_persistent_kernel", "_gated_fwd_kernel",
+                "_gmm_k_tma_persistent_kernel", "_gated_fwd_kernel", "_rotary_kernel",
+                "_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel",
                 "_gated_bwd_kernel", "_expert_count_kernel", "_place_kernel", "_permute_kernel", "_unpermute_kernel",
                 "_unpermute_bwd_kernel", "_count_kernel", "_push_kernel", "_recv_kernel"}
     assert expected <= names, f"the workload did not launch {sorted(expected - names)}"

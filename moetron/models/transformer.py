@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoEConfig, MoELayer
+from ..ops.rmsnorm import rms_norm
+from ..ops.rotary import apply_rotary
 from .._checks import config_error, config_from_dict, is_int
 
 __all__ = ["ModelConfig", "MoETransformer", "PRESETS", "preset"]
@@ -257,8 +259,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x):
-        # The weight in x's dtype: under bf16 autocast q and k arrive in bf16, and a dtype mismatch would send
-        # rms_norm to its slow unfused path. The kernel accumulates in fp32 either way.
+        if x.is_cuda:
+            # moetron's fused kernel; under autocast it writes the autocast dtype straight away (the next op is a
+            # GEMM that would cast the fp32 norm output anyway, once per consumer)
+            autocast = torch.is_autocast_enabled("cuda")
+            return rms_norm(x, self.weight, self.eps, torch.get_autocast_dtype("cuda") if autocast else None)
+        # CPU: torch's fused rms_norm, with the weight in x's dtype (a mismatch sends it to the unfused path)
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
@@ -270,7 +276,11 @@ def _rotary_tables(cfg: ModelConfig, device=None):
     return angles.cos().float(), angles.sin().float()
 
 
-def _apply_rotary(x_BNSD, cos_SD, sin_SD):
+def _apply_rotary(x_BSND, cos_SD, sin_SD):
+    """Rotate-half rotary embedding of x [B, S, N, D] -> [B, N, S, D] (the layout SDPA takes), fp32 maths."""
+    if x_BSND.is_cuda:  # one fused kernel each way instead of ~6 elementwise kernels with fp32 intermediates
+        return apply_rotary(x_BSND, cos_SD, sin_SD).transpose(1, 2)
+    x_BNSD = x_BSND.transpose(1, 2)
     x1, x2 = x_BNSD.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x_BNSD * cos_SD + rotated * sin_SD).to(x_BNSD.dtype)
@@ -303,8 +313,8 @@ class Attention(nn.Module):
         v = self.v_proj(x_BSH).view(B, S, NK, D)
         if self.q_norm is not None and self.cfg.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = _apply_rotary(q.transpose(1, 2), cos_SD, sin_SD)
-        k = _apply_rotary(k.transpose(1, 2), cos_SD, sin_SD)
+        q = _apply_rotary(q, cos_SD, sin_SD)
+        k = _apply_rotary(k, cos_SD, sin_SD)
         v = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=NK != N)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, N * D))
