@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-checkpoints", type=int, default=_S, help="complete checkpoints kept (default 2)")
     t.add_argument("--peak-tflops", type=float, default=_S, help="GPU peak bf16 TFLOP/s for MFU")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=_S, help="no progress bar")
+    t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=_S,
+                   help="issue every micro-step op by op instead of replaying a CUDA graph of it")
     t.add_argument("--set", dest="model_set", action="append", default=_S, metavar="FIELD=VALUE",
                    help="override a ModelConfig field, e.g. --set num_experts=16 (JSON values)")
 

@@ -101,6 +101,9 @@ class TrainConfig:
     dispatcher: str | None = None
     # Show a tqdm progress bar.
     progress: bool = True
+    # Capture each micro-step in a CUDA graph (moetron.train.graphs) on a one-process CUDA run; no effect on the CPU
+    # or under torchrun. Off: every micro-step is issued op by op from Python.
+    cuda_graphs: bool = True
     # Peak dense bf16 TFLOP/s of one GPU for MFU. None: looked up from the GPU name (H100/H200: 989).
     peak_tflops: float | None = None
 
@@ -157,6 +160,8 @@ class TrainConfig:
             raise _bad("name", "a folder name (no '/')", self.name)
         if not isinstance(self.model_overrides, dict):
             raise _bad("model_overrides", "a dict of ModelConfig fields", self.model_overrides)
+        if not isinstance(self.cuda_graphs, bool):
+            raise _bad("cuda_graphs", "a bool", self.cuda_graphs)
         if self.peak_tflops is not None and (not is_real(self.peak_tflops) or self.peak_tflops <= 0):
             raise _bad("peak_tflops", "None or a float > 0", self.peak_tflops)
 

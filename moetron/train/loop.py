@@ -295,6 +295,21 @@ def _silent(*_args, **_kw) -> None:
     pass
 
 
+def _capture_micro_step(model, x, y, loss_div, use_bf16, moe_layers, log):
+    """The micro-step as a CUDA graph (moetron.train.graphs), or None (with a warning) if it cannot be captured."""
+    from .graphs import GraphedMicroStep
+
+    try:
+        return GraphedMicroStep(model, x, y, loss_div=loss_div, autocast_dtype=torch.bfloat16 if use_bf16 else None,
+                                moe_layers=moe_layers)
+    except Exception as e:  # never lose a run to the capture: train eagerly instead
+        log(f"warning: capturing the micro-step in a CUDA graph failed ({type(e).__name__}: {e}); running it "
+            "eagerly (--no-cuda-graphs skips the attempt)")
+        torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        return None
+
+
 def _build_model(mcfg: ModelConfig, device: torch.device, ctx: "D.DistContext") -> MoETransformer:
     """The model for this rank, with the weights of the one-process model of the same seed."""
     if ctx.groups.ep_size == 1:
@@ -510,6 +525,8 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
     AuxLossAutoScaler.set_loss_scale(1.0 / cfg.grad_accum)  # global aux losses: each rank adds its share
     loss_div = cfg.grad_accum * ctx.world  # each rank's mean loss / W: the ranks' gradients sum to the global mean's
     model.train()
+    use_graphs = cfg.cuda_graphs and device.type == "cuda" and not ctx.distributed
+    graphed = None
     try:
         stop_signal.install()
         while step < end_step:
@@ -519,9 +536,15 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
                 if ctx.distributed:
                     x, y = x[row0:row0 + rows], y[row0:row0 + rows]
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast():
-                    loss = model(x, y)
-                (loss / loss_div).backward()
+                if use_graphs and graphed is None:
+                    graphed = _capture_micro_step(model, x, y, loss_div, use_bf16, moe_layers, log)
+                    use_graphs = graphed is not None
+                if graphed is not None:
+                    loss = graphed(x, y)
+                else:
+                    with autocast():
+                        loss = model(x, y)
+                    (loss / loss_div).backward()
                 loss_sum += loss.detach()
                 for j, (_, layer) in enumerate(moe_layers):
                     tpe_acc[j] += layer.last_stats["tokens_per_expert"].to(tpe_acc.dtype)
@@ -534,7 +557,7 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=graphed is None)  # a graph adds into the same gradient tensors every step
             if use_expert_bias:
                 for _, layer in moe_layers:
                     layer.update_expert_bias()  # counts summed over every rank by the layer

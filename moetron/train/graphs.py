@@ -1,0 +1,85 @@
+"""One training micro-step (forward under autocast, then the backward into the gradients) captured in a CUDA graph.
+
+Why: on the small preset the Python that issues a micro-step (16 layers of router, permutation, grouped GEMMs,
+norms and their autograd nodes) takes longer on the host than the GPU takes to run it (125 ms of host time for
+87 ms of kernels on an H100, benchmarks/NOTES.md). A replay issues the whole micro-step in one call.
+
+It works because nothing in the model syncs with the host and no shape depends on the routing: the dropless MoE
+layer keeps all T·K routed rows in fixed-size buffers and passes the group sizes to the kernels on the device.
+
+Semantics match the eager micro-step: the captured backward adds into gradients that exist before the capture, so
+micro-batches accumulate, and ``zero_grad(set_to_none=False)`` clears them in place. The warm-up iterations that
+precede the capture are undone (gradients zeroed, the model's buffers, such as the routers' token counters,
+restored). The router's input jitter, if on, draws different random numbers than an eager run would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["GraphedMicroStep"]
+
+
+class GraphedMicroStep:
+    """``step(x, y) -> loss``: copies the token batch ``x``, ``y`` (``[B, S]`` int, same shape every call) into the
+    graph's inputs, replays forward + ``(loss / loss_div).backward()``, and returns the micro-batch's mean loss (a
+    0-d tensor the next replay overwrites: read or accumulate it before calling again).
+
+    ``model`` must be a single-process CUDA model in train mode whose parameters' ``.grad`` are None or tensors
+    that are cleared in place from now on. ``moe_layers``: ``model.moe_layers()``; after each replay every layer's
+    ``last_stats`` again points at the graph's statistics (an eager forward, such as an evaluation, replaces it).
+    """
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_div: float,
+                 autocast_dtype: torch.dtype | None, moe_layers, warmup: int = 2):
+        if not x.is_cuda:
+            raise ValueError(f"x must be on a CUDA device to capture a CUDA graph, got {x.device}")
+        self.model = model
+        self.loss_div = float(loss_div)
+        self.autocast_dtype = autocast_dtype
+        self.moe_layers = [layer for _, layer in moe_layers]
+        self.x, self.y = x.clone(), y.clone()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # the captured backward must add into existing gradients (see the module docstring)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        saved_buffers = {name: b.clone() for name, b in model.named_buffers()}
+        saved_grads = [p.grad.clone() for p in params]
+        try:
+            side = torch.cuda.Stream(x.device)  # warm-up off the default stream, as torch.cuda.graph asks
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._micro_step()
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._micro_step()
+            self.stats = [layer.last_stats for layer in self.moe_layers]
+        finally:
+            with torch.no_grad():  # undo the warm-up (also when the capture failed): only the replays count
+                for p, g in zip(params, saved_grads):
+                    p.grad.copy_(g)
+                for name, b in model.named_buffers():
+                    b.copy_(saved_buffers[name])
+
+    def _micro_step(self) -> torch.Tensor:
+        if self.autocast_dtype is not None:
+            # autocast's weight-cast cache would keep tensors from the capture alive across replays: off
+            with torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False):
+                loss = self.model(self.x, self.y)
+        else:
+            loss = self.model(self.x, self.y)
+        (loss / self.loss_div).backward()
+        return loss.detach()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.x.shape or y.shape != self.y.shape:
+            raise ValueError(f"x and y must keep the captured shapes {tuple(self.x.shape)} and {tuple(self.y.shape)}"
+                             f", got {tuple(x.shape)} and {tuple(y.shape)}")
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        for layer, stats in zip(self.moe_layers, self.stats):
+            layer.last_stats = stats
+        return self.loss
