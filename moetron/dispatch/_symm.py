@@ -22,11 +22,13 @@ and a dispatch runs as
     4. fused._recv_kernel reads the buffer in place: only the live slots (position < the source's count), straight
        into the expert-major expand_x. Nothing is cleared between calls: stale slots are never read.
 
-combine's way back is ``_combine_push_kernel``: per receive slot, sum_j scale·h[row of (slot, j)] in fp32, stored
-straight into the source rank's return buffer at (this rank, position) — the reduction and the transfer in one
-pass, only for slots that hold a token. Then the source sums its destinations' rows (unpermute, rank order).
+combine's way back: the per-slot weighted sums sum_j scale·h[row of (slot, j)] are formed locally first (unpermute,
+every SM, fp32 accumulation), then each source's block of B slot rows is copied by the copy engine straight into
+that source's return buffer at (this rank, positions 0..B-1), and the source sums its destinations' rows
+(unpermute, rank order). Dead slots travel too (a whole block is one DMA); nothing reads them.
 
-Launches: dispatch 2 barriers + 3 kernels (count, push, receive); combine 2 barriers + 2 kernels (push, unpermute).
+Launches: dispatch 2 barriers + 3 kernels (count, push, receive); combine 2 barriers, 2 kernels (the local sums,
+the final sum) and P block copies.
 
 The barriers are torch's ``SymmetricMemory.barrier`` (a kernel, so the whole step stays CUDA-graph capturable).
 Buffers are keyed by shapes only (never by routing), so every rank allocates the same buffers in the same order and
@@ -47,12 +49,9 @@ import os
 import warnings
 
 import torch
-import triton
-import triton.language as tl
 
-from ..ops._launch import CachedLauncher
 from ..ops.permute import unpermute
-from .fused import _NUM_WARPS, _block_w, _launch_push
+from .fused import _launch_push
 
 def available(group) -> bool:
     """torch symmetric memory importable, an NCCL group of >1 ranks, all of them on this node."""
@@ -76,51 +75,6 @@ def available(group) -> bool:
         ranks = dist.get_process_group_ranks(group)
         return len({r // int(local) for r in ranks}) == 1
     return dist.get_world_size() <= torch.cuda.device_count()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _combine_push_kernel(
-    h_ptr,  # [R, W] expert outputs (expand_x rows)
-    row_of_ptr,  # [N, J] int32/int64 row of each (slot, column), -1 if none
-    scale_ptr,  # [N, J] fp32 weights
-    rows_base_ptr,  # [P] int64 address of each rank's return-rows region
-    N, W, B, me,
-    stride_h, stride_s,
-    J: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
-    """Slot n = (source s, position p): out = sum_j scale[n, j]·h[row_of[n, j]] (fp32, j order), stored to rank s
-    at (me, p). Slots without a row here are skipped (the source never reads them)."""
-    pid = tl.program_id(0).to(tl.int64)
-    nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_W)
-    for i in range(0, tl.cdiv(N - pid, nprog)):  # the grid never exceeds N
-        n64 = pid + i * nprog
-        any_row = tl.load(row_of_ptr + n64 * J).to(tl.int64)
-        for j in tl.static_range(1, J):
-            any_row = tl.maximum(any_row, tl.load(row_of_ptr + n64 * J + j).to(tl.int64))
-        if any_row >= 0:
-            s = n64 // B
-            p = n64 - s * B
-            dst = tl.load(rows_base_ptr + s).to(tl.pointer_type(h_ptr.dtype.element_ty))
-            for w0 in range(0, W, BLOCK_W):
-                w = w0 + cols
-                in_row = w < W
-                acc = tl.zeros((BLOCK_W,), dtype=tl.float32)
-                for j in tl.static_range(J):
-                    r = tl.load(row_of_ptr + n64 * J + j).to(tl.int64)
-                    if r >= 0:
-                        c = tl.load(scale_ptr + n64 * stride_s + j)
-                        acc += c * tl.load(h_ptr + r * stride_h + w, mask=in_row, other=0.0).to(tl.float32)
-                tl.store(dst + (me * B + p) * W + w, acc.to(h_ptr.dtype.element_ty), mask=in_row)
-
-
-_COMBINE = CachedLauncher(_combine_push_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,6 +120,10 @@ class _Buffer:
     def barrier(self):
         self.hdl.barrier(channel=0)
 
+    def peer_rows(self, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s rows [P·B, W], mapped into this process (a copy into it is a peer-to-peer DMA)."""
+        return self.hdl.get_buffer(rank, tuple(self.rows.shape), self.rows.dtype)
+
 
 _BUFFERS: dict = {}
 
@@ -185,7 +143,7 @@ def _buffer(group, P, B, W, dtype, MS, device) -> _Buffer:
 
 
 class SymmTransport:
-    """Same contract as fused._NcclTransport (dispatch_exchange / replay / reduce_back), plus combine_fused."""
+    """Same contract as fused._NcclTransport (dispatch_exchange / replay / reduce_back)."""
 
     name = "symm"
 
@@ -236,29 +194,12 @@ class SymmTransport:
             import dataclasses
 
             return _NCCL.reduce_back(red, dataclasses.replace(ctx, topo=topo_without_tp(topo)), quant)
-        W = red.shape[1]
-        row_of = torch.arange(P * B, device=red.device)
-        row_of = torch.where(ctx.slot_valid, row_of, -1)[:, None]  # skip slots without a token
-        ones = torch.ones(P * B, 1, dtype=torch.float32, device=red.device)
-        return self._push_back(red, row_of, ones, ctx, W)
-
-    def combine_fused(self, h, row_of_NJ, scales_NJ, ctx):
-        """Weighted per-slot sums pushed straight to the sources (no TP, no autograd)."""
-        return self._push_back(h, row_of_NJ, scales_NJ, ctx, h.shape[1])
-
-    def _push_back(self, h, row_of, scales, ctx, W):
-        topo = ctx.topo
-        P, B = topo.P, topo.B
-        buf = _buffer(topo.group, P, B, W, h.dtype, 0, h.device)
-        N = P * B
-        h = h.contiguous()
-        scales = scales.float().contiguous()
-        buf.barrier()
-        if N:
-            _COMBINE((min(self.num_sms, N),), [h, row_of.contiguous(), scales, buf.rows_base, N, W, B, topo.rank,
-                                               h.stride(0), scales.stride(0)],
-                     dict(J=row_of.shape[1], BLOCK_W=_block_w(W)), num_warps=_NUM_WARPS)
-        buf.barrier()
+        buf = _buffer(topo.group, P, B, red.shape[1], red.dtype, 0, red.device)
+        me = topo.rank
+        buf.barrier()  # every source has read what the last exchange left in its buffer
+        for s in range(P):  # slot rows (source s, positions 0..B-1) -> rank s at (me, 0..B-1)
+            buf.peer_rows(s)[me * B:(me + 1) * B].copy_(red[s * B:(s + 1) * B])
+        buf.barrier()  # every destination's block has landed here
         # the rows of this rank's tokens: (destination d, position) at d·B + pos; unpermute reads only those
         return unpermute(buf.rows, ctx.flat_TP, None)
 

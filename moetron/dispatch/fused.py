@@ -936,14 +936,8 @@ def combine(expand_x: torch.Tensor, handle: FusedHandle, expert_scales: torch.Te
             scales_NJ = handle.recv_scales_NJ
         else:  # send the (possibly new) scales to the destinations; differentiable
             scales_NJ = _Scatter.apply(_extend_scales(expert_scales, topo).contiguous(), tctx, tr)
-    needs_grad = torch.is_grad_enabled() and (expand_x.requires_grad or scales_NJ.requires_grad)
-    row_of = handle.row_of_NJ
-    fused = getattr(tr, "combine_fused", None)
-    if fused is not None and not needs_grad and topo.P_tp == 1 and comm_quant is None:
-        y = fused(expand_x, row_of, scales_NJ, tctx)
-    else:
-        out = unpermute(expand_x, row_of, scales_NJ)  # [N, H] per-slot weighted sums
-        y = _Return.apply(out, tctx, tr, comm_quant)
+    out = unpermute(expand_x, handle.row_of_NJ, scales_NJ)  # [N, H] per-slot weighted sums, all SMs
+    y = _Return.apply(out, tctx, tr, comm_quant)  # each slot's sum back to its source, summed there
     if shared_expert_x is not None:
         y = y + shared_expert_x.to(y.dtype)
     return y
