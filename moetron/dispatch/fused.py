@@ -214,14 +214,15 @@ def _debug_same_on_ranks(topo: _Topo, H: int, dtype) -> None:
 # expert there ve % E_l (routed) or 0 (shared). EV = E + Sh of them.
 #
 # Sender (G programs, program g owns tokens [g·chunk, (g+1)·chunk)):
-#   _count_kernel: per program, how many columns hit each ve and how many tokens hit each destination (int atomics
-#       on the program's own row: the sums are exact whatever the order, nothing is decided by them).
+#   _count_kernel: per program, how many columns hit each ve and how many tokens hit each destination (one-hot sums
+#       in registers, one store per program).
 #   _push_kernel: program g adds the rows of programs < g (its base), then walks its tokens in order: a token's
 #       position at destination d = base + earlier tokens of the chunk bound for d (pos), and each column's rank among
 #       this rank's columns for the same ve (q). Positions only depend on token order: deterministic. It stores the
 #       row once per destination (slot (source, pos)), with a metadata row (local expert per column or -1, q per
 #       column, scales, int8 scale), and program 0 writes the per-destination counts row (live slots, then columns
-#       per local expert). The same kernel replays a stored plan (PLAN=False) for the other exchanges.
+#       per local expert). The copies move TB tokens per step. The same kernel replays a stored plan (PLAN=False)
+#       for the other exchanges.
 # Receiver:
 #   _recv_kernel: from the counts rows of all sources, expert l's rows start at start[l] + (rows of l from earlier
 #       sources); a column's row is that + q. Each program recomputes this small table (sources x local experts)
@@ -255,25 +256,29 @@ def _columns(ids_ptr, t, j, lim, K, E, E_l, Sh, reps, J: tl.constexpr):
 def _count_kernel(ids_ptr, hist_ptr, hits_ptr, T, K, E, E_l, Sh, reps, chunk, EV, P,
                   J: tl.constexpr, J_PAD: tl.constexpr, EV_PAD: tl.constexpr, P_PAD: tl.constexpr,
                   BT: tl.constexpr):
+    """Per program (a chunk of tokens): hist[g, ve] = its (token, column) pairs per virtual expert, hits[g, d] = its
+    tokens bound for destination d. Counted in registers with one-hot sums (no atomics: many lanes hitting the
+    same few counters serialise) and stored once."""
     g = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BT * J_PAD)
     tt = i // J_PAD
     jj = i % J_PAD
     ev = tl.arange(0, EV_PAD)
     pd = tl.arange(0, P_PAD)
-    tl.store(hist_ptr + g * EV + ev, tl.zeros((EV_PAD,), tl.int32), mask=ev < EV)
-    tl.store(hits_ptr + g * P + pd, tl.zeros((P_PAD,), tl.int32), mask=pd < P)
-    tl.debug_barrier()
+    hist = tl.zeros((EV_PAD,), tl.int32)
+    hits = tl.zeros((P_PAD,), tl.int32)
     t_lo = g * chunk
     t_hi = tl.minimum(t_lo + chunk, T)
     for t0 in range(t_lo, t_hi, BT):
         t = t0 + tt
         ve, dest, local, valid = _columns(ids_ptr, t, jj, t_hi, K, E, E_l, Sh, reps, J)
-        tl.atomic_add(hist_ptr + g * EV + ve, 1, mask=valid)
+        hist += tl.sum(((ve[:, None] == ev[None, :]) & valid[:, None]).to(tl.int32), 0)
         # a token counts once per destination: its first column bound there
         dup = (dest[:, None] == dest[None, :]) & (tt[:, None] == tt[None, :]) & (i[None, :] < i[:, None])
         first = valid & (tl.sum((dup & valid[None, :]).to(tl.int32), 1) == 0)
-        tl.atomic_add(hits_ptr + g * P + dest, 1, mask=first)
+        hits += tl.sum(((dest[:, None] == pd[None, :]) & first[:, None]).to(tl.int32), 0)
+    tl.store(hist_ptr + g * EV + ev, hist, mask=ev < EV)
+    tl.store(hits_ptr + g * P + pd, hits, mask=pd < P)
 
 
 @triton.jit
@@ -290,8 +295,8 @@ def _push_kernel(
     meta_ptr,  # PEER: [P] int64 address of each destination's meta region; else the [P, MS] int32 send buffer
     T, W, stride_x, K, E, E_l, Sh, reps, chunk, EV, B, slot0, src_row, MS, M, G,
     P: tl.constexpr, J: tl.constexpr, J_PAD: tl.constexpr, EV_PAD: tl.constexpr, P_PAD: tl.constexpr,
-    M_PAD: tl.constexpr, CS_PAD: tl.constexpr, BT: tl.constexpr, BLOCK_W: tl.constexpr, PEER: tl.constexpr,
-    PLAN: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_DYN: tl.constexpr,
+    M_PAD: tl.constexpr, CS_PAD: tl.constexpr, BT: tl.constexpr, BLOCK_W: tl.constexpr, TB: tl.constexpr,
+    PEER: tl.constexpr, PLAN: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_DYN: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     t_lo = g * chunk
@@ -354,43 +359,51 @@ def _push_kernel(
                     dst = meta_ptr + d * MS + src_row * MS + B * M
                 tl.store(dst + c, row, mask=c <= n_loc)
         tl.debug_barrier()  # pos / q of the chunk before the copies read them
+    # the copies: TB tokens per step, so each program has TB rows in flight (one row at a time left a program
+    # waiting on each load's latency: 24 programs moved ~85 GB/s)
     cols = tl.arange(0, BLOCK_W)
+    tb = tl.arange(0, TB)
     mc = tl.arange(0, M_PAD)
-    for t in range(t_lo, t_hi):
+    for t0 in range(t_lo, t_hi, TB):
+        tok = t0 + tb
+        tok_ok = tok < t_hi
         for w0 in range(0, W, BLOCK_W):
             w = w0 + cols
             in_row = w < W
-            v = tl.load(x_ptr + t * stride_x + w, mask=in_row)
+            v = tl.load(x_ptr + tok[:, None] * stride_x + w[None, :], mask=tok_ok[:, None] & in_row[None, :])
             for d in tl.static_range(P):
-                p = tl.load(pos_ptr + t * P + d)
-                if p >= 0:
-                    if PEER:
-                        dst = tl.load(rows_ptr + d).to(tl.pointer_type(x_ptr.dtype.element_ty))
-                    else:
-                        dst = rows_ptr + d * B * W
-                    tl.store(dst + (slot0 + p) * W + w, v, mask=in_row)
+                p = tl.load(pos_ptr + tok * P + d, mask=tok_ok, other=-1)
+                if PEER:
+                    dst = tl.load(rows_ptr + d).to(tl.pointer_type(x_ptr.dtype.element_ty))
+                else:
+                    dst = rows_ptr + d * B * W
+                slot = (slot0 + p).to(tl.int64)
+                tl.store(dst + slot[:, None] * W + w[None, :], v, mask=(p >= 0)[:, None] & in_row[None, :])
         if PLAN:
-            tm = t + tl.zeros((M_PAD,), tl.int64)
-            ve, dest, local, valid = _columns(ids_ptr, tm, mc, T, K, E, E_l, Sh, reps, J)
-            qv = tl.load(q_ptr + t * J + mc - J, mask=(mc >= J) & (mc < 2 * J), other=0)
-            meta = tl.where(mc < J, local, qv)
+            tm = tok[:, None] + tl.zeros((TB, M_PAD), tl.int64)
+            mm = mc[None, :] + tl.zeros((TB, M_PAD), tl.int32)
+            ve, dest, local, valid = _columns(ids_ptr, tm, mm, T, K, E, E_l, Sh, reps, J)
+            live = tok_ok[:, None]
+            qv = tl.load(q_ptr + tm * J + mm - J, mask=live & (mm >= J) & (mm < 2 * J), other=0)
+            meta = tl.where(mm < J, local, qv)
             dcol = 2 * J
             if HAS_SCALES:
-                sv = tl.load(scale_ptr + t * J + mc - dcol, mask=(mc >= dcol) & (mc < dcol + J), other=0.0)
-                meta = tl.where((mc >= dcol) & (mc < dcol + J), sv.to(tl.int32, bitcast=True), meta)
+                in_sc = (mm >= dcol) & (mm < dcol + J)
+                sv = tl.load(scale_ptr + tm * J + mm - dcol, mask=live & in_sc, other=0.0)
+                meta = tl.where(in_sc, sv.to(tl.int32, bitcast=True), meta)
                 dcol += J
             if HAS_DYN:
-                dv = tl.load(dyn_ptr + t + mc * 0, mask=mc == dcol, other=0.0)
-                meta = tl.where(mc == dcol, dv.to(tl.int32, bitcast=True), meta)
+                dv = tl.load(dyn_ptr + tm + mm * 0, mask=live & (mm == dcol), other=0.0)
+                meta = tl.where(mm == dcol, dv.to(tl.int32, bitcast=True), meta)
             for d in tl.static_range(P):
-                p = tl.load(pos_ptr + t * P + d)
-                if p >= 0:
-                    row = tl.where((mc < J) & (dest != d), -1, meta).to(tl.int32)
-                    if PEER:
-                        dst = tl.load(meta_ptr + d).to(tl.pointer_type(tl.int32))
-                    else:
-                        dst = meta_ptr + d * MS
-                    tl.store(dst + src_row * MS + p * M + mc, row, mask=mc < M)
+                p = tl.load(pos_ptr + tok * P + d, mask=tok_ok, other=-1)
+                row = tl.where((mm < J) & (dest != d), -1, meta).to(tl.int32)
+                if PEER:
+                    dst = tl.load(meta_ptr + d).to(tl.pointer_type(tl.int32))
+                else:
+                    dst = meta_ptr + d * MS
+                tl.store(dst + src_row * MS + p.to(tl.int64)[:, None] * M + mm, row,
+                         mask=(p >= 0)[:, None] & (mm < M))
 
 
 @triton.jit
@@ -482,6 +495,11 @@ def _block_w(width: int) -> int:
     return max(16, min(_pow2(width), _MAX_BLOCK_W))
 
 
+def _copy_tokens(width: int) -> int:
+    """Tokens per step of the push kernel's copy loop: TB x BLOCK_W <= _MAX_BLOCK_W x 2 elements in flight."""
+    return max(1, min(16, 2 * _MAX_BLOCK_W // _block_w(width)))
+
+
 _COUNT = CachedLauncher(_count_kernel)
 _PUSH = CachedLauncher(_push_kernel)
 _RECV = CachedLauncher(_recv_kernel)
@@ -528,7 +546,7 @@ def _launch_push(x, ids, scales_TJ, dyn, topo: "_Topo", *, rows, meta, peer: boo
     _PUSH((G,), [x, ids, sc, dy, hist, hits, run, q, pos, flat, rows, meta if meta is not None else pos,
                  T, W, x.stride(0), K, topo.E, topo.E_l, topo.Sh, reps, chunk, EV, B, slot0, src_row, MS, M, G],
           dict(P=P, J=J, J_PAD=J_PAD, EV_PAD=EV_PAD, P_PAD=P_PAD, M_PAD=M_PAD, CS_PAD=CS_PAD, BT=BT,
-               BLOCK_W=_block_w(W), PEER=peer, PLAN=is_plan, HAS_SCALES=scales_TJ is not None,
+               BLOCK_W=_block_w(W), TB=_copy_tokens(W), PEER=peer, PLAN=is_plan, HAS_SCALES=scales_TJ is not None,
                HAS_DYN=dyn is not None), num_warps=_NUM_WARPS)
     return pos, flat
 
