@@ -420,7 +420,8 @@ def _recv_kernel(
     base_ptr,  # [G, S_PAD·L_PAD] int32 scratch
     N, W, B, MS, M, R, S, L, CS,
     J: tl.constexpr, J_PAD: tl.constexpr, S_PAD: tl.constexpr, L_PAD: tl.constexpr, CS_PAD: tl.constexpr,
-    BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_DYN: tl.constexpr, CUMSUM: tl.constexpr,
+    BLOCK_W: tl.constexpr, SB: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_DYN: tl.constexpr,
+    CUMSUM: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
@@ -442,49 +443,54 @@ def _recv_kernel(
         cnt = tl.load(meta_ptr + sr[:, None] * MS + B * M + cc[None, :], mask=(sr < S)[:, None] & (cc < CS)[None, :])
         tl.store(cnt_out_ptr + sr[:, None] * CS + cc[None, :], cnt, mask=(sr < S)[:, None] & (cc < CS)[None, :])
     tl.debug_barrier()
+    # SB slots per step (a row at a time left each program waiting on every load)
     jc = tl.arange(0, J_PAD)
     jm = jc < J
     cols = tl.arange(0, BLOCK_W)
-    for n in range(g, N, G):
+    sb = tl.arange(0, SB)
+    for n0 in range(g * SB, N, G * SB):
+        n = n0 + sb
+        n_ok = n < N
         s = n // B
         p = n - s * B
-        live = tl.load(meta_ptr + s * MS + B * M)
-        if p < live:
-            mrow = meta_ptr + s * MS + p * M
-            loc = tl.load(mrow + jc, mask=jm, other=-1)
-            here = loc >= 0
-            q = tl.load(mrow + J + jc, mask=jm & here, other=0)
-            rows = tl.where(here, tl.load(base_ptr + g * S_PAD * L_PAD + s * L_PAD + loc, mask=here, other=0) + q, -1)
-            tl.store(row_of_ptr + n * J + jc, rows, mask=jm)
-            if HAS_SCALES:
-                sc = tl.load(mrow + 2 * J + jc, mask=jm & here, other=0).to(tl.float32, bitcast=True)
-                tl.store(sc_out_ptr + n * J + jc, sc, mask=jm)
-                tl.store(es_ptr + rows, sc, mask=here)
-            if HAS_DYN:
-                dcol = 3 * J if HAS_SCALES else 2 * J
-                dv = tl.load(mrow + dcol + jc * 0).to(tl.float32, bitcast=True)
-                tl.store(dyn_out_ptr + rows, dv, mask=here)
-            for w0 in range(0, W, BLOCK_W):
-                w = w0 + cols
-                in_row = w < W
-                v = tl.load(rows_ptr + n * W + w, mask=in_row)
-                for j in tl.static_range(J):
-                    r = tl.sum(tl.where(jc == j, rows, 0), 0).to(tl.int64)
-                    if r >= 0:
-                        tl.store(out_ptr + r * W + w, v, mask=in_row)
-        else:
-            tl.store(row_of_ptr + n * J + jc, tl.full((J_PAD,), -1, tl.int32), mask=jm)
-            if HAS_SCALES:
-                tl.store(sc_out_ptr + n * J + jc, tl.zeros((J_PAD,), tl.float32), mask=jm)
-    # rows past the total are zeros (only those: the live rows were written above)
-    for r in range(total.to(tl.int64) + g, R, G):
+        live = tl.load(meta_ptr + s * MS + B * M, mask=n_ok, other=0)
+        is_live = n_ok & (p < live)  # dead slots get row_of -1 and scale 0; their rows are never read
+        mrow = s * MS + p * M
+        col_ok = is_live[:, None] & jm[None, :]
+        loc = tl.load(meta_ptr + mrow[:, None] + jc[None, :], mask=col_ok, other=-1)
+        here = loc >= 0
+        q = tl.load(meta_ptr + mrow[:, None] + J + jc[None, :], mask=col_ok & here, other=0)
+        base = tl.load(base_ptr + g * S_PAD * L_PAD + s[:, None] * L_PAD + loc, mask=here, other=0)
+        rows = tl.where(here, base + q, -1)
+        tl.store(row_of_ptr + n[:, None] * J + jc[None, :], rows, mask=n_ok[:, None] & jm[None, :])
+        if HAS_SCALES:
+            sc = tl.load(meta_ptr + mrow[:, None] + 2 * J + jc[None, :], mask=col_ok & here,
+                         other=0).to(tl.float32, bitcast=True)
+            tl.store(sc_out_ptr + n[:, None] * J + jc[None, :], sc, mask=n_ok[:, None] & jm[None, :])
+            tl.store(es_ptr + rows, sc, mask=here)
+        if HAS_DYN:
+            dcol = 3 * J if HAS_SCALES else 2 * J
+            dv = tl.load(meta_ptr + mrow + dcol, mask=is_live, other=0).to(tl.float32, bitcast=True)
+            tl.store(dyn_out_ptr + rows, dv[:, None] + tl.zeros((SB, J_PAD), tl.float32), mask=here)
         for w0 in range(0, W, BLOCK_W):
             w = w0 + cols
-            tl.store(out_ptr + r * W + w, tl.zeros((BLOCK_W,), out_ptr.dtype.element_ty), mask=w < W)
+            in_row = w < W
+            v = tl.load(rows_ptr + n[:, None] * W + w[None, :], mask=is_live[:, None] & in_row[None, :])
+            for j in tl.static_range(J):
+                r = tl.sum(tl.where(jc[None, :] == j, rows, 0), 1).to(tl.int64)
+                tl.store(out_ptr + r[:, None] * W + w[None, :], v, mask=(r >= 0)[:, None] & in_row[None, :])
+    # rows past the total are zeros (only those: the live rows were written above)
+    for r0 in range(total.to(tl.int64) + g * SB, R, G * SB):
+        r = r0 + sb
+        r_ok = r < R
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + cols
+            tl.store(out_ptr + r[:, None] * W + w[None, :], tl.zeros((SB, BLOCK_W), out_ptr.dtype.element_ty),
+                     mask=r_ok[:, None] & (w < W)[None, :])
         if HAS_SCALES:
-            tl.store(es_ptr + r, 0.0)
+            tl.store(es_ptr + r, tl.zeros((SB,), tl.float32), mask=r_ok)
         if HAS_DYN:
-            tl.store(dyn_out_ptr + r, 0.0)
+            tl.store(dyn_out_ptr + r, tl.zeros((SB,), tl.float32), mask=r_ok)
 
 
 def _pow2(n: int) -> int:
@@ -595,7 +601,7 @@ def _launch_recv(rows, meta, topo: "_Topo", M: int, MS: int, *, has_scales, has_
     _RECV((G,), [rows, meta, out, row_of, sc if has_scales else dummy, es if has_scales else dummy,
                  dyn if has_dyn else dummy, tpe, cnt, base, N, W, B, MS, M, R, S, L, CS],
           dict(J=J, J_PAD=_pow2(J), S_PAD=S_PAD, L_PAD=L_PAD, CS_PAD=_pow2(CS), BLOCK_W=_block_w(W),
-               HAS_SCALES=has_scales, HAS_DYN=has_dyn, CUMSUM=cumsum), num_warps=_NUM_WARPS)
+               SB=_copy_tokens(W), HAS_SCALES=has_scales, HAS_DYN=has_dyn, CUMSUM=cumsum), num_warps=_NUM_WARPS)
     return out, es, dyn, tpe, _Received(row_of, cnt, sc)
 
 
