@@ -1,7 +1,10 @@
 """Where a training step of the `moetron train` model goes: host time issued vs wall time per step, and the GPU
-kernels sorted by total time (torch.profiler), for a preset at a given micro-batch.
+kernels sorted by total time (torch.profiler), for a preset at a given micro-batch. ``--host-profile`` adds
+cProfile of two steps by function: when the GPU work per step is shorter than the host's issue time, that is what
+bounds tokens/s (the forward and the optimizer; autograd runs the backward on its own thread, seen only as
+run_backward's total).
 
-    python benchmarks/profile_train.py --preset small --batch-size 16 --seq-len 1024
+    python benchmarks/profile_train.py --preset small --batch-size 16 --seq-len 1024 [--host-profile]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--host-profile", action="store_true", help="also cProfile two steps (host time)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     cfg = preset(args.preset)
@@ -47,6 +51,20 @@ def main(argv=None):
           f"ms/step, {tokens / wall * 1e3:,.0f} tokens/s, {flops / wall / 1e9:.0f} TFLOP/s model FLOPs")
     if not args.no_profile:
         print_kernel_table(step, 2, args.rows, name_width=60)
+    if args.host_profile:
+        import cProfile
+        import pstats
+
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(2):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(args.rows)
+        stats.sort_stats("cumulative").print_stats(args.rows)
 
 
 if __name__ == "__main__":
