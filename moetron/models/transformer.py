@@ -259,7 +259,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x):
-        if x.is_cuda:
+        if x.is_cuda and x.dtype != torch.float64:
             # moetron's fused kernel; under autocast it writes the autocast dtype straight away (the next op is a
             # GEMM that would cast the fp32 norm output anyway, once per consumer)
             autocast = torch.is_autocast_enabled("cuda")
@@ -278,7 +278,7 @@ def _rotary_tables(cfg: ModelConfig, device=None):
 
 def _apply_rotary(x_BSND, cos_SD, sin_SD):
     """Rotate-half rotary embedding of x [B, S, N, D] -> [B, N, S, D] (the layout SDPA takes), fp32 maths."""
-    if x_BSND.is_cuda:  # one fused kernel each way instead of ~6 elementwise kernels with fp32 intermediates
+    if x_BSND.is_cuda and x_BSND.dtype != torch.float64:  # one fused kernel each way, not ~6 elementwise ones
         return apply_rotary(x_BSND, cos_SD, sin_SD).transpose(1, 2)
     x_BNSD = x_BSND.transpose(1, 2)
     x1, x2 = x_BNSD.chunk(2, dim=-1)

@@ -152,7 +152,6 @@ class CachedLauncher:
         return self.kernel[grid](**dict(zip(runtime_names, runtime_args)), **constexprs, **options)
 
 
-
 class LaunchPlans:
     """Ready-to-run launches of one call site, keyed by everything that decides the launch except the tensors'
     addresses. A hit skips the call site's Python (config choice, argument lists, specialization key) and runs

@@ -520,11 +520,13 @@ _WGRAD_PLANS = LaunchPlans()
 def _plan_key(tensors, extra) -> tuple | None:
     """The LaunchPlans key of a CUDA launch on ``tensors`` (None: take the full path). Shapes, strides and
     dtypes decide every non-tensor argument and the specialization; addresses only through their 16-byte
-    alignment, so misaligned operands (rare) always take the full path."""
+    alignment, so misaligned operands (rare) always take the full path. The TF32 switch decides fp32 inputs'
+    precision, MOETRON_TMA the kernel."""
     t0 = tensors[0]
     if not t0.is_cuda or _CONFIG_OVERRIDES:
         return None
-    parts = [torch._C._cuda_getDevice(), t0.device.index, os.environ.get("MOETRON_TMA", "auto"), *extra]
+    parts = [torch._C._cuda_getDevice(), t0.device.index, os.environ.get("MOETRON_TMA", "auto"),
+             torch.backends.cuda.matmul.allow_tf32, *extra]
     for t in tensors:
         if t.data_ptr() % 16:
             return None

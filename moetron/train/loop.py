@@ -539,7 +539,7 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
                 if use_graphs and graphed is None:
                     graphed = _capture_micro_step(model, x, y, loss_div, use_bf16, moe_layers, log)
                     use_graphs = graphed is not None
-                if graphed is not None:
+                if graphed is not None and x.shape == graphed.x.shape:
                     loss = graphed(x, y)
                 else:
                     with autocast():
