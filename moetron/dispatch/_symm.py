@@ -122,10 +122,7 @@ class _Buffer:
 
     def peer_rows(self, rank: int) -> torch.Tensor:
         """Rank ``rank``'s rows [P·B, W], mapped into this process (a copy into it is a peer-to-peer DMA)."""
-        views = self.__dict__.setdefault("_peer_views", {})
-        if rank not in views:  # one tensor per peer, made once: combine runs on the decode hot path
-            views[rank] = self.hdl.get_buffer(rank, tuple(self.rows.shape), self.rows.dtype)
-        return views[rank]
+        return self.hdl.get_buffer(rank, tuple(self.rows.shape), self.rows.dtype)
 
 
 _BUFFERS: dict = {}
