@@ -302,3 +302,20 @@ def test_python_dash_m_entry_point(tmp_path, corpus_file):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "val loss" in out.stdout and os.path.isfile(tmp_path / "runs" / "cli" / "loss.png")
+
+
+def test_cuda_graphs_setting(tmp_path, corpus_file):
+    """cuda_graphs must be a bool (named in the error); on the CPU it changes nothing (tests/gpu/test_train_gpu.py
+    compares graph and eager runs on a GPU); a graph needs CUDA tensors."""
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        TrainConfig(preset="tiny", cuda_graphs="yes")
+    a = train(_cfg(tmp_path, corpus_file, steps=2, name="g1", cuda_graphs=True), log=_quiet)
+    b = train(_cfg(tmp_path, corpus_file, steps=2, name="g0", cuda_graphs=False), log=_quiet)
+    assert a["last_val_loss"] == b["last_val_loss"]
+    from moetron.models import MoETransformer, ModelConfig
+    from moetron.train.graphs import GraphedMicroStep
+
+    model = MoETransformer(ModelConfig(**SMALL_MODEL))
+    x = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="x must be on a CUDA device"):
+        GraphedMicroStep(model, x, x, loss_div=1.0, autocast_dtype=None, moe_layers=model.moe_layers())
