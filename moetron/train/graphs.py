@@ -40,11 +40,13 @@ class GraphedMicroStep:
         self.moe_layers = [layer for _, layer in moe_layers]
         self.x, self.y = x.clone(), y.clone()
         params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:  # the captured backward must add into existing gradients (see the module docstring)
+        # the captured backward must add into existing gradients (see the module docstring); gradients that exist
+        # already are saved (a copy), the ones made here only need zeroing afterwards
+        saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         saved_buffers = {name: b.clone() for name, b in model.named_buffers()}
-        saved_grads = [p.grad.clone() for p in params]
         try:
             side = torch.cuda.Stream(x.device)  # warm-up off the default stream, as torch.cuda.graph asks
             side.wait_stream(torch.cuda.current_stream(x.device))
@@ -59,7 +61,10 @@ class GraphedMicroStep:
         finally:
             with torch.no_grad():  # undo the warm-up (also when the capture failed): only the replays count
                 for p, g in zip(params, saved_grads):
-                    p.grad.copy_(g)
+                    if g is None:
+                        p.grad.zero_()
+                    else:
+                        p.grad.copy_(g)
                 for name, b in model.named_buffers():
                     b.copy_(saved_buffers[name])
 
