@@ -1,5 +1,7 @@
 """Small @triton.jit helpers shared by the ops."""
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -38,3 +40,9 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Host-side smallest power of two >= n (n >= 1); see cdiv for why not triton's."""
     return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (cached: grids are sized from it per launch)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _env
-from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
+from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, num_sms, to_output_dtype
 from ._launch import CachedLauncher, LaunchPlans
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
                        check_tensor)
@@ -44,11 +44,6 @@ _CONFIG_OVERRIDES: dict = {}
 # Consecutive m-tiles that share one sweep over N before moving on (the L2 swizzle of Triton's matmul
 # tutorial): a band of GROUP_M row tiles re-reads the same w[g] column panels while they are hot in L2.
 _GROUP_M = 8
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -545,7 +540,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w)
     num_n = cdiv(N, cfg["BN"])
     max_tiles = (cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
-    programs = _num_sms(x.device.index or 0) if x.is_cuda else 4
+    programs = num_sms(x.device.index or 0) if x.is_cuda else 4
     programs = max(1, min(programs, max_tiles))
     constexprs = dict(
         HAS_BIAS=bias is not None,
@@ -597,7 +592,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
         constexprs["TMA_STORE"] = cfg.get("tma_store", False) and _tma_eligible(out)
         strides = (a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2))
         if cfg.get("persistent", False):
-            programs = _num_sms(a.device.index or 0) * cfg.get("programs_per_sm", 1) if a.is_cuda else 4
+            programs = num_sms(a.device.index or 0) * cfg.get("programs_per_sm", 1) if a.is_cuda else 4
             grid = (max(1, min(programs, grid[0])),)
             launcher = _launch_gmm_k_tma_persistent
             args = (a, b, out, groups.sizes, a.shape[0], KA, NB, G, grid[0], *strides)

@@ -29,7 +29,6 @@ Layout of this file: tuning constants, Triton kernels, launchers, autograd, publ
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -38,7 +37,7 @@ import triton.language as tl
 
 from .. import _env
 from ._launch import CachedLauncher
-from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
+from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, num_sms, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_row_major, check_same_device, check_shape, check_tensor, is_real
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,11 +58,6 @@ _MAX_TRITON_H = 65536
 _GPU_CONFIG_ON_CPU = False
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _config(h: int, gpu: bool) -> dict:
     """BLOCK_H, BLOCK_R (rows per step) and num_warps for a row width h."""
     block_h = next_power_of_2(max(h, 16))
@@ -76,7 +70,7 @@ def _config(h: int, gpu: bool) -> dict:
 def _backward_programs(rows: int, block_r: int, x: torch.Tensor, num_warps: int) -> tuple[int, int]:
     """(P, rows per program) for the backward: rows per program a multiple of block_r, no program left empty."""
     if x.is_cuda:
-        want = _num_sms(x.device.index) * (4 if num_warps <= 4 else 2)
+        want = num_sms(x.device.index) * (4 if num_warps <= 4 else 2)
     else:
         want = _INTERPRETER_PROGRAMS
     per_program = cdiv(cdiv(rows, want), block_r) * block_r
