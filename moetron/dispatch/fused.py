@@ -253,6 +253,15 @@ def _columns(ids_ptr, t, j, lim, K, E, E_l, Sh, reps, J: tl.constexpr):
 
 
 @triton.jit
+def _first_at_dest(dest, tt, i, valid):
+    """Per (token, column) pair i of a block: valid and no earlier valid column of the same token (tt) is bound for
+    the same destination. A token counts, and travels, once per destination: at its first column there. The count
+    and push kernels must agree on this exactly."""
+    dup = (dest[:, None] == dest[None, :]) & (tt[:, None] == tt[None, :]) & (i[None, :] < i[:, None]) & valid[None, :]
+    return valid & (tl.sum(dup.to(tl.int32), 1) == 0)
+
+
+@triton.jit
 def _count_kernel(ids_ptr, hist_ptr, hits_ptr, T, K, E, E_l, Sh, reps, chunk, EV, P,
                   J: tl.constexpr, J_PAD: tl.constexpr, EV_PAD: tl.constexpr, P_PAD: tl.constexpr,
                   BT: tl.constexpr):
@@ -273,9 +282,7 @@ def _count_kernel(ids_ptr, hist_ptr, hits_ptr, T, K, E, E_l, Sh, reps, chunk, EV
         t = t0 + tt
         ve, dest, local, valid = _columns(ids_ptr, t, jj, t_hi, K, E, E_l, Sh, reps, J)
         hist += tl.sum(((ve[:, None] == ev[None, :]) & valid[:, None]).to(tl.int32), 0)
-        # a token counts once per destination: its first column bound there
-        dup = (dest[:, None] == dest[None, :]) & (tt[:, None] == tt[None, :]) & (i[None, :] < i[:, None])
-        first = valid & (tl.sum((dup & valid[None, :]).to(tl.int32), 1) == 0)
+        first = _first_at_dest(dest, tt, i, valid)
         hits += tl.sum(((dest[:, None] == pd[None, :]) & first[:, None]).to(tl.int32), 0)
     tl.store(hist_ptr + g * EV + ev, hist, mask=ev < EV)
     tl.store(hits_ptr + g * P + pd, hits, mask=pd < P)
@@ -330,8 +337,7 @@ def _push_kernel(
             same = (ve[:, None] == ve[None, :]) & valid[None, :]
             q = tl.load(run_ptr + g * RS + ve, mask=valid, other=0) + tl.sum((same & earlier).to(tl.int32), 1)
             last_e = valid & (tl.sum((same & later).to(tl.int32), 1) == 0)
-            dup = (dest[:, None] == dest[None, :]) & (tt[:, None] == tt[None, :]) & earlier & valid[None, :]
-            first = valid & (tl.sum(dup.to(tl.int32), 1) == 0)
+            first = _first_at_dest(dest, tt, i, valid)
             same_d = (dest[:, None] == dest[None, :]) & first[None, :]
             pos = tl.load(run_ptr + g * RS + EV + dest, mask=first, other=0) + \
                 tl.sum((same_d & earlier).to(tl.int32), 1)
