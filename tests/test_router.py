@@ -596,3 +596,42 @@ def test_bad_inputs_raise():
     router(torch.randn(6, 16))  # no seq aux loss in eval: seq_len not needed
     with pytest.raises(TypeError, match="config must be a RouterConfig"):
         TopKRouter(dict(hidden_size=16))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fp32 gate GEMM on bf16 tensor cores (exact three-part bf16 split); CUDA runs it, here the sums are
+# emulated in fp32, which is what the tensor cores accumulate in
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_split_bf16_parts_sum_to_the_fp32_value():
+    from moetron.router import _split_bf16
+
+    t = torch.randn(64, 33) * torch.logspace(-20, 20, 33)  # spans fp32's exponent range
+    parts = _split_bf16(t)
+    assert [p.dtype for p in parts] == [torch.bfloat16] * 3
+    total = sum(p.double() for p in parts)
+    rel = ((total - t.double()).abs() / t.double().abs()).max().item()
+    assert rel <= 2.0**-23, rel
+
+
+@pytest.mark.parametrize("T,H,E", [(37, 96, 10), (1, 40, 3), (130, 257, 128)])
+def test_split_router_gemm_matches_fp64(T, H, E):
+    from moetron.router import _router_gemm_split, _router_gemm_split_backward
+    from tests._tolerance import assert_close_to_ref
+
+    gen = torch.Generator().manual_seed(T * 1000 + E)
+    x = torch.randn(T, H, generator=gen).bfloat16()
+    w = torch.randn(E, H, generator=gen) * 0.05
+    g = torch.randn(T, E, generator=gen)
+    logits, w3 = _router_gemm_split(x, w)
+    assert logits.dtype == torch.float32 and logits.shape == (T, E)
+    ref = x.double() @ w.double().t()
+    assert_close_to_ref("logits", logits, ref, x.float() @ w.t())
+    gx, gw = _router_gemm_split_backward(g, x, w3, True, True)
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    ref_gx, ref_gw = g.double() @ w.double(), g.double().t() @ x.double()
+    assert_close_to_ref("dx", gx, ref_gx, (g @ w).bfloat16())
+    assert_close_to_ref("dw", gw, ref_gw, g.t() @ x.float())
+    only_w = _router_gemm_split_backward(g, x, w3, False, True)
+    assert only_w[0] is None and torch.equal(only_w[1], gw)

@@ -127,7 +127,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     expected = {"_gmm_kernel", "_gmm_tma_kernel", "_gmm_k_kernel", "_gmm_k_tma_kernel",
                 "_gmm_k_tma_persistent_kernel", "_gated_fwd_kernel", "_rotary_kernel",
                 "_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel",
-                "_gated_bwd_kernel", "_expert_count_kernel", "_place_kernel", "_permute_kernel", "_unpermute_kernel",
-                "_unpermute_bwd_kernel", "_count_kernel", "_push_kernel", "_recv_kernel"}
+                "_gated_bwd_kernel", "_expert_count_kernel", "_chunk_prefix_kernel", "_place_kernel",
+                "_permute_kernel", "_unpermute_kernel", "_unpermute_bwd_kernel", "_count_kernel", "_push_kernel",
+                "_recv_kernel"}
     assert expected <= names, f"the workload did not launch {sorted(expected - names)}"
     assert not result["failures"], "\n\n".join(result["failures"])
