@@ -438,7 +438,12 @@ def test_single_process_round_trip_and_reserved_compat_arguments():
 ASYM = dict(world=2, E=4, K=2, H=8, T=[5, 0], B=6)
 
 
-class _ShmBuffer:
+from moetron.dispatch._symm import _Buffer  # noqa: E402
+
+
+class _ShmBuffer(_Buffer):
+    """The real buffer's exchange bookkeeping (open / close) over file-backed memory and gloo barriers."""
+
     log: list = []
     dir: str = ""
     count = 0
@@ -448,6 +453,7 @@ class _ShmBuffer:
 
         import torch.distributed as dist
 
+        self._track_exchanges(group)
         esz = torch.empty((), dtype=dtype).element_size()
         self.rows_bytes = -(-P * B * W * esz // 256) * 256
         nbytes = self.rows_bytes + P * MS * 4 + 256
@@ -492,6 +498,7 @@ def _emulate_symm(rank):
     _ShmBuffer.dir = d[0]
     _symm._Buffer = _ShmBuffer
     _symm._BUFFERS.clear()
+    _symm._EXCHANGES.clear()
     fused._symm_transport_available = lambda x, group: group is not None
 
 
@@ -570,3 +577,44 @@ def test_symm_transport_same_allocations_and_barriers_on_every_rank(symm_world):
     torch.testing.assert_close(symm_world[0]["asym"]["grad"][0], 3 * w.sum(1, keepdim=True) * x)
     assert symm_world[1]["asym"]["nograd"][2].shape == (0, ASYM["H"])
     assert symm_world[1]["asym"]["nograd"][1].tolist() == [0, 0]  # rank 1 received nothing (cumulative counts)
+
+
+class _FakeGroup:
+    group_name = "fake"
+
+
+def _counting_buffer():
+    buf = _Buffer.__new__(_Buffer)
+    buf._track_exchanges(_FakeGroup())
+    buf.barriers = 0
+
+    def barrier():
+        buf.barriers += 1
+
+    buf.barrier = barrier
+    return buf
+
+
+def test_leading_barrier_only_when_the_last_exchange_used_the_same_buffer(monkeypatch):
+    """The rule of _Buffer.open: a peer may still read this buffer only if the exchange just before was into it;
+    any other exchange in between proves the peers are done. Inside a graph capture, and after one, always."""
+    from moetron.dispatch import _symm
+
+    monkeypatch.setattr(_symm, "_EXCHANGES", {})
+    x, y = _counting_buffer(), _counting_buffer()
+
+    def exchange(buf):
+        before = buf.barriers
+        buf.open()
+        buf.close()
+        return buf.barriers - before  # 1: closing barrier only; 2: with the leading one
+
+    assert exchange(x) == 1  # a new buffer: nothing of it is being read anywhere
+    assert exchange(x) == 2  # x again right away: peers may still read the last contents
+    assert exchange(y) == 1
+    assert [exchange(x), exchange(y), exchange(x), exchange(y)] == [1, 1, 1, 1]  # dispatch, combine, ...
+    assert exchange(y) == 2
+    monkeypatch.setattr(_symm, "_capturing", lambda: True)
+    assert exchange(x) == 2
+    monkeypatch.setattr(_symm, "_capturing", lambda: False)
+    assert [exchange(y), exchange(x)] == [2, 2]  # replays may have written any buffer since: always from now on

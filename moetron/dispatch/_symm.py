@@ -14,7 +14,8 @@ rendezvoused over the EP group, multicast off) laid out as
 and a dispatch runs as
 
     1. barrier: every peer has finished reading what the last exchange left in its buffer (stream order: its reads
-       were queued before its barrier);
+       were queued before its barrier). Skipped when another exchange of the group came in between (see
+       ``_Buffer.open``): a dispatch followed by its combine, as in every MoE layer, needs none;
     2. fused._count_kernel + fused._push_kernel (``num_sms`` programs): each token's row and metadata row go once to
        each destination that wants it, at slot (this rank, position); program 0 writes this rank's counts row into
        every destination;
@@ -27,8 +28,8 @@ every SM, fp32 accumulation), then each source's block of B slot rows is copied 
 that source's return buffer at (this rank, positions 0..B-1), and the source sums its destinations' rows
 (unpermute, rank order). Dead slots travel too (a whole block is one DMA); nothing reads them.
 
-Launches: dispatch 2 barriers + 3 kernels (count, push, receive); combine 2 barriers, 2 kernels (the local sums,
-the final sum) and P block copies.
+Launches: dispatch 1-2 barriers + 3 kernels (count, push, receive); combine 1-2 barriers, 2 kernels (the local
+sums, the final sum) and P block copies.
 
 The barriers are torch's ``SymmetricMemory.barrier`` (a kernel, so the whole step stays CUDA-graph capturable).
 Buffers are keyed by shapes only (never by routing), so every rank allocates the same buffers in the same order and
@@ -91,11 +92,31 @@ def _host_barrier(group, device) -> None:
     torch.cuda.synchronize(device)
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class _Exchanges:
+    """Per EP group: exchanges closed so far, and whether one was ever captured in a CUDA graph."""
+
+    def __init__(self):
+        self.closed = 0
+        self.captured = False
+
+
+_EXCHANGES: dict[str, _Exchanges] = {}
+
+
 class _Buffer:
-    """One symmetric allocation: rows [P·B, W] of ``dtype`` then meta [P, MS] int32, on every rank."""
+    """One symmetric allocation: rows [P·B, W] of ``dtype`` then meta [P, MS] int32, on every rank.
+
+    An exchange into it runs ``open()``, the writes into the peers, ``close()``, then the reads of what landed
+    here, all on one stream."""
 
     def __init__(self, group, P, B, W, dtype, MS, device):
         import torch.distributed._symmetric_memory as symm
+
+        self._track_exchanges(group)
 
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # NVLink multicast stays off
         esz = torch.empty((), dtype=dtype).element_size()
@@ -117,8 +138,31 @@ class _Buffer:
         torch.cuda.synchronize(device)
         _host_barrier(group, device)  # (d): nobody signals into a pad before every rank finished (a)-(c)
 
+    def _track_exchanges(self, group) -> None:
+        self.exchanges = _EXCHANGES.setdefault(group.group_name, _Exchanges())
+        self.last_exchange = None  # number of the last exchange that wrote into this buffer
+
     def barrier(self):
         self.hdl.barrier(channel=0)
+
+    def open(self) -> None:
+        """Before writing into the peers' copies: wait until every peer has read what the last exchange into this
+        buffer left there. That is already known when any other exchange of the group closed after it: a peer
+        queued its reads of our last exchange before its writes of the next one, and that one's closing barrier
+        waited for those writes. Every rank runs the same exchanges in the same order, so all take the same
+        branch. Inside a CUDA-graph capture, and ever after one (replays write the buffers behind this
+        bookkeeping's back), the barrier always runs."""
+        ex = self.exchanges
+        if _capturing():
+            ex.captured = True
+        if ex.captured or self.last_exchange == ex.closed - 1:
+            self.barrier()
+        self.last_exchange = ex.closed
+
+    def close(self) -> None:
+        """After the writes: every row bound for this rank has landed (signal pads, system-scope release/acquire)."""
+        self.barrier()
+        self.exchanges.closed += 1
 
     def peer_rows(self, rank: int) -> torch.Tensor:
         """Rank ``rank``'s rows [P·B, W], mapped into this process (a copy into it is a peer-to-peer DMA)."""
@@ -158,10 +202,10 @@ class SymmTransport:
 
         P, B = topo.P, topo.B
         buf = _buffer(topo.group, P, B, x.shape[1], x.dtype, MS, x.device)
-        buf.barrier()
+        buf.open()
         pos, flat = _launch_push(x, ids, scales_TJ, dyn, topo, rows=buf.rows_base, meta=buf.meta_base, peer=True,
                                  slot0=topo.rank * B, src_row=topo.rank, MS=MS, M=M, plan=None, num_sms=num_sms)
-        buf.barrier()
+        buf.close()
         return _tp_gather(buf.rows, topo), _tp_gather(buf.meta, topo), pos, flat
 
     def replay(self, x, ctx) -> torch.Tensor:
@@ -171,10 +215,10 @@ class SymmTransport:
         topo = ctx.topo
         P, B = topo.P, topo.B
         buf = _buffer(topo.group, P, B, x.shape[1], x.dtype, 0, x.device)
-        buf.barrier()
+        buf.open()
         _launch_push(x, None, None, None, topo, rows=buf.rows_base, meta=None, peer=True, slot0=topo.rank * B,
                      src_row=topo.rank, MS=0, M=0, plan=(ctx.pos_TP, ctx.flat_TP), num_sms=ctx.num_sms)
-        buf.barrier()
+        buf.close()
         recv = buf.rows.clone()
         return _tp_gather(recv, topo)
 
@@ -196,10 +240,10 @@ class SymmTransport:
             return _NCCL.reduce_back(red, dataclasses.replace(ctx, topo=topo_without_tp(topo)), quant)
         buf = _buffer(topo.group, P, B, red.shape[1], red.dtype, 0, red.device)
         me = topo.rank
-        buf.barrier()  # every source has read what the last exchange left in its buffer
+        buf.open()
         for s in range(P):  # slot rows (source s, positions 0..B-1) -> rank s at (me, 0..B-1)
             buf.peer_rows(s)[me * B:(me + 1) * B].copy_(red[s * B:(s + 1) * B])
-        buf.barrier()  # every destination's block has landed here
+        buf.close()  # every destination's block has landed here
         # the rows of this rank's tokens: (destination d, position) at d·B + pos; unpermute reads only those
         return unpermute(buf.rows, ctx.flat_TP, None)
 
