@@ -131,7 +131,7 @@ class _ExpertWeights(nn.Module):
                 f"ffn_hidden_size={self.ffn_hidden_size}, activation={self.activation!r}, "
                 f"bias={self.down_proj_bias is not None}")
 
-    def _check_inputs(self, x: torch.Tensor, offsets: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, offsets: torch.Tensor, row_scale: torch.Tensor | None = None) -> None:
         check_tensor("x", x, ndim=2)
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -141,6 +141,11 @@ class _ExpertWeights(nn.Module):
         if offsets.numel() != self.num_experts:
             raise ValueError(f"offsets must have one entry per expert ({self.num_experts}), got "
                              f"{offsets.numel()} entries")
+        if row_scale is not None:
+            check_tensor("row_scale", row_scale, ndim=1)
+            if row_scale.shape[0] != x.shape[0]:
+                raise ValueError(f"row_scale must have one entry per row of x ({x.shape[0]}), got "
+                                 f"{row_scale.shape[0]}")
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype of the expert GEMMs: autocast's dtype inside an autocast region (as nn.Linear would), else
@@ -164,24 +169,34 @@ class GroupedExperts(_ExpertWeights):
         bias: add per-expert biases ``gate_up_proj_bias``/``up_proj_bias`` and ``down_proj_bias``.
         device, dtype: of the parameters.
 
-    ``forward(x [R, H], offsets [E]) -> [R, H]``: expert e transforms rows [offsets[e-1], offsets[e]) (offsets are
-    cumulative row ends, int32/int64, as ``permute`` returns them); rows past ``offsets[-1]`` come out zero. On
-    CUDA nothing is read on the host. Under ``torch.autocast`` the GEMMs run in the autocast dtype.
+    ``forward(x [R, H], offsets [E], row_scale=None) -> [R, H]``: expert e transforms rows
+    [offsets[e-1], offsets[e]) (offsets are cumulative row ends, int32/int64, as ``permute`` returns them); rows
+    past ``offsets[-1]`` come out zero. ``row_scale [R]`` (optional) multiplies each row's activation before the
+    second GEMM: ``y = (row_scale · act(x W1ᵀ + b1)) W2ᵀ + b2``; with no down bias that is the row's routing
+    weight applied to its output. On CUDA nothing is read on the host. Under ``torch.autocast`` the GEMMs run in
+    the autocast dtype.
     """
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(x, offsets)
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(x, offsets, row_scale)
         dtype = self._compute_dtype(x)
-        w1, b1, w2, b2 = self.w1, self.w1_bias, self.down_proj, self.down_proj_bias
+        w1, b1, w2, b2 = self.w1, self.w1_bias, self.down_proj, self._down_bias()
         if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
             w1, w2 = w1.to(dtype), w2.to(dtype)
         x = x.to(dtype).contiguous()
         h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
-        if self.activation in GATED_ACTIVATIONS:
-            h = gated_act(h, self.activation)  # one fused kernel each way (moetron/ops/gated_act.py)
+        if self.activation in GATED_ACTIVATIONS:  # one fused kernel each way (moetron/ops/gated_act.py)
+            h = gated_act(h, self.activation, row_scale=row_scale)
         else:
-            h = apply_activation(h, self.activation)
+            h = _scale_rows(apply_activation(h, self.activation), row_scale)
         return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True, bias=_bias_for(b2, dtype))
+
+    def _down_bias(self) -> torch.Tensor | None:
+        return self.down_proj_bias
+
+
+def _scale_rows(h: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:
+    return h if row_scale is None else h * row_scale.to(h.dtype)[:, None]
 
 
 def _bias_for(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -195,12 +210,12 @@ class SequentialExperts(_ExpertWeights):
     """The same experts as ``GroupedExperts`` (same parameters, same result) computed by a Python loop over
     experts with plain matmuls: the readable reference, and a baseline for benchmarks.
 
-    ``forward(x [R, H], offsets [E]) -> [R, H]``. It reads ``offsets`` on the host to slice the rows, which syncs
-    with the GPU once per call.
+    ``forward(x [R, H], offsets [E], row_scale=None) -> [R, H]``. It reads ``offsets`` on the host to slice the
+    rows, which syncs with the GPU once per call.
     """
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(x, offsets)
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(x, offsets, row_scale)
         dtype = self._compute_dtype(x)
         ends = offsets.tolist()  # host sync
         R = x.shape[0]
@@ -210,7 +225,8 @@ class SequentialExperts(_ExpertWeights):
             if end > start:
                 rows = x[start:end].to(dtype)
                 h = F.linear(rows, self.w1[e].to(dtype), None if self.w1_bias is None else self.w1_bias[e].to(dtype))
-                h = apply_activation(h, self.activation)
+                scale = None if row_scale is None else row_scale[start:end]
+                h = _scale_rows(apply_activation(h, self.activation), scale)
                 b2 = None if self.down_proj_bias is None else self.down_proj_bias[e].to(dtype)
                 pieces.append(F.linear(h, self.down_proj[e].to(dtype), b2))
             start = end

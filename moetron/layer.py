@@ -42,10 +42,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dispatch import make_dispatcher
+from .dispatch import LocalDispatcher, make_dispatcher
 from .dispatch._comm import all_gather_flat
-from .experts import ACTIVATIONS, GroupedExperts, SharedExperts, _bias_for, apply_activation
-from .ops.gmm import gmm
+from .experts import ACTIVATIONS, GroupedExperts, SharedExperts
 from .parallel import GRAD_GROUP_ATTR, ParallelGroups, check_same_on_all_ranks
 from .router import RouterConfig, RouterOutput, TopKRouter
 from ._checks import config_error, is_int
@@ -229,17 +228,8 @@ class _ExpertShard(GroupedExperts):
         super().__init__(*args, **kw)
         self.add_down_bias = add_down_bias
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        if self.add_down_bias or self.down_proj_bias is None:
-            return super().forward(x, offsets)
-        self._check_inputs(x, offsets)
-        dtype = self._compute_dtype(x)
-        w1, b1, w2 = self.w1, self.w1_bias, self.down_proj
-        if dtype != w2.dtype:
-            w1, w2 = w1.to(dtype), w2.to(dtype)
-        h = gmm(x.to(dtype).contiguous(), w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
-        h = apply_activation(h, self.activation)
-        return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True)
+    def _down_bias(self) -> torch.Tensor | None:
+        return self.down_proj_bias if self.add_down_bias else None
 
 
 class MoELayer(nn.Module):
@@ -322,6 +312,10 @@ class MoELayer(nn.Module):
         else:
             self.shared_experts = None
         self.dispatcher = make_dispatcher(c, parallel)
+        if isinstance(self.dispatcher, LocalDispatcher) and self.experts.down_proj_bias is None:
+            # the experts weight their rows (the routing weights scale the activation before the second GEMM), so
+            # combine's sum is unweighted and its backward a plain gather: it no longer reads the expert outputs
+            self.dispatcher.weights_in_experts = True
         for name, p in self.experts.named_parameters():
             setattr(p, GRAD_GROUP_ATTR, "etp_edp" if _ETP_SPLIT[name] is None else "edp")
         self.last_stats: dict | None = None
@@ -463,7 +457,7 @@ class MoELayer(nn.Module):
         # queued before dispatch: the device works on it while an all-to-all dispatcher waits for split sizes
         y_shared = self.shared_experts(x_send) if self.shared_experts is not None else None
         d = self.dispatcher.dispatch(x_send, route.probs, route.expert_ids)
-        h = self.experts(d.x, d.offsets)
+        h = self.experts(d.x, d.offsets, row_scale=d.row_probs)
         y_TH = self.dispatcher.combine(h, d.handle)
         if y_shared is not None:
             y_TH = y_TH + y_shared

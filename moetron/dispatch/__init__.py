@@ -8,8 +8,11 @@ dispatched buffer, C capacity (rows per expert and source rank when dropping).
         d.offsets [E_l]         cumulative row ends of each local expert (rows past the last end are zeros)
         d.tokens_per_expert [E] this rank's routed slots kept per global expert (int64, on the device)
         d.num_dropped []        this rank's slots dropped over capacity (int64, on the device)
-    h = experts(d.x, d.offsets)                                            [R, H] (partial sums when ETP > 1)
+    h = experts(d.x, d.offsets, row_scale=d.row_probs)                     [R, H] (partial sums when ETP > 1)
     y = dispatcher.combine(h, d.handle)                                    [T, H] = sum_k probs[t, k] · h(t, k)
+
+``d.row_probs`` is None, or (the local dispatcher with ``weights_in_experts``) each row's routing weight
+``[R]``: the experts apply it and combine sums unweighted.
 
 ``make_dispatcher(config, groups)`` picks one from ``config.dispatcher``:
 
@@ -48,6 +51,7 @@ class Dispatched(NamedTuple):
     tokens_per_expert: torch.Tensor  # [E] int64 this rank's kept slots per global expert
     num_dropped: torch.Tensor  # 0-d int64 this rank's slots dropped over capacity
     handle: object  # what combine needs
+    row_probs: torch.Tensor | None = None  # [R] routing weight of each row when the experts must apply it
 
 
 class TokenDispatcher:

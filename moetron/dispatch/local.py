@@ -34,26 +34,37 @@ class LocalDispatcher(TokenDispatcher):
     """All E experts on this rank: ``permute`` by expert, ``unpermute`` with the probs. No communication, no sync.
 
     Dropless: [T·K (+ padding), H]. ``pad_to_capacity``: a static [E·C, H] buffer. Packed capacity: the kept slots
-    decided first (``source_drops``), then only those laid out, so the GEMMs compute only kept rows."""
+    decided first (``source_drops``), then only those laid out, so the GEMMs compute only kept rows.
+
+    ``weights_in_experts`` (set by MoELayer when its experts have no down bias): the probs are permuted with the
+    rows and returned as ``row_probs`` for the experts to apply, and combine sums unweighted. The unweighted
+    unpermute's backward is a gather of dy; the weighted one's also reads every expert output row again for the
+    probs' gradient (the experts get that from their activation instead) and keeps those rows alive until then."""
 
     name = "local"
+    weights_in_experts = False
 
     def dispatch(self, x_TH, probs_TK, ids_TK) -> Dispatched:
         c = self.config
         T, K = ids_TK.shape
         E = c.num_experts
         capacity = c.capacity(T)
+        permuted_probs = probs_TK if self.weights_in_experts else _rank_probs(c, probs_TK, capacity)
         if capacity is None or c.pad_to_capacity:
-            perm = permute(x_TH, ids_TK, E, probs=_rank_probs(c, probs_TK, capacity), pad_to=c.pad_to,
-                           capacity=capacity, drop_policy=c.drop_policy)
+            perm = permute(x_TH, ids_TK, E, probs=permuted_probs, pad_to=c.pad_to, capacity=capacity,
+                           drop_policy=c.drop_policy)
             kept, num_dropped = perm.tokens_per_expert, perm.num_dropped
         else:
             # Slot ids outside [0, E) count as dropped in permute's index kernels; the public permute refuses
             # them on the CPU, hence the internal entry point.
             kept_ids, _, num_dropped = source_drops(c, x_TH, probs_TK, ids_TK, capacity)
             rows = permuted_rows(T, K, E, pad_to=c.pad_to)
-            perm = _permute(x_TH, kept_ids, E, None, c.pad_to, None, c.drop_policy, rows, None)
+            perm = _permute(x_TH, kept_ids, E, probs_TK if self.weights_in_experts else None, c.pad_to, None,
+                            c.drop_policy, rows, None)
             kept = perm.tokens_per_expert
+        if self.weights_in_experts:
+            return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, None),
+                              perm.probs_permuted)
         return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, probs_TK))
 
     def combine(self, h, handle):

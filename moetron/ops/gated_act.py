@@ -4,6 +4,7 @@ Legend: R rows (routed rows of the permuted buffer), F expert ffn width.
 
     gated_act(h [R, 2F], "swiglu") -> a [R, F]      a = silu(h[:, :F]) * h[:, F:]
     gated_act(h [R, 2F], "geglu")  -> a [R, F]      a = gelu_tanh(h[:, :F]) * h[:, F:]
+    gated_act(h, act, row_scale [R]) -> a · row_scale[:, None]   (the routing weights, before the second GEMM)
 
 Why a kernel: in PyTorch the gate and up halves are strided views of h, so the activation, its backward and
 the ``cat`` that reassembles the gradient run as four non-vectorised elementwise kernels. On the H100 they took
@@ -52,27 +53,37 @@ def _gate_and_slope(g, GELU: tl.constexpr):
 
 
 @triton.jit
-def _gated_fwd_kernel(h_ptr, a_ptr, F_, stride_h, stride_a, GELU: tl.constexpr, BF16_FIXUPS: tl.constexpr,
-                      BLOCK_F: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    ok = cols < F_
-    g = tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(h_ptr + row * stride_h + F_ + cols, mask=ok, other=0.0).to(tl.float32)
-    act, _ = _gate_and_slope(g, GELU)
-    tl.store(a_ptr + row * stride_a + cols, to_output_dtype(act * u, a_ptr, BF16_FIXUPS), mask=ok)
-
-
-@triton.jit
-def _gated_bwd_kernel(h_ptr, da_ptr, dh_ptr, F_, stride_h, stride_da, stride_dh, GELU: tl.constexpr,
+def _gated_fwd_kernel(h_ptr, s_ptr, a_ptr, F_, stride_h, stride_a, GELU: tl.constexpr, HAS_SCALE: tl.constexpr,
                       BF16_FIXUPS: tl.constexpr, BLOCK_F: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     ok = cols < F_
     g = tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(h_ptr + row * stride_h + F_ + cols, mask=ok, other=0.0).to(tl.float32)
+    act, _ = _gate_and_slope(g, GELU)
+    out = act * u
+    if HAS_SCALE:
+        out = out * tl.load(s_ptr + row).to(tl.float32)
+    tl.store(a_ptr + row * stride_a + cols, to_output_dtype(out, a_ptr, BF16_FIXUPS), mask=ok)
+
+
+@triton.jit
+def _gated_bwd_kernel(h_ptr, da_ptr, s_ptr, dh_ptr, ds_ptr, F_, stride_h, stride_da, stride_dh, num_blocks,
+                      GELU: tl.constexpr, HAS_SCALE: tl.constexpr, BF16_FIXUPS: tl.constexpr,
+                      BLOCK_F: tl.constexpr):
+    """dh = d(act(g)·u·s); with a row scale s also this block's share of ds = sum_f da·act(g)·u, stored at
+    ds[row, block] (summed over blocks afterwards: no atomics)."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    cols = block * BLOCK_F + tl.arange(0, BLOCK_F)
+    ok = cols < F_
+    g = tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(h_ptr + row * stride_h + F_ + cols, mask=ok, other=0.0).to(tl.float32)
     da = tl.load(da_ptr + row * stride_da + cols, mask=ok, other=0.0).to(tl.float32)
     act, slope = _gate_and_slope(g, GELU)
+    if HAS_SCALE:
+        tl.store(ds_ptr + row * num_blocks + block, tl.sum(da * act * u, axis=0))
+        da = da * tl.load(s_ptr + row).to(tl.float32)
     tl.store(dh_ptr + row * stride_dh + cols, to_output_dtype(da * u * slope, dh_ptr, BF16_FIXUPS), mask=ok)
     tl.store(dh_ptr + row * stride_dh + F_ + cols, to_output_dtype(da * act, dh_ptr, BF16_FIXUPS), mask=ok)
 
@@ -86,68 +97,89 @@ def _grid(rows: int, f: int):
     return (rows, cdiv(f, block)), block
 
 
-def _forward(h: torch.Tensor, activation: str) -> torch.Tensor:
+def _forward(h: torch.Tensor, scale: torch.Tensor | None, activation: str) -> torch.Tensor:
     rows, f = h.shape[0], h.shape[1] // 2
     if rows == 0 or f == 0:
         return h.new_empty(rows, f)
     if not _env.use_triton(h):
-        return _torch_gated(h.float(), activation).to(h.dtype)
+        return _torch_gated(h.float(), activation, scale).to(h.dtype)
     a = torch.empty(rows, f, dtype=h.dtype, device=h.device)
     grid, block = _grid(rows, f)
-    _launch_fwd(grid, (h, a, f, h.stride(0), a.stride(0)),
-                dict(GELU=activation == "geglu", BF16_FIXUPS=interpreter_bf16_fixups(h), BLOCK_F=block), num_warps=4)
+    _launch_fwd(grid, (h, h if scale is None else scale, a, f, h.stride(0), a.stride(0)),
+                dict(GELU=activation == "geglu", HAS_SCALE=scale is not None,
+                     BF16_FIXUPS=interpreter_bf16_fixups(h), BLOCK_F=block), num_warps=4)
     return a
 
 
-def _backward(h: torch.Tensor, da: torch.Tensor, activation: str) -> torch.Tensor:
+def _backward(h, scale, da, activation: str, need_scale_grad: bool):
+    """(dh [R, 2F], dscale [R] or None)."""
     rows, f = h.shape[0], h.shape[1] // 2
     if rows == 0 or f == 0:
-        return torch.zeros_like(h)
+        return torch.zeros_like(h), None if scale is None else torch.zeros_like(scale)
     if not _env.use_triton(h):
-        with torch.enable_grad():
-            hf = h.float().requires_grad_(True)
-            out = _torch_gated(hf, activation)
-            (dh,) = torch.autograd.grad(out, hf, da.float())
-        return dh.to(h.dtype)
+        with torch.enable_grad():  # on detached copies: a saved input still carries the outer graph
+            hf = h.detach().float().requires_grad_(True)
+            sf = None if scale is None else scale.detach().float().requires_grad_(need_scale_grad)
+            out = _torch_gated(hf, activation, sf)
+            inputs = (hf, sf) if need_scale_grad else (hf,)
+            grads = torch.autograd.grad(out, inputs, da.float())
+        return grads[0].to(h.dtype), grads[1].to(scale.dtype) if need_scale_grad else None
     dh = torch.empty_like(h)
     grid, block = _grid(rows, f)
-    _launch_bwd(grid, (h, da, dh, f, h.stride(0), da.stride(0), dh.stride(0)),
-                dict(GELU=activation == "geglu", BF16_FIXUPS=interpreter_bf16_fixups(dh), BLOCK_F=block), num_warps=4)
-    return dh
+    ds = torch.empty(rows, grid[1], dtype=torch.float32, device=h.device) if scale is not None else None
+    _launch_bwd(grid, (h, da, h if scale is None else scale, dh, dh if ds is None else ds, f, h.stride(0),
+                       da.stride(0), dh.stride(0), grid[1]),
+                dict(GELU=activation == "geglu", HAS_SCALE=scale is not None,
+                     BF16_FIXUPS=interpreter_bf16_fixups(dh), BLOCK_F=block), num_warps=4)
+    if not need_scale_grad:
+        return dh, None
+    return dh, (ds[:, 0] if grid[1] == 1 else ds.sum(1)).to(scale.dtype)
 
 
 class _GatedAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, activation):
-        ctx.save_for_backward(h)
+    def forward(ctx, h, scale, activation):
+        ctx.save_for_backward(h, scale)
         ctx.activation = activation
-        return _forward(h, activation)
+        return _forward(h, scale, activation)
 
     @staticmethod
     def backward(ctx, da):
-        (h,) = ctx.saved_tensors
-        return _backward(h, da.contiguous(), ctx.activation), None
+        h, scale = ctx.saved_tensors
+        need_scale_grad = scale is not None and ctx.needs_input_grad[1]
+        dh, dscale = _backward(h, scale, da.contiguous(), ctx.activation, need_scale_grad)
+        return dh, dscale, None
 
 
-def gated_act(h: torch.Tensor, activation: str = "swiglu") -> torch.Tensor:
+def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``act(h[:, :F]) * h[:, F:]`` for ``h [R, 2F]`` (gate columns first, then up), returned as ``[R, F]`` in h's
-    dtype; act is silu (``"swiglu"``) or tanh-approximated gelu (``"geglu"``). Computed in fp32, differentiable,
-    one Triton kernel each way on CUDA (PyTorch on CPU tensors unless MOETRON_BACKEND=triton)."""
+    dtype; act is silu (``"swiglu"``) or tanh-approximated gelu (``"geglu"``). ``row_scale [R]`` (optional,
+    fp32/bf16/fp16) multiplies each row: an MoE layer applies its routing weights here, before the second GEMM,
+    so the weighted sum after it needs no second read of the expert outputs in backward. Computed in fp32,
+    differentiable in h and row_scale, one Triton kernel each way on CUDA (PyTorch on CPU tensors unless
+    MOETRON_BACKEND=triton)."""
     check_tensor("h", h, ndim=2, dtypes=FLOAT_DTYPES)
     if h.shape[1] % 2:
         raise ValueError(f"h must be [R, 2F] (gate then up columns), got an odd width: shape {tuple(h.shape)}")
     if activation not in GATED_ACTIVATIONS:
         raise ValueError(f"activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
     check_row_major("h", h)
-    return _GatedAct.apply(h, activation)
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, ndim=1, dtypes=FLOAT_DTYPES)
+        if row_scale.shape[0] != h.shape[0] or row_scale.device != h.device:
+            raise ValueError(f"row_scale must be [R] = [{h.shape[0]}] on {h.device}, got "
+                             f"{tuple(row_scale.shape)} on {row_scale.device}")
+        row_scale = row_scale.contiguous()
+    return _GatedAct.apply(h, row_scale, activation)
 
 
-def _torch_gated(h: torch.Tensor, activation: str) -> torch.Tensor:
+def _torch_gated(h: torch.Tensor, activation: str, scale: torch.Tensor | None = None) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
     act = F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh")
-    return act * up
+    out = act * up
+    return out if scale is None else out * scale.to(out.dtype)[:, None]
 
 
-def gated_act_ref(h: torch.Tensor, activation: str = "swiglu") -> torch.Tensor:
+def gated_act_ref(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch in h's dtype (the reference the tests compare against, in float64)."""
-    return _torch_gated(h, activation)
+    return _torch_gated(h, activation, row_scale)

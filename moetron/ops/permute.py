@@ -742,7 +742,8 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, *, prob
 
 def _permute(x, expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, out) -> PermuteResult:
     """``permute`` after validation (tests call it directly to feed it out-of-range ids)."""
-    routing = _route(expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows)
+    routing = _route(expert_ids, num_experts, None if probs is None else probs.detach(), pad_to, capacity,
+                     drop_policy, num_rows)
     row_map_TK = routing.row_map_R.view(expert_ids.shape)
     if torch.is_grad_enabled() and (x.requires_grad or (probs is not None and probs.requires_grad)):
         x_perm, probs_perm = _Permute.apply(x, probs, row_map_TK, routing.src_slot, num_rows)

@@ -21,24 +21,33 @@ def device(request, monkeypatch):
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows,f", [(7, 24), (5, 1030), (1, 1)], ids=["small", "two_col_blocks", "one"])
-def test_forward_backward(device, activation, dtype, rows, f):
-    # 1030 columns: two column blocks, the second one partial; odd row counts; a zero row must stay zero
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "row_scale"])
+def test_forward_backward(device, activation, dtype, rows, f, scaled):
+    # 1030 columns: two column blocks, the second one partial (row_scale's gradient sums both); odd row counts;
+    # a zero row must stay zero
     torch.manual_seed(rows + f)
     h = (torch.randn(rows, 2 * f) * 3).to(dtype).to(device)
     h[rows // 2] = 0
     da = torch.randn(rows, f).to(dtype).to(device)
+    s = (torch.rand(rows) + 0.1).to(device) if scaled else None
     hg = h.clone().requires_grad_(True)
-    a = gated_act(hg, activation)
+    sg = s.clone().requires_grad_(True) if scaled else None
+    a = gated_act(hg, activation, row_scale=sg)
     a.backward(da)
     h64 = h.double().cpu().requires_grad_(True)
-    ref = gated_act_ref(h64, activation)
+    s64 = s.double().cpu().requires_grad_(True) if scaled else None
+    ref = gated_act_ref(h64, activation, s64)
     ref.backward(da.double().cpu())
     hb = h.clone().requires_grad_(True)
-    base = gated_act_ref(hb, activation)
+    sb = s.clone().requires_grad_(True) if scaled else None
+    base = gated_act_ref(hb, activation, sb)
     base.backward(da)
     assert a.dtype == dtype and a.shape == (rows, f)
     assert_close_to_ref("a", a, ref, base)
     assert_close_to_ref("dh", hg.grad, h64.grad, hb.grad)
+    if scaled:
+        assert sg.grad.dtype == torch.float32
+        assert_close_to_ref("dscale", sg.grad, s64.grad, sb.grad)
     assert torch.equal(a[rows // 2].float().cpu(), torch.zeros(f))
 
 
@@ -52,3 +61,5 @@ def test_empty_and_bad_input():
         gated_act(torch.randn(3))
     with pytest.raises(TypeError, match="dtype"):
         gated_act(torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"row_scale must be \[R\] = \[3\]"):
+        gated_act(torch.randn(3, 4), row_scale=torch.ones(2))
