@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import host_and_wall_ms, print_kernel_table  # noqa: E402
 from moetron.models import MoETransformer, preset  # noqa: E402
+from moetron.train.master import MasterWeights  # noqa: E402
 
 
 def main(argv=None):
@@ -29,11 +30,14 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--host-profile", action="store_true", help="also cProfile two steps (host time)")
+    parser.add_argument("--no-master-weights", dest="master", action="store_false",
+                        help="fp32 weights cast by autocast (as `moetron train --no-master-weights`)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     cfg = preset(args.preset)
     model = MoETransformer(cfg, device="cuda").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    master = MasterWeights(model) if args.master else None
+    opt = torch.optim.AdamW(master.params if master else model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, 256, (args.batch_size, args.seq_len), device="cuda")
     y = torch.randint(0, 256, (args.batch_size, args.seq_len), device="cuda")
 
@@ -41,8 +45,14 @@ def main(argv=None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(x, y)
         loss.backward()
+        if master is not None:
+            master.accumulate()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if master is not None:
+            master.publish()
+            master.zero_grad()
+        else:
+            opt.zero_grad(set_to_none=True)
 
     host, wall = host_and_wall_ms(step, args.steps)
     tokens = args.batch_size * args.seq_len

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", dest="progress", action="store_false", default=_S, help="no progress bar")
     t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=_S,
                    help="issue every micro-step op by op instead of replaying a CUDA graph of it")
+    t.add_argument("--no-master-weights", dest="master_weights", action="store_false", default=_S,
+                   help="keep fp32 weights cast by autocast every micro-step, instead of bf16 weights with fp32 "
+                        "master copies")
     t.add_argument("--set", dest="model_set", action="append", default=_S, metavar="FIELD=VALUE",
                    help="override a ModelConfig field, e.g. --set num_experts=16 (JSON values)")
 

@@ -104,6 +104,9 @@ class TrainConfig:
     # Capture each micro-step in a CUDA graph (moetron.train.graphs) on a one-process CUDA run; no effect on the CPU
     # or under torchrun. Off: every micro-step is issued op by op from Python.
     cuda_graphs: bool = True
+    # Keep the matrices in bf16 with fp32 master copies and fp32 gradient accumulation (moetron.train.master) on
+    # a one-process CUDA bf16 run; no effect elsewhere. Off: fp32 weights cast by autocast in every micro-step.
+    master_weights: bool = True
     # Peak dense bf16 TFLOP/s of one GPU for MFU. None: looked up from the GPU name (H100/H200: 989).
     peak_tflops: float | None = None
 
@@ -160,8 +163,9 @@ class TrainConfig:
             raise _bad("name", "a folder name (no '/')", self.name)
         if not isinstance(self.model_overrides, dict):
             raise _bad("model_overrides", "a dict of ModelConfig fields", self.model_overrides)
-        if not isinstance(self.cuda_graphs, bool):
-            raise _bad("cuda_graphs", "a bool", self.cuda_graphs)
+        for name in ("cuda_graphs", "master_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, "a bool", getattr(self, name))
         if self.peak_tflops is not None and (not is_real(self.peak_tflops) or self.peak_tflops <= 0):
             raise _bad("peak_tflops", "None or a float > 0", self.peak_tflops)
 

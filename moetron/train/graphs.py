@@ -26,20 +26,25 @@ class GraphedMicroStep:
     0-d tensor the next replay overwrites: read or accumulate it before calling again).
 
     ``model`` must be a single-process CUDA model in train mode whose parameters' ``.grad`` are None or tensors
-    that are cleared in place from now on. ``moe_layers``: ``model.moe_layers()``; after each replay every layer's
+    that are cleared in place from now on. ``grad_params``: the parameters that get a ``.grad`` (default: all);
+    ``after_backward()`` runs (and is captured) after each backward. Whatever ``after_backward`` accumulates
+    elsewhere during the warm-up and capture is the caller's to clear. ``moe_layers``: ``model.moe_layers()``; after each replay every layer's
     ``last_stats`` again points at the graph's statistics (an eager forward, such as an evaluation, replaces it).
     """
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_div: float,
-                 autocast_dtype: torch.dtype | None, moe_layers, warmup: int = 2):
+                 autocast_dtype: torch.dtype | None, moe_layers, warmup: int = 2, grad_params=None,
+                 after_backward=None):
         if not x.is_cuda:
             raise ValueError(f"x must be on a CUDA device to capture a CUDA graph, got {x.device}")
         self.model = model
         self.loss_div = float(loss_div)
         self.autocast_dtype = autocast_dtype
         self.moe_layers = [layer for _, layer in moe_layers]
+        self.after_backward = after_backward  # captured too (moetron.train.master: fold .grad into fp32)
         self.x, self.y = x.clone(), y.clone()
-        params = [p for p in model.parameters() if p.requires_grad]
+        # the parameters autograd writes a .grad for (default: all that require grad)
+        params = list(grad_params) if grad_params is not None else [p for p in model.parameters() if p.requires_grad]
         # the captured backward must add into existing gradients (see the module docstring); gradients that exist
         # already are saved (a copy), the ones made here only need zeroing afterwards
         saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
@@ -76,6 +81,8 @@ class GraphedMicroStep:
         else:
             loss = self.model(self.x, self.y)
         (loss / self.loss_div).backward()
+        if self.after_backward is not None:
+            self.after_backward()
         return loss.detach()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..router import AuxLossAutoScaler
 from . import checkpoint as ckpt
 from .config import RESUME_MUST_MATCH, TrainConfig
 from .data import ByteDataset, load_corpus
+from .master import MasterWeights
 from . import distributed as D
 
 __all__ = ["train", "ResumeError", "WarmupCosine", "build_model_config", "resolve_run_dir", "peak_flops"]
@@ -192,9 +193,9 @@ def _extra_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
+def _param_groups(params: list[torch.Tensor], weight_decay: float):
     decay, no_decay = [], []
-    for p in model.parameters():  # parameters() yields a tied weight once
+    for p in params:  # model.parameters() yields a tied weight once
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 else no_decay).append(p)
@@ -295,19 +296,24 @@ def _silent(*_args, **_kw) -> None:
     pass
 
 
-def _capture_micro_step(model, x, y, loss_div, use_bf16, moe_layers, log):
+def _capture_micro_step(model, x, y, loss_div, use_bf16, moe_layers, master, log):
     """The micro-step as a CUDA graph (moetron.train.graphs), or None (with a warning) if it cannot be captured."""
     from .graphs import GraphedMicroStep
 
+    kw = {} if master is None else dict(grad_params=master.autograd_params,
+                                        after_backward=lambda: master.accumulate(keep_grads=True))
     try:
         return GraphedMicroStep(model, x, y, loss_div=loss_div, autocast_dtype=torch.bfloat16 if use_bf16 else None,
-                                moe_layers=moe_layers)
+                                moe_layers=moe_layers, **kw)
     except Exception as e:  # never lose a run to the capture: train eagerly instead
         log(f"warning: capturing the micro-step in a CUDA graph failed ({type(e).__name__}: {e}); running it "
             "eagerly (--no-cuda-graphs skips the attempt)")
         torch.cuda.synchronize()
         model.zero_grad(set_to_none=True)
         return None
+    finally:
+        if master is not None:  # the warm-up and capture also added into the fp32 gradients
+            master.zero_grad(set_to_none=False)
 
 
 def _build_model(mcfg: ModelConfig, device: torch.device, ctx: "D.DistContext") -> MoETransformer:
@@ -374,8 +380,18 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
         pass
 
     model = _build_model(mcfg, device, ctx)  # built in place: a 1B model initialises in seconds on a GPU
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    state = None
+    if resume_path is not None:
+        # verified by rank 0 above; every rank reads the one-process format and keeps its own experts
+        state = ckpt.load_checkpoint(resume_path, model, map_location="cpu", verify=False)
+        if state.get("format_version") != ckpt.FORMAT_VERSION:
+            raise ckpt.CheckpointError(f"checkpoint {resume_path!r} has format {state.get('format_version')!r}, "
+                                       f"this moetron reads {ckpt.FORMAT_VERSION}")
+    # bf16 weights with fp32 masters (moetron.train.master), from the fp32 weights just initialised or loaded
+    master = MasterWeights(model) if cfg.master_weights and use_bf16 and device.type == "cuda" and \
+        not ctx.distributed else None
+    params = master.params if master is not None else list(model.parameters())
+    opt = torch.optim.AdamW(_param_groups(params, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             eps=cfg.adam_eps, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     moe_layers = model.moe_layers()
@@ -383,12 +399,7 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
 
     start_step = 0
     prev = {"train_time": 0.0, "tokens": 0}
-    if resume_path is not None:
-        # verified by rank 0 above; every rank reads the one-process format and keeps its own experts
-        state = ckpt.load_checkpoint(resume_path, model, map_location="cpu", verify=False)
-        if state.get("format_version") != ckpt.FORMAT_VERSION:
-            raise ckpt.CheckpointError(f"checkpoint {resume_path!r} has format {state.get('format_version')!r}, "
-                                       f"this moetron reads {ckpt.FORMAT_VERSION}")
+    if state is not None:
         opt.load_state_dict(D.slice_optimizer_state(state["optimizer"], opt, model) if sharded
                             else state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -462,7 +473,8 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
             weights = D.gather_model_state(model, ctx)
             opt_state = D.gather_optimizer_state(opt, model, ctx)
         else:
-            weights, opt_state = model, (opt.state_dict() if ctx.is_main else None)
+            weights = model if master is None else master.state_dict_tensors()  # fp32 either way
+            opt_state = opt.state_dict() if ctx.is_main else None
         if not ctx.is_main:
             return os.path.join(run_dir, "checkpoints", ckpt.step_dirname(step))
         state = {"format_version": ckpt.FORMAT_VERSION, "step": step, "optimizer": opt_state,
@@ -537,7 +549,7 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
                     x, y = x[row0:row0 + rows], y[row0:row0 + rows]
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if use_graphs and graphed is None:
-                    graphed = _capture_micro_step(model, x, y, loss_div, use_bf16, moe_layers, log)
+                    graphed = _capture_micro_step(model, x, y, loss_div, use_bf16, moe_layers, master, log)
                     use_graphs = graphed is not None
                 if graphed is not None and x.shape == graphed.x.shape:
                     loss = graphed(x, y)
@@ -545,6 +557,8 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
                     with autocast():
                         loss = model(x, y)
                     (loss / loss_div).backward()
+                    if master is not None:
+                        master.accumulate(keep_grads=graphed is not None)
                 loss_sum += loss.detach()
                 for j, (_, layer) in enumerate(moe_layers):
                     tpe_acc[j] += layer.last_stats["tokens_per_expert"].to(tpe_acc.dtype)
@@ -557,7 +571,11 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            opt.zero_grad(set_to_none=graphed is None)  # a graph adds into the same gradient tensors every step
+            if master is not None:
+                master.publish()
+                master.zero_grad(set_to_none=graphed is None)
+            else:
+                opt.zero_grad(set_to_none=graphed is None)  # a graph adds into the same gradient tensors every step
             if use_expert_bias:
                 for _, layer in moe_layers:
                     layer.update_expert_bias()  # counts summed over every rank by the layer

@@ -44,3 +44,30 @@ def test_cuda_graph_run_matches_eager_run(tmp_path, dtype):
     rtol = 2e-2 if dtype == "bf16" else 1e-3
     for a, b in zip(loss_g + val_g, loss_e + val_e):
         assert abs(a - b) <= rtol * abs(b), (loss_g, loss_e, val_g, val_e)
+
+
+def test_master_weights_run_matches_fp32_weights_run(tmp_path):
+    """bf16 weights with fp32 masters (the default on one CUDA process) against fp32 weights cast by autocast: the
+    same forward (both round the same fp32 values to bf16), gradients that differ by bf16 rounding only, the same
+    curve; the checkpoint holds the fp32 masters."""
+    from safetensors.torch import load_file
+
+    corpus = tmp_path / "code.py"
+    corpus.write_text("".join(f"def g_{i}(a, b={i % 5}):\n    return a - {i} * b\n" for i in range(2000)))
+    runs, dirs = {}, {}
+    for master in (True, False):
+        cfg = TrainConfig(preset="tiny", model_overrides=dict(MODEL), data=[str(corpus)], steps=8, batch_size=8,
+                          grad_accum=2, seq_len=64, warmup_steps=2, eval_every=4, eval_batches=2, log_every=1,
+                          ckpt_every=0, runs_dir=str(tmp_path / "runs"), name=f"m{master}", progress=False, seed=5,
+                          device="cuda", dtype="bf16", master_weights=master)
+        dirs[master] = train(cfg, log=lambda *a, **k: None)["run_dir"]
+        runs[master] = _curves(dirs[master])
+    (loss_m, gnorm_m, val_m), (loss_f, gnorm_f, val_f) = runs[True], runs[False]
+    assert abs(loss_m[0] - loss_f[0]) <= 1e-6 * loss_f[0]
+    assert abs(gnorm_m[0] - gnorm_f[0]) <= 1e-2 * gnorm_f[0]
+    for a, b in zip(loss_m + val_m, loss_f + val_f):
+        assert abs(a - b) <= 2e-2 * abs(b), (loss_m, loss_f, val_m, val_f)
+    ckpt_dir = os.path.join(dirs[True], "checkpoints", "step_00000008")
+    weights = load_file(os.path.join(ckpt_dir, "model.safetensors"))
+    assert all(t.dtype == torch.float32 for name, t in weights.items() if name.endswith("weight")), \
+        {n: t.dtype for n, t in weights.items()}
