@@ -4,6 +4,7 @@ Legend: R rows (all leading dims of x flattened), H the normalized width, P prog
 
     rms_norm(x [..., H], weight [H], eps)             -> y [..., H]   y = x * rstd * weight, in x's dtype
     rms_norm(x [..., H], weight [H], eps, out_dtype)  -> y [..., H]   the same, stored in out_dtype
+    add_rms_norm(x, branch, weight, eps, out_dtype)   -> (y, x_new)   x_new = x + branch, y = rms_norm(x_new)
                                                                       rstd = 1 / sqrt(mean(x^2 over H) + eps)
 
 Why a kernel: under bf16 autocast the residual stream is fp32 and the next layer wants its input in bf16. With
@@ -83,14 +84,22 @@ def _backward_programs(rows: int, block_r: int, x: torch.Tensor, num_warps: int)
 
 
 @triton.jit
-def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, R, H, stride_x, stride_y, eps, BF16_FIXUPS: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rmsnorm_fwd_kernel(x_ptr, r_ptr, w_ptr, y_ptr, xo_ptr, rstd_ptr, R, H, stride_x, stride_r, stride_y, stride_xo,
+                        eps, HAS_RESIDUAL: tl.constexpr, BF16_FIXUPS: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """y = rmsnorm(x) * w; with HAS_RESIDUAL, x is first replaced by x + r, stored to xo in xo's dtype (the norm
+    and the backward see that stored value)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_H)
     row_ok = rows < R
     col_ok = cols < H
     ok = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x_out = to_output_dtype(x, xo_ptr, BF16_FIXUPS)
+        tl.store(xo_ptr + rows[:, None] * stride_xo + cols[None, :], x_out, mask=ok)
+        x = x_out.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     mean_sq = tl.sum(x * x, axis=1) / H
     rstd = 1.0 / tl.sqrt_rn(mean_sq + eps)
@@ -100,9 +109,12 @@ def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, R, H, stride_x, stride_y,
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, R, H, rows_per_program, stride_x,
-                        stride_dy, stride_dx, BF16_FIXUPS: tl.constexpr, BLOCK_R: tl.constexpr,
+def _rmsnorm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dxo_ptr, dx_ptr, dr_ptr, dw_part_ptr, R, H, rows_per_program,
+                        stride_x, stride_dy, stride_dxo, stride_dx, stride_dr, HAS_DXO: tl.constexpr,
+                        HAS_DR: tl.constexpr, BF16_FIXUPS: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_H: tl.constexpr):
+    """dx = the norm's input gradient, plus (HAS_DXO) the gradient dxo that reached the norm's input from
+    elsewhere (the residual stream); with HAS_DR the same sum is also stored to dr in dr's dtype."""
     pid = tl.program_id(0)
     first = pid.to(tl.int64) * rows_per_program
     cols = tl.arange(0, BLOCK_H)
@@ -120,8 +132,13 @@ def _rmsnorm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, R, 
         wdy = w[None, :] * dy
         c = tl.sum(x_hat * wdy, axis=1) / H
         dx = (wdy - x_hat * c[:, None]) * rstd[:, None]
+        if HAS_DXO:
+            dx += tl.load(dxo_ptr + rows[:, None] * stride_dxo + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], to_output_dtype(dx, dx_ptr, BF16_FIXUPS),
                  mask=ok)
+        if HAS_DR:
+            tl.store(dr_ptr + rows[:, None] * stride_dr + cols[None, :], to_output_dtype(dx, dr_ptr, BF16_FIXUPS),
+                     mask=ok)
         acc += dy * x_hat  # masked rows and columns add zeros
     tl.store(dw_part_ptr + pid.to(tl.int64) * H + cols, tl.sum(acc, axis=0), mask=col_ok)
 
@@ -140,39 +157,54 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
-    """-> (y [R, H] in out_dtype, rstd [R] fp32)."""
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype, branch=None):
+    """-> (y [R, H] in out_dtype, rstd [R] fp32, x_new = x + branch in x's dtype, or None without a branch)."""
     rows, h = x.shape
     if rows == 0 or h == 0:
         return (torch.empty(rows, h, dtype=out_dtype, device=x.device),
-                torch.zeros(rows, dtype=_compute_dtype(x), device=x.device))
+                torch.zeros(rows, dtype=_compute_dtype(x), device=x.device),
+                None if branch is None else torch.empty_like(x))
     if h > _MAX_TRITON_H or not _env.use_triton(x):
-        return _torch_forward(x, weight, eps, out_dtype)
+        x_new = None if branch is None else (x.to(_compute_dtype(x)) + branch.to(_compute_dtype(x))).to(x.dtype)
+        y, rstd = _torch_forward(x if x_new is None else x_new, weight, eps, out_dtype)
+        return y, rstd, x_new
     y = torch.empty(rows, h, dtype=out_dtype, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    x_new = None if branch is None else torch.empty_like(x)
     cfg = _config(h, x.is_cuda or _GPU_CONFIG_ON_CPU)
     num_warps = cfg.pop("num_warps")
-    _launch_fwd((cdiv(rows, cfg["BLOCK_R"]),), (x, weight, y, rstd, rows, h, x.stride(0), y.stride(0), float(eps)),
-                dict(BF16_FIXUPS=interpreter_bf16_fixups(y), **cfg), num_warps=num_warps)
-    return y, rstd
+    r, xo = (x, y) if branch is None else (branch, x_new)  # placeholders when there is no branch
+    _launch_fwd((cdiv(rows, cfg["BLOCK_R"]),),
+                (x, r, weight, y, xo, rstd, rows, h, x.stride(0), r.stride(0), y.stride(0), xo.stride(0), float(eps)),
+                dict(HAS_RESIDUAL=branch is not None, BF16_FIXUPS=interpreter_bf16_fixups(y), **cfg),
+                num_warps=num_warps)
+    return y, rstd, x_new
 
 
-def _backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor):
-    """-> (dx [R, H] in x's dtype, dweight [H] in weight's dtype)."""
+def _backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, dx_extra=None,
+              branch_dtype=None):
+    """-> (dx [R, H] in x's dtype, dweight [H] in weight's dtype, dbranch or None). ``dx_extra``: a gradient
+    that reached x from elsewhere, added in fp32; ``branch_dtype``: also return that sum in this dtype."""
     rows, h = x.shape
     if rows == 0 or h == 0:
-        return torch.empty_like(x), torch.zeros_like(weight)
+        return torch.empty_like(x), torch.zeros_like(weight), (None if branch_dtype is None else
+                                                               torch.empty(rows, h, dtype=branch_dtype,
+                                                                           device=x.device))
     if h > _MAX_TRITON_H or not _env.use_triton(x):
-        return _torch_backward(x, weight, rstd, dy)
+        return _torch_backward(x, weight, rstd, dy, dx_extra, branch_dtype)
     dx = torch.empty_like(x)
+    dr = None if branch_dtype is None else torch.empty(rows, h, dtype=branch_dtype, device=x.device)
     cfg = _config(h, x.is_cuda or _GPU_CONFIG_ON_CPU)
     num_warps = cfg.pop("num_warps")
     programs, per_program = _backward_programs(rows, cfg["BLOCK_R"], x, num_warps)
     partial = torch.empty(programs, h, dtype=torch.float32, device=x.device)
-    _launch_bwd((programs,), (x, weight, dy, rstd, dx, partial, rows, h, per_program, x.stride(0), dy.stride(0),
-                              dx.stride(0)),
-                dict(BF16_FIXUPS=interpreter_bf16_fixups(dx), **cfg), num_warps=num_warps)
-    return dx, partial.sum(0).to(weight.dtype)
+    dxo = dx if dx_extra is None else dx_extra  # placeholders when absent
+    drr = dx if dr is None else dr
+    _launch_bwd((programs,), (x, weight, dy, rstd, dxo, dx, drr, partial, rows, h, per_program, x.stride(0),
+                              dy.stride(0), dxo.stride(0), dx.stride(0), drr.stride(0)),
+                dict(HAS_DXO=dx_extra is not None, HAS_DR=dr is not None, BF16_FIXUPS=interpreter_bf16_fixups(dx),
+                     **cfg), num_warps=num_warps)
+    return dx, partial.sum(0).to(weight.dtype), dr
 
 
 def _torch_forward(x, weight, eps, out_dtype):
@@ -182,14 +214,17 @@ def _torch_forward(x, weight, eps, out_dtype):
     return (xf * rstd[:, None] * weight.to(ct)).to(out_dtype), rstd
 
 
-def _torch_backward(x, weight, rstd, dy):
+def _torch_backward(x, weight, rstd, dy, dx_extra=None, branch_dtype=None):
     ct = _compute_dtype(x)
     x_hat = x.to(ct) * rstd[:, None]
     dyf = dy.to(ct)
     wdy = weight.to(ct) * dyf
     c = (x_hat * wdy).mean(-1, keepdim=True)
     dx = rstd[:, None] * (wdy - x_hat * c)
-    return dx.to(x.dtype), (dyf * x_hat).sum(0).to(weight.dtype)
+    if dx_extra is not None:
+        dx = dx + dx_extra.to(ct)
+    dr = None if branch_dtype is None else dx.to(branch_dtype)
+    return dx.to(x.dtype), (dyf * x_hat).sum(0).to(weight.dtype), dr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,17 +237,42 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        y, rstd = _forward(x, weight, eps, out_dtype)
+        y, rstd, _ = _forward(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        if dy.shape[-1] > 1 and dy.stride(-1) != 1:  # e.g. the expanded gradient of y.sum()
-            dy = dy.contiguous()
-        dx, dw = _backward(x, weight, rstd, dy)
+        dx, dw, _ = _backward(x, weight, rstd, _unit_stride(dy))
         return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """x, branch [R, H] (unit last stride), weight [H] -> (y [R, H] in out_dtype, x_new = x + branch in x's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, branch, weight, eps, out_dtype):
+        y, rstd, x_new = _forward(x, weight, eps, out_dtype, branch)
+        ctx.save_for_backward(x_new, weight, rstd)
+        ctx.branch_dtype = branch.dtype
+        return y, x_new
+
+    @staticmethod
+    def backward(ctx, dy, dx_new):
+        x_new, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only x_new was used: the norm adds nothing
+            dy = torch.zeros_like(x_new)
+        dx, dw, dbranch = _backward(x_new, weight, rstd, _unit_stride(dy),
+                                    None if dx_new is None else _unit_stride(dx_new), ctx.branch_dtype)
+        return (dx if ctx.needs_input_grad[0] else None, dbranch if ctx.needs_input_grad[1] else None,
+                dw if ctx.needs_input_grad[2] else None, None, None)
+
+
+def _unit_stride(g: torch.Tensor) -> torch.Tensor:
+    if g.shape[-1] > 1 and g.stride(-1) != 1:  # e.g. the expanded gradient of y.sum()
+        return g.contiguous()
+    return g.view(-1, g.shape[-1]) if g.dim() != 2 else g
 
 
 def _check_eps(eps):
@@ -238,12 +298,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
         weight (dweight in weight's dtype, deterministic). One Triton kernel each way on CUDA (PyTorch on CPU
         tensors unless MOETRON_BACKEND=triton).
     """
+    out_dtype = _check_norm_args(x, weight, eps, out_dtype)
+    lead, h = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(math.prod(lead), h)  # a view unless the leading dims cannot be merged
+    y = _RMSNorm.apply(x2, weight.contiguous(), float(eps), out_dtype)
+    return y.view(*lead, h)
+
+
+def add_rms_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add fused with the RMSNorm after it: ``x_new = x + branch``, ``y = rms_norm(x_new)``.
+
+    Args:
+        x: ``[..., H]`` the residual stream (fp32 under bf16 autocast), contiguous in its last dim.
+        branch: what the block adds to it, x's shape, any of fp32 / bf16 / fp16 (a bf16 attention or MLP output).
+        weight, eps, out_dtype: as for ``rms_norm``.
+
+    Returns:
+        ``(y, x_new)``: y ``[..., H]`` in out_dtype; x_new ``[..., H]`` in x's dtype (the sum in fp32, rounded once;
+        the norm reads the rounded value). Differentiable in x, branch and weight: the backward adds the gradient
+        reaching x_new from later in the stream to the norm's, and writes that sum once in x's dtype and once in
+        branch's, which is what the unfused add's backward would produce with an extra cast.
+    """
+    out_dtype = _check_norm_args(x, weight, eps, out_dtype)
+    check_tensor("branch", branch, dtypes=FLOAT_DTYPES)
+    check_shape("branch", branch, tuple(x.shape), "the shape of x")
+    check_same_device("branch", branch, "x", x)
+    check_row_major("branch", branch)
+    lead, h = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    y, x_new = _AddRMSNorm.apply(x.reshape(rows, h), branch.reshape(rows, h), weight.contiguous(), float(eps),
+                                 out_dtype)
+    return y.view(*lead, h), x_new.view(*lead, h)
+
+
+def _check_norm_args(x, weight, eps, out_dtype) -> torch.dtype:
+    """Validates rms_norm's arguments; returns the output dtype."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension ([..., H]), got a 0-D tensor")
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
-    h = x.shape[-1]
-    check_shape("weight", weight, (h,), "the last dim of x")
+    check_shape("weight", weight, (x.shape[-1],), "the last dim of x")
     check_same_device("weight", weight, "x", x)
     _check_eps(eps)
     if out_dtype is None:
@@ -252,10 +347,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
         raise TypeError(f"out_dtype must be one of torch.float16, torch.bfloat16, torch.float32 or None, got "
                         f"{out_dtype!r}")
     check_row_major("x", x)
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), h)  # a view unless the leading dims cannot be merged
-    y = _RMSNorm.apply(x2, weight.contiguous(), float(eps), out_dtype)
-    return y.view(*lead, h)
+    return out_dtype
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None

@@ -210,3 +210,62 @@ def test_bad_input():
             rms_norm(x, w.cuda(), EPS)
     assert rms_norm(torch.randn(0, 2, 8), w, EPS).shape == (0, 2, 8)
     assert rms_norm(torch.randn(8), w, 1).shape == (8,)  # 1-D x, an int eps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# add_rms_norm: the residual add fused with the norm after it
+# ---------------------------------------------------------------------------------------------------------
+
+# (x dtype, branch dtype, out dtype): the model's fp32 residual + bf16 block output -> bf16; all bf16; all fp32
+_ADD_CASES = [(FP32, BF16, BF16), (BF16, BF16, None), (FP32, FP32, None)]
+
+
+def _add_ref(x, branch, w, out_dtype):
+    x_new = (x.double() + branch.double()).to(x.dtype)  # the sum is rounded once to x's dtype
+    return rms_norm_ref(x_new.double(), w.double(), EPS).to(out_dtype or x.dtype), x_new
+
+
+@pytest.mark.parametrize("rows,h", [(33, 100), (7, 48), (0, 16)], ids=str)
+@pytest.mark.parametrize("dtypes", _ADD_CASES, ids=lambda d: "-".join(str(t).replace("torch.", "") for t in d))
+@pytest.mark.parametrize("use_x_new", [True, False], ids=["x_new_used", "x_new_unused"])
+def test_add_rms_norm_matches_reference(device, poisoned_empty, rows, h, dtypes, use_x_new):
+    x_dtype, b_dtype, out_dtype = dtypes
+    x, w = _inputs(rows, h, x_dtype, FP32, device)
+    branch = _inputs(rows, h, b_dtype, FP32, device, seed=3)[0]
+    g = torch.Generator().manual_seed(5)
+    dy = torch.randn(rows, h, generator=g).to(out_dtype or x_dtype).to(device)
+    dxn = torch.randn(rows, h, generator=g).to(x_dtype).to(device)
+
+    def run(fn, xx, bb, ww):
+        y, x_new = fn(xx, bb, ww)
+        loss = (y.double() * dy.double().to(y.device)).sum()
+        if use_x_new:
+            loss = loss + (x_new.double() * dxn.double().to(x_new.device)).sum()
+        loss.backward()
+        return y, x_new
+
+    leaves = lambda *ts: [t.clone().requires_grad_(True) for t in ts]  # noqa: E731
+    xg, bg, wg = leaves(x, branch, w)
+    y, x_new = run(lambda a, b, c: rn.add_rms_norm(a, b, c, EPS, out_dtype), xg, bg, wg)
+    x64, b64, w64 = leaves(x.double().cpu(), branch.double().cpu(), w.double().cpu())
+    ref = run(lambda a, b, c: (rms_norm_ref(a + b, c, EPS), a + b), x64, b64, w64)
+    xb, bb, wb = leaves(x, branch, w)
+    base = run(lambda a, b, c: (rms_norm_ref((a + b).to(x_dtype), c, EPS, out_dtype), (a + b).to(x_dtype)),
+               xb, bb, wb)
+    assert y.dtype == (out_dtype or x_dtype) and x_new.dtype == x_dtype
+    assert xg.grad.dtype == x_dtype and bg.grad.dtype == b_dtype
+    assert_close_to_ref("y", y, ref[0], base[0])
+    assert_close_to_ref("x_new", x_new, ref[1], base[1])
+    assert_close_to_ref("dx", xg.grad, x64.grad, xb.grad)
+    assert_close_to_ref("dbranch", bg.grad, b64.grad, bb.grad)
+    assert_close_to_ref("dweight", wg.grad, w64.grad, wb.grad)
+
+
+def test_add_rms_norm_bad_input():
+    x, w = torch.randn(3, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="branch must have shape"):
+        rn.add_rms_norm(x, torch.randn(3, 7), w, EPS)
+    with pytest.raises(TypeError, match="branch must have dtype"):
+        rn.add_rms_norm(x, torch.ones(3, 8, dtype=torch.int32), w, EPS)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rn.add_rms_norm(x, x, torch.ones(7), EPS)
