@@ -50,6 +50,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     h = torch.randn(7, 48, dtype=dtype, requires_grad=True)
     for act in ("swiglu", "geglu"):
         gated_act(h, act).sum().backward()
+        gated_act(h, act, row_scale=torch.rand(7, requires_grad=True)).sum().backward()
     for gpu_tiles in (False, True):  # the interpreter's small tiles, then the ones a GPU launch would pick
         rn._GPU_CONFIG_ON_CPU = gpu_tiles
         for rows, width, w_dtype, out_dtype in ((33, 48, torch.float32, None),
@@ -57,6 +58,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             xn = torch.randn(rows, width, dtype=dtype, requires_grad=True)
             wn = torch.randn(width, dtype=w_dtype, requires_grad=True)
             rn.rms_norm(xn, wn, 1e-6, out_dtype).float().sum().backward()
+            branch = torch.randn(rows, width, dtype=torch.bfloat16, requires_grad=True)
+            y, x_new = rn.add_rms_norm(xn, branch, wn, 1e-6, out_dtype)
+            (y.float().sum() + x_new.float().sum()).backward()
     xn = torch.randn(2, 8192, dtype=dtype, requires_grad=True)  # the widest row: one row per program, 16 warps
     rn.rms_norm(xn, torch.ones(8192, requires_grad=True), 1e-6).float().sum().backward()
     rn._GPU_CONFIG_ON_CPU = False
