@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of the EP run; --ep equals it")
-    p.add_argument("--dispatchers", nargs="+", default=["alltoall"], choices=["alltoall", "allgather"],
+    p.add_argument("--dispatchers", nargs="+", default=["alltoall"], choices=["alltoall", "allgather", "fused"],
                    help="dispatchers of the EP run (one run each)")
     p.add_argument("--device", default="cuda", help="cuda (each rank takes cuda:LOCAL_RANK), or cpu for a dry run")
     p.add_argument("--runs-dir", default=None, help="where the runs go (default: a temporary folder)")

@@ -101,8 +101,9 @@ class TrainConfig:
     dispatcher: str | None = None
     # Show a tqdm progress bar.
     progress: bool = True
-    # Capture each micro-step in a CUDA graph (moetron.train.graphs) on a one-process CUDA run; no effect on the CPU
-    # or under torchrun. Off: every micro-step is issued op by op from Python.
+    # Capture each micro-step in a CUDA graph (moetron.train.graphs) on CUDA: one process, or several whose MoE
+    # layers never sync with the host (dispatcher "allgather" or "fused"); no effect on the CPU or with the
+    # alltoall dispatcher. Off: every micro-step is issued op by op from Python.
     cuda_graphs: bool = True
     # Keep the matrices in bf16 with fp32 master copies and fp32 gradient accumulation (moetron.train.master) on
     # a one-process CUDA bf16 run; no effect elsewhere. Off: fp32 weights cast by autocast in every micro-step.

@@ -25,8 +25,9 @@ class GraphedMicroStep:
     graph's inputs, replays forward + ``(loss / loss_div).backward()``, and returns the micro-batch's mean loss (a
     0-d tensor the next replay overwrites: read or accumulate it before calling again).
 
-    ``model`` must be a single-process CUDA model in train mode whose parameters' ``.grad`` are None or tensors
-    that are cleared in place from now on. ``grad_params``: the parameters that get a ``.grad`` (default: all);
+    ``model`` must be a CUDA model in train mode that never syncs with the host (under torchrun: MoE layers with
+    the allgather or fused dispatcher; their NCCL collectives are captured too) whose parameters' ``.grad`` are
+    None or tensors that are cleared in place from now on. ``grad_params``: the parameters that get a ``.grad`` (default: all);
     ``after_backward()`` runs (and is captured) after each backward. Whatever ``after_backward`` accumulates
     elsewhere during the warm-up and capture is the caller's to clear. ``moe_layers``: ``model.moe_layers()``; after each replay every layer's
     ``last_stats`` again points at the graph's statistics (an eager forward, such as an evaluation, replaces it).

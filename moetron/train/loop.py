@@ -537,7 +537,10 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
     AuxLossAutoScaler.set_loss_scale(1.0 / cfg.grad_accum)  # global aux losses: each rank adds its share
     loss_div = cfg.grad_accum * ctx.world  # each rank's mean loss / W: the ranks' gradients sum to the global mean's
     model.train()
-    use_graphs = cfg.cuda_graphs and device.type == "cuda" and not ctx.distributed
+    # Several processes: only when no MoE layer syncs with the host (the allgather and fused dispatchers; NCCL
+    # collectives and symmetric-memory barriers are captured with the rest)
+    use_graphs = cfg.cuda_graphs and device.type == "cuda" and (
+        not ctx.distributed or not any(layer.dispatcher.syncs for _, layer in moe_layers))
     graphed = None
     try:
         stop_signal.install()
@@ -550,6 +553,9 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if use_graphs and graphed is None:
                     graphed = _capture_micro_step(model, x, y, loss_div, use_bf16, moe_layers, master, log)
+                    if ctx.any(graphed is None):  # every rank replays, or none does: their collectives must pair up
+                        graphed = None
+                        model.zero_grad(set_to_none=True)
                     use_graphs = graphed is not None
                 if graphed is not None and x.shape == graphed.x.shape:
                     loss = graphed(x, y)
