@@ -72,6 +72,7 @@ def main() -> None:
         raise SystemExit("--steps must exceed --log-every: the first interval is dropped as warm-up")
 
     runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="moetron_train_ep_")
+    os.makedirs(runs_dir, exist_ok=True)
     common = ["--preset", args.preset, "--steps", str(args.steps), "--log-every", str(args.log_every),
               "--seq-len", str(args.seq_len), "--grad-accum", str(args.grad_accum),
               "--eval-every", str(10 * args.steps), "--eval-batches", "1", "--ckpt-every", "0",
