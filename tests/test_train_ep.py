@@ -103,6 +103,8 @@ def _ep_jobs(rank, next_port, runs_dir, corpus):
     out["bias_ag"] = train(make_cfg(runs_dir, corpus, name="bias_ag", ep=2, dispatcher="allgather",
                                     model_overrides=dict(BIAS_MODEL), grad_accum=2, batch_size=8), log=_quiet)
     next_port()
+    out["fused"] = train(make_cfg(runs_dir, corpus, name="fused", ep=2, dispatcher="fused"), log=_quiet)
+    next_port()
     out["split"] = train(make_cfg(runs_dir, corpus, name="split", ep=2, stop_at=3), log=_quiet)
     if rank == 0:  # the step-3 checkpoint, for the one-process resume in the parent
         shutil.copytree(os.path.join(runs_dir, "split"), os.path.join(runs_dir, "split_ep1"))
@@ -198,6 +200,12 @@ def test_ep2_alltoall_matches_one_process(runs):
     # every rank returns rank 0's summary
     a, b = (res["a2a"] for res in runs["ep"])
     assert a == b and a["step"] == STEPS and not a["interrupted"]
+
+
+def test_ep2_fused_dispatcher_matches_one_process(runs):
+    """The fused dispatch/combine (no host sync; on GPUs the micro-step is then CUDA-graph captured) trains the
+    same model as one process."""
+    _assert_same_training(os.path.join(runs["dir"], "fused"), runs["ref"]["run_dir"])
 
 
 def test_ep2_allgather_expert_bias_matches_one_process(runs):
