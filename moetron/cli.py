@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert-parallel size (default 1); > 1 runs under torchrun: torchrun --nproc-per-node=N "
                         "-m moetron train --ep N (the N processes are also data parallel)")
     t.add_argument("--dispatcher", default=_S,
-                   help="MoE token dispatcher: local (one process), alltoall (default with --ep > 1), allgather")
+                   help="MoE token dispatcher: local (one process), allgather (default with --ep > 1), fused, alltoall")
     t.add_argument("--resume", action="store_true", default=_S, help="continue the run from its latest checkpoint")
     t.add_argument("--overwrite", action="store_true", default=_S, help="replace an existing run of the same name")
     t.add_argument("--batch-size", type=int, default=_S, help="sequences per optimizer step")

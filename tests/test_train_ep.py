@@ -109,7 +109,7 @@ def _ep_jobs(rank, next_port, runs_dir, corpus):
     if rank == 0:  # the step-3 checkpoint, for the one-process resume in the parent
         shutil.copytree(os.path.join(runs_dir, "split"), os.path.join(runs_dir, "split_ep1"))
     next_port()
-    # from the saved settings (ep 2, alltoall), as a user types it under torchrun
+    # from the saved settings (ep 2, allgather: the default), as a user types it under torchrun
     out["resume_rc"] = cli.main(["train", "--resume", "--runs-dir", runs_dir, "--name", "split", "--no-progress"])
     return out
 
@@ -138,7 +138,7 @@ def runs(tmp_path_factory, corpus):
         ref = train(make_cfg(runs_dir, corpus, name="ref"), log=_quiet)
         ref_bias = train(make_cfg(runs_dir, corpus, name="ref_bias", model_overrides=dict(BIAS_MODEL),
                                   grad_accum=2, batch_size=8), log=_quiet)
-        # the ep-2 checkpoint of step 3, resumed in one process: --ep 1 overrides the saved ep 2 (and its alltoall
+        # the ep-2 checkpoint of step 3, resumed in one process: --ep 1 overrides the saved ep 2 (and its allgather
         # dispatcher then runs the one-process path)
         rc = cli.main(["train", "--resume", "--runs-dir", runs_dir, "--name", "split_ep1", "--ep", "1",
                        "--no-progress"])

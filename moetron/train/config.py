@@ -96,8 +96,8 @@ class TrainConfig:
     # Expert-parallel size: experts spread over ep processes (torchrun --nproc-per-node=N, N a multiple of ep; all N
     # are data parallel for the rest). Not part of RESUME_MUST_MATCH: a checkpoint resumes at any ep.
     ep: int = 1
-    # MoE dispatcher of every MoE layer (MoEConfig.dispatcher). None: the model config's ("local"), or "alltoall"
-    # when ep > 1.
+    # MoE dispatcher of every MoE layer (MoEConfig.dispatcher). None: the model config's ("local"), or "allgather"
+    # when ep > 1 (sync-free, so CUDA graphs apply; "fused" is too; "alltoall" syncs once per layer).
     dispatcher: str | None = None
     # Show a tqdm progress bar.
     progress: bool = True

@@ -77,17 +77,19 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 
 
 def build_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The model of ``cfg``. With ``ep > 1`` the dispatcher defaults to "alltoall" (and "local" is refused)."""
+    """The model of ``cfg``. With ``ep > 1`` the dispatcher defaults to "allgather" (and "local" is refused): it
+    never syncs with the host, so the micro-steps are CUDA-graph captured (train_h200x2.json: 1.86x alltoall's
+    tokens/s on the small preset at EP=2)."""
     overrides = dict(cfg.model_overrides)
     if cfg.dispatcher is not None:
         overrides["dispatcher"] = cfg.dispatcher
     elif cfg.ep > 1:
-        overrides["dispatcher"] = "alltoall"
+        overrides["dispatcher"] = "allgather"
     mcfg = preset(cfg.preset, **overrides)
     if cfg.ep > 1:
         if mcfg.dispatcher == "local":
             raise ValueError(f"--dispatcher local keeps every expert in one process; with --ep {cfg.ep} use "
-                             "--dispatcher alltoall (the default) or allgather")
+                             "--dispatcher allgather (the default), fused or alltoall")
         if mcfg.num_experts % cfg.ep:
             raise ValueError(f"--ep {cfg.ep} must divide num_experts={mcfg.num_experts} (each of the {cfg.ep} "
                              f"expert-parallel ranks holds num_experts / ep experts)")
