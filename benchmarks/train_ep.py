@@ -2,7 +2,7 @@
 ``torchrun --nproc-per-node=2 -m moetron train --ep 2`` on two, with the same batch per GPU.
 
     python benchmarks/train_ep.py                      # on a 2-GPU machine (2x H200): about 5 minutes
-    python benchmarks/train_ep.py --steps 40 --dispatchers alltoall allgather
+    python benchmarks/train_ep.py --steps 40 --dispatchers allgather fused alltoall
 
 Both runs train the same model from the same seed for ``--steps`` optimizer steps; the EP run's global batch is
 twice the one-GPU batch (``--batch-size`` per GPU, 32 x 1024 bytes by default in 2 micro-batches per GPU, the
@@ -12,7 +12,7 @@ autotuning, allocator warm-up) is dropped; rows report the median of the rest. M
 (GPUs x 989 TFLOP/s), with the FLOPs per token of ``ModelConfig.flops_per_token`` (6 x active parameters plus
 attention).
 
-Writes ``benchmarks/results/train_<gpu>x2.json`` (DESIGN.md format) with rows ``small_ep1`` and ``small_ep2``
+Writes ``benchmarks/results/train_<gpu>x2.json`` (DESIGN.md format) with rows ``small_ep1`` and ``small_ep2_<dispatcher>``
 (provider "moetron"; ``ms`` per optimizer step, ``tokens_per_s``, ``mfu``, ``tflops`` per GPU) and prints a table.
 Run folders go to a temporary directory (each ends with a ~10 GB checkpoint) and are deleted unless --keep-runs.
 """
@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of the EP run; --ep equals it")
-    p.add_argument("--dispatchers", nargs="+", default=["alltoall"], choices=["alltoall", "allgather", "fused"],
+    p.add_argument("--dispatchers", nargs="+", default=["allgather"], choices=["alltoall", "allgather", "fused"],
                    help="dispatchers of the EP run (one run each)")
     p.add_argument("--device", default="cuda", help="cuda (each rank takes cuda:LOCAL_RANK), or cpu for a dry run")
     p.add_argument("--runs-dir", default=None, help="where the runs go (default: a temporary folder)")
@@ -85,7 +85,7 @@ def main() -> None:
              [sys.executable, "-m", "moetron", "train", *common, "--ep", "1", "--batch-size", str(args.batch_size),
               "--name", f"{args.preset}_ep1"])]
     for d in args.dispatchers:
-        case = f"{args.preset}_ep{args.gpus}" + ("" if d == "alltoall" else f"_{d}")
+        case = f"{args.preset}_ep{args.gpus}_{d}"
         jobs.append((case, args.gpus, d,
                      [sys.executable, "-m", "torch.distributed.run", "--standalone",
                       f"--nproc-per-node={args.gpus}", "-m", "moetron", "train", *common, "--ep", str(args.gpus),
