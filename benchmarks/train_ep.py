@@ -12,8 +12,9 @@ autotuning, allocator warm-up) is dropped; rows report the median of the rest. M
 (GPUs x 989 TFLOP/s), with the FLOPs per token of ``ModelConfig.flops_per_token`` (6 x active parameters plus
 attention).
 
-Writes ``benchmarks/results/train_<gpu>x2.json`` (DESIGN.md format) with rows ``small_ep1`` and ``small_ep2_<dispatcher>``
-(provider "moetron"; ``ms`` per optimizer step, ``tokens_per_s``, ``mfu``, ``tflops`` per GPU) and prints a table.
+Writes ``benchmarks/results/train_<gpu>x2.json`` (DESIGN.md format) with rows ``small_ep1`` and
+``small_ep2_<dispatcher>`` (provider "moetron"; ``ms`` per optimizer step, ``tokens_per_s``, ``mfu``, ``tflops``
+per GPU) and prints a table.
 Run folders go to a temporary directory (each ends with a ~10 GB checkpoint) and are deleted unless --keep-runs.
 """
 

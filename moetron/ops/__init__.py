@@ -6,5 +6,6 @@ from .permute import PermuteResult, permute, permute_ref, permuted_rows, unpermu
 from .rmsnorm import add_rms_norm, rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref
 
-__all__ = ["add_rms_norm", "apply_rotary", "apply_rotary_ref", "gated_act", "gated_act_ref", "gmm", "gmm_k", "gmm_ref", "PermuteResult",
-           "permute", "permute_ref", "permuted_rows", "rms_norm", "rms_norm_ref", "unpermute", "unpermute_ref"]
+__all__ = ["add_rms_norm", "apply_rotary", "apply_rotary_ref", "gated_act", "gated_act_ref", "gmm", "gmm_k", "gmm_ref",
+           "PermuteResult", "permute", "permute_ref", "permuted_rows", "rms_norm", "rms_norm_ref", "unpermute",
+           "unpermute_ref"]

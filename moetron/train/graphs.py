@@ -27,10 +27,11 @@ class GraphedMicroStep:
 
     ``model`` must be a CUDA model in train mode that never syncs with the host (under torchrun: MoE layers with
     the allgather or fused dispatcher; their NCCL collectives are captured too) whose parameters' ``.grad`` are
-    None or tensors that are cleared in place from now on. ``grad_params``: the parameters that get a ``.grad`` (default: all);
-    ``after_backward()`` runs (and is captured) after each backward. Whatever ``after_backward`` accumulates
-    elsewhere during the warm-up and capture is the caller's to clear. ``moe_layers``: ``model.moe_layers()``; after each replay every layer's
-    ``last_stats`` again points at the graph's statistics (an eager forward, such as an evaluation, replaces it).
+    None or tensors that are cleared in place from now on. ``grad_params``: the parameters that get a ``.grad``
+    (default: all); ``after_backward()`` runs (and is captured) after each backward. Whatever ``after_backward``
+    accumulates elsewhere during the warm-up and capture is the caller's to clear. ``moe_layers``:
+    ``model.moe_layers()``; after each replay every layer's ``last_stats`` again points at the graph's statistics
+    (an eager forward, such as an evaluation, replaces it).
     """
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_div: float,
