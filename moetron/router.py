@@ -263,9 +263,9 @@ class RouterOutput(NamedTuple):
 
 
 def _split_bf16(t: torch.Tensor, parts: int = 3) -> list[torch.Tensor]:
-    """``parts`` bf16 tensors, largest first, whose exact sum is ``t`` (fp32) up to ~2^-8·parts of its relative
-    precision: each part rounds what the previous ones left, and that remainder is exact in fp32. Three parts
-    carry 24 bits of significand, all that fp32 holds (bf16 keeps fp32's exponent range)."""
+    """``parts`` bf16 tensors, largest first, each the bf16 rounding of what the previous ones left of ``t`` (that
+    remainder is exact in fp32). Three parts carry 24 bits of significand, so their sum is ``t`` to fp32's own
+    relative precision (bf16 keeps fp32's exponent range)."""
     out, rest = [], t.float()
     for i in range(parts):
         out.append(rest.to(torch.bfloat16))
@@ -290,8 +290,9 @@ _DGRAD_PAIRS = ((0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (0, 2))
 def _router_gemm_split(x_TH: torch.Tensor, w_EH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits of bf16 x and fp32 (or bf16) w on bf16 tensor cores: w = w0 + w1 + w2 exactly (three bf16
     parts) and x is exact in bf16, so x @ w.T is the sum of three bf16 GEMMs with fp32 accumulation, as accurate
-    as one fp32 GEMM (the accumulation rounds the same way) and ~5x faster than cuBLAS's fp32 SIMT kernels on
-    Hopper. Returns (logits [T, E] fp32, the parts [3E, H] for backward)."""
+    as one fp32 GEMM (the accumulation rounds the same way). On the H100 the router's three GEMMs of a Qwen3 layer
+    step (T=8192) took 0.10 ms this way against 0.30 ms in cuBLAS's fp32 SIMT kernels, plus 0.12 ms of fp32 casts
+    saved. Returns (logits [T, E] fp32, the parts [3E, H] for backward)."""
     E = w_EH.shape[0]
     w3 = torch.cat(_split_bf16(w_EH), dim=0)
     l3 = _mm_fp32_out(x_TH, w3.t())

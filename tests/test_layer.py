@@ -579,7 +579,8 @@ def test_expert_bias_without_config_raises():
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_grouped_experts_match_sequential(activation, backend, monkeypatch):
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "row_scale"])
+def test_grouped_experts_match_sequential(activation, backend, scaled, monkeypatch):
     # offsets with an empty first group, an empty middle group and a tail of rows no expert owns
     device = _select_backend(monkeypatch, backend)
     torch.manual_seed(0)
@@ -592,12 +593,14 @@ def test_grouped_experts_match_sequential(activation, backend, monkeypatch):
     grouped.to(device), seq.to(device)
     offsets = torch.tensor([0, 5, 5, 11], device=device)
     x = torch.randn(14, H).to(device)
+    scale = (torch.rand(14) + 0.5).to(device) if scaled else None  # row_scale multiplies the activation
     outs = []
     for mod in (grouped, seq):
         xi = x.clone().requires_grad_()
-        y = mod(xi, offsets)
+        si = scale.clone().requires_grad_() if scaled else None
+        y = mod(xi, offsets, row_scale=si)
         y.backward(torch.linspace(-1, 1, y.numel(), device=device).view_as(y))
-        outs.append([y, xi.grad] + [p.grad for p in mod.parameters()])
+        outs.append([y, xi.grad] + [p.grad for p in mod.parameters()] + ([si.grad] if scaled else []))
     assert outs[0][0][11:].abs().max() == 0  # tail rows are zero
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -817,3 +820,10 @@ def test_hf_qwen2_moe_shared_expert_gate():
                   for p in ("gate_proj", "up_proj", "down_proj")})
     names["shared_experts.gate.weight"] = "shared_expert_gate.weight"
     _hf_check(block, MoELayer(cfg), names, seed=5)
+
+
+def test_routing_weights_move_into_the_experts_only_without_a_down_bias():
+    """The local dispatcher hands each row's prob to the experts (applied before the second GEMM) only when that
+    equals weighting the expert output: with a down bias, (p * a) W2 + b2 != p * (a W2 + b2)."""
+    assert MoELayer(make_cfg()).dispatcher.weights_in_experts
+    assert not MoELayer(make_cfg(expert_linear_bias=True)).dispatcher.weights_in_experts

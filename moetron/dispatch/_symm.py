@@ -117,7 +117,7 @@ class _Buffer:
         import torch.distributed._symmetric_memory as symm
 
         self._track_exchanges(group)
-
+        self._peer_views: dict[int, torch.Tensor] = {}
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # NVLink multicast stays off
         esz = torch.empty((), dtype=dtype).element_size()
         self.rows_bytes = -(-P * B * W * esz // 256) * 256
@@ -167,10 +167,9 @@ class _Buffer:
     def peer_rows(self, rank: int) -> torch.Tensor:
         """Rank ``rank``'s rows [P·B, W], mapped into this process (a copy into it is a peer-to-peer DMA). Made
         once per peer: a get_buffer call took ~40 us of host time under cProfile (2x H200), on the decode path."""
-        views = self.__dict__.setdefault("_peer_views", {})
-        view = views.get(rank)
+        view = self._peer_views.get(rank)
         if view is None:
-            view = views[rank] = self.hdl.get_buffer(rank, tuple(self.rows.shape), self.rows.dtype)
+            view = self._peer_views[rank] = self.hdl.get_buffer(rank, tuple(self.rows.shape), self.rows.dtype)
         return view
 
 
