@@ -518,6 +518,8 @@ def test_no_tokens():
 # ---------------------------------------------------------------------------------------------------------
 
 TRITON_CASES = {
+    # fp32, dropless, no expert biases: the routing weights are applied in the experts (row_scale)
+    "fp32_dropless_weights_in_experts": (torch.float32, dict(z_loss_coeff=1e-3)),
     # fp32, dropless, padded to 8, biases and a gated shared expert
     "fp32_pad8_shared": (torch.float32, dict(pad_to=8, expert_linear_bias=True, shared_expert_ffn_hidden_size=8,
                                              shared_expert_gate=True)),
@@ -822,8 +824,19 @@ def test_hf_qwen2_moe_shared_expert_gate():
     _hf_check(block, MoELayer(cfg), names, seed=5)
 
 
-def test_routing_weights_move_into_the_experts_only_without_a_down_bias():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_routing_weights_move_into_the_experts_only_without_a_down_bias(backend, monkeypatch):
     """The local dispatcher hands each row's prob to the experts (applied before the second GEMM) only when that
-    equals weighting the expert output: with a down bias, (p * a) W2 + b2 != p * (a W2 + b2)."""
-    assert MoELayer(make_cfg()).dispatcher.weights_in_experts
+    equals weighting the expert output: with a down bias, (p * a) W2 + b2 != p * (a W2 + b2); and only where the
+    Triton kernels run (the PyTorch path keeps the weighted combine, which is cheaper there)."""
+    device = _select_backend(monkeypatch, backend)
+    layer = MoELayer(make_cfg()).to(device)
+    assert layer.dispatcher.weights_in_experts
     assert not MoELayer(make_cfg(expert_linear_bias=True)).dispatcher.weights_in_experts
+    x = torch.randn(6, H, device=device)
+    route = layer.router(x)
+    d = layer.dispatcher.dispatch(x, route.probs, route.expert_ids)
+    if backend == "triton":
+        assert d.row_probs is not None and d.row_probs.shape == (d.x.shape[0],)
+    else:
+        assert d.row_probs is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._env import use_triton
 from ..ops.permute import _permute, permute, permuted_rows, unpermute
 from . import Dispatched, TokenDispatcher
 
@@ -36,10 +37,12 @@ class LocalDispatcher(TokenDispatcher):
     Dropless: [T·K (+ padding), H]. ``pad_to_capacity``: a static [E·C, H] buffer. Packed capacity: the kept slots
     decided first (``source_drops``), then only those laid out, so the GEMMs compute only kept rows.
 
-    ``weights_in_experts`` (set by MoELayer when its experts have no down bias): the probs are permuted with the
-    rows and returned as ``row_probs`` for the experts to apply, and combine sums unweighted. The unweighted
-    unpermute's backward is a gather of dy; the weighted one's also reads every expert output row again for the
-    probs' gradient (the experts get that from their activation instead) and keeps those rows alive until then."""
+    ``weights_in_experts`` (set by MoELayer when its experts have no down bias): where the Triton kernels run
+    (CUDA, or the interpreter), the probs are permuted with the rows and returned as ``row_probs`` for the experts
+    to apply, and combine sums unweighted. The unweighted unpermute's backward is a gather of dy; the weighted
+    one's also reads every expert output row again for the probs' gradient (the experts get that from their fused
+    activation instead) and keeps those rows alive until then. On the PyTorch path (CPU) the extra scaling ops
+    cost more than they save (the CPU main job ran 5-8% slower), so it stays off there."""
 
     name = "local"
     weights_in_experts = False
@@ -49,7 +52,8 @@ class LocalDispatcher(TokenDispatcher):
         T, K = ids_TK.shape
         E = c.num_experts
         capacity = c.capacity(T)
-        permuted_probs = probs_TK if self.weights_in_experts else _rank_probs(c, probs_TK, capacity)
+        in_experts = self.weights_in_experts and use_triton(x_TH)
+        permuted_probs = probs_TK if in_experts else _rank_probs(c, probs_TK, capacity)
         if capacity is None or c.pad_to_capacity:
             perm = permute(x_TH, ids_TK, E, probs=permuted_probs, pad_to=c.pad_to, capacity=capacity,
                            drop_policy=c.drop_policy)
@@ -59,10 +63,10 @@ class LocalDispatcher(TokenDispatcher):
             # them on the CPU, hence the internal entry point.
             kept_ids, _, num_dropped = source_drops(c, x_TH, probs_TK, ids_TK, capacity)
             rows = permuted_rows(T, K, E, pad_to=c.pad_to)
-            perm = _permute(x_TH, kept_ids, E, probs_TK if self.weights_in_experts else None, c.pad_to, None,
+            perm = _permute(x_TH, kept_ids, E, probs_TK if in_experts else None, c.pad_to, None,
                             c.drop_policy, rows, None)
             kept = perm.tokens_per_expert
-        if self.weights_in_experts:
+        if in_experts:
             return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, None),
                               perm.probs_permuted)
         return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, probs_TK))
