@@ -28,8 +28,9 @@ __all__ = ["MasterWeights"]
 
 
 class MasterWeights:
-    """Converts ``model`` in place (see the module docstring). ``params``: the fp32 tensors to optimize, one per
-    model parameter, in ``model.parameters()`` order."""
+    """Converts ``model`` (fp32) in place (see the module docstring). ``params``: the tensors to optimize, one per
+    trainable model parameter, in ``model.parameters()`` order: the fp32 master of each converted matrix, the
+    parameter itself otherwise (parameters not stored in fp32 are left as they are)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         self.model = model
