@@ -34,6 +34,8 @@ def test_fp32_masters_reproduce_plain_training_exactly():
     master = MasterWeights(low, dtype=torch.float32)  # same storage dtype: only the bookkeeping differs
     fused = [p for p in low.parameters() if hasattr(p, "main_grad")]
     assert fused and all(p.grad is None for p in fused)
+    unfused = {id(p) for p in low.parameters()} - {id(p) for p in fused}
+    assert sorted(map(id, master.autograd_params)) == sorted(unfused)
     opt_ref, opt_m = _opt(list(ref.parameters())), _opt(master.params)
     for step in range(2):
         for x, y in _batches(2, seed=step):

@@ -269,13 +269,14 @@ class RMSNorm(nn.Module):
     def add_forward(self, x, branch):
         """(norm(x + branch), x + branch): the residual add before this norm, fused with it on CUDA (one pass over
         the fp32 stream instead of three, and no cast of the branch's gradient in backward)."""
-        if _fused(x) and branch.is_cuda and branch.dtype != torch.float64:
+        if _fused(x) and _fused(branch):
             return add_rms_norm(x, branch, self.weight, self.eps, _autocast_dtype())
         x = x + branch
         return self(x), x
 
 
 def _fused(x: torch.Tensor) -> bool:
+    """Whether moetron's fused kernels serve x (CUDA; fp64 stays on torch's ops, the reference path)."""
     return x.is_cuda and x.dtype != torch.float64
 
 
@@ -293,7 +294,7 @@ def _rotary_tables(cfg: ModelConfig, device=None):
 
 def _apply_rotary(x_BSND, cos_SD, sin_SD):
     """Rotate-half rotary embedding of x [B, S, N, D] -> [B, N, S, D] (the layout SDPA takes), fp32 maths."""
-    if x_BSND.is_cuda and x_BSND.dtype != torch.float64:  # one fused kernel each way, not ~6 elementwise ones
+    if _fused(x_BSND):  # one fused kernel each way, not ~6 elementwise ones
         return apply_rotary(x_BSND, cos_SD, sin_SD).transpose(1, 2)
     x_BNSD = x_BSND.transpose(1, 2)
     x1, x2 = x_BNSD.chunk(2, dim=-1)

@@ -44,12 +44,14 @@ class MasterWeights:
         self._high: list[nn.Parameter] = []  # their fp32 masters
         self._unfused_low: list[nn.Parameter] = []  # bf16 parameters whose gradient arrives in .grad
         self._unfused_high: list[nn.Parameter] = []
+        self._own: list[nn.Parameter] = []  # parameters left as they are: their own masters
         self._master_of: dict[int, torch.Tensor] = {}
         for p in model.parameters():
             if not p.requires_grad:
                 continue
             if p.dim() < 2 or id(p) in keep_fp32 or p.dtype != torch.float32:
                 self.params.append(p)
+                self._own.append(p)
                 self._master_of[id(p)] = p
                 continue
             master = nn.Parameter(p.detach().clone())
@@ -69,8 +71,7 @@ class MasterWeights:
     @property
     def autograd_params(self) -> list[nn.Parameter]:
         """Model parameters whose gradient autograd writes into ``.grad`` (all but the experts' GEMM weights)."""
-        fused = {id(p) for p in self._low if hasattr(p, "main_grad")}
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in fused]
+        return self._own + self._unfused_low
 
     @torch.no_grad()
     def accumulate(self, keep_grads: bool = False) -> None:
@@ -96,12 +97,11 @@ class MasterWeights:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients: the masters' in place (the experts' GEMMs and a CUDA graph hold on to them); the
         fp32 parameters that are their own masters as ``Optimizer.zero_grad(set_to_none)`` would."""
-        masters = {id(h) for h in self._high}
         grads = [h.grad for h in self._high]
         if grads:
             torch._foreach_zero_(grads)
-        for p in self.params:
-            if id(p) not in masters and p.grad is not None:
+        for p in self._own:
+            if p.grad is not None:
                 if set_to_none:
                     p.grad = None
                 else:
