@@ -264,7 +264,8 @@ class _AddRMSNorm(torch.autograd.Function):
         if dy is None:  # only x_new was used: the norm adds nothing
             dy = torch.zeros_like(x_new)
         dx, dw, dbranch = _backward(x_new, weight, rstd, _unit_stride(dy),
-                                    None if dx_new is None else _unit_stride(dx_new), ctx.branch_dtype)
+                                    None if dx_new is None else _unit_stride(dx_new),
+                                    ctx.branch_dtype if ctx.needs_input_grad[1] else None)
         return (dx if ctx.needs_input_grad[0] else None, dbranch if ctx.needs_input_grad[1] else None,
                 dw if ctx.needs_input_grad[2] else None, None, None)
 
