@@ -840,3 +840,9 @@ def test_routing_weights_move_into_the_experts_only_without_a_down_bias(backend,
         assert d.row_probs is not None and d.row_probs.shape == (d.x.shape[0],)
     else:
         assert d.row_probs is None
+
+
+def test_row_scale_of_the_wrong_length_raises():
+    experts = GroupedExperts(3, H, FF)
+    with pytest.raises(ValueError, match=r"row_scale must have one entry per row of x \(5\), got 4"):
+        experts(torch.randn(5, H), torch.tensor([2, 4, 5]), row_scale=torch.ones(4))

@@ -91,3 +91,12 @@ def test_tied_embeddings_stay_one_tensor_in_the_checkpoint():
     master = MasterWeights(model)
     sd = master.state_dict_tensors()
     assert sd["lm_head.weight"] is sd["model.embed_tokens.weight"]
+
+
+def test_bad_arguments_raise():
+    import pytest
+
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        MasterWeights({})
+    with pytest.raises(ValueError, match="dtype must be .* got torch.int8"):
+        MasterWeights(_model(), dtype=torch.int8)

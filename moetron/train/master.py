@@ -33,6 +33,10 @@ class MasterWeights:
     parameter itself otherwise (parameters not stored in fp32 are left as they are)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
         self.model = model
         # the router computes in fp32 by design; an fp32 embedding keeps the residual stream fp32 (as it is
         # under plain autocast), and a lookup needs no cast anyway
