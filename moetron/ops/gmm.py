@@ -529,7 +529,18 @@ def _plan_key(tensors, extra) -> tuple | None:
     return tuple(parts)
 
 
+def _tf32_wants_k_major(x: torch.Tensor) -> bool:
+    """fp32 inputs on TF32 tensor cores, Hopper or newer: its TF32 MMA reads both operands with the reduction
+    dim contiguous, so a [G, K, N] weight (N contiguous) makes Triton fall back to an older, ~3x slower MMA
+    (benchmarks/NOTES.md, fp16 / fp32)."""
+    return (x.dtype == torch.float32 and x.is_cuda and _input_precision(x.dtype) == "tf32"
+            and _capability(x.device.index or 0)[0] >= 9)
+
+
 def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
+    if not trans_w and _tf32_wants_k_major(x):
+        w = w.transpose(1, 2).contiguous()  # one pass over w: [G, N, K], read with trans_w
+        trans_w = True
     tensors = (x, w, bias if bias is not None else out, out, groups.sizes)
     plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends))
     if plan_key is not None and _FWD_PLANS.run(plan_key, tensors):

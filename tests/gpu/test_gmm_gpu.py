@@ -187,3 +187,32 @@ def test_launch_plans_rerun_with_new_tensors():
     ref = check(640)
     gc.collect()
     assert ref() is None, "a launch plan keeps a caller's tensor alive"
+
+
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_fp32_on_tf32(trans_w):
+    """fp32 inputs with TF32 allowed: the forward of a [G, K, N] weight runs on a [G, N, K] copy (Hopper's TF32
+    MMA wants the reduction dim contiguous). Checked against float64 with torch's own TF32 loop as the baseline
+    error, with uneven, empty and unaligned groups; w itself must stay untouched."""
+    torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
+    gen = torch.Generator().manual_seed(5)
+    sizes = [300, 0, 1, 517, 129, 0, 77]
+    M, K, N, G = sum(sizes) + 13, 320, 272, len(sizes)  # 13 tail rows no group owns
+    x = torch.randn(M, K, generator=gen).cuda()
+    w = (torch.randn(G, K, N, generator=gen) / math.sqrt(K)).cuda()
+    dy = torch.randn(M, N, generator=gen).cuda()
+    w_arg = w.transpose(1, 2).contiguous() if trans_w else w
+    w_before = w_arg.clone()
+    xg, wg = x.clone().requires_grad_(True), w_arg.clone().requires_grad_(True)
+    out = moetron.gmm(xg, wg, torch.tensor(sizes, device="cuda"), trans_w=trans_w)
+    out.backward(dy)
+    assert torch.equal(wg.detach(), w_before)
+    ref = _loop(x.double(), w.double(), sizes)  # rows past the groups stay zero
+    assert_close_to_ref("out", out, ref, _loop(x, w, sizes))  # baseline: torch's own TF32 loop
+    ref_dx = _loop(dy.double(), w.transpose(1, 2).double(), sizes)
+    assert_close_to_ref("dx", xg.grad, ref_dx, _loop(dy, w.transpose(1, 2).contiguous(), sizes))
+    ref_dw = _loop_wgrad(x.double(), dy.double(), sizes, torch.float64)
+    base_dw = _loop_wgrad(x, dy, sizes, torch.float32)
+    if trans_w:
+        ref_dw, base_dw = ref_dw.transpose(1, 2), base_dw.transpose(1, 2)
+    assert_close_to_ref("dw", wg.grad, ref_dw, base_dw)
