@@ -30,9 +30,10 @@ def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True, ws=False, flatten=False
 
 
 def _wgrad(bk, bn, bm, warps, stages, tma=True, tma_store=False, group_k=8, persistent=False, flatten=False,
-           per_sm=1):
+           per_sm=1, ws=False):
     return dict(BK=bk, BN=bn, BM=bm, num_warps=warps, num_stages=stages, tma=tma, tma_store=tma_store,
-                GROUP_K=group_k, persistent=persistent, flatten=flatten, programs_per_sm=per_sm)
+                GROUP_K=group_k, persistent=persistent, flatten=flatten, programs_per_sm=per_sm,
+                warp_specialize=ws)
 
 
 FWD_VARIANTS = {  # the first two are the defaults for N >= 256 ([G, K, N] and [G, N, K] weights)
@@ -45,15 +46,15 @@ FWD_VARIANTS = {  # the first two are the defaults for N >= 256 ([G, K, N] and [
     "64x256x64_w4_s4_fl_st": _fwd(64, 256, 64, 4, 4, flatten=True, tma_store=True),
     "256x128x64_w8_s3_fl_st": _fwd(256, 128, 64, 8, 3, flatten=True, tma_store=True),
 }
-WGRAD_VARIANTS = {
+WGRAD_VARIANTS = {  # the first two are the defaults (small and large per-group outputs)
     "128x128x32_w4_s5_pers2_fl": _wgrad(128, 128, 32, 4, 5, persistent=True, flatten=True, per_sm=2),
     "128x256x64_w8_s3": _wgrad(128, 256, 64, 8, 3),
-    "128x256x64_w8_s4": _wgrad(128, 256, 64, 8, 4),
-    "256x128x64_w8_s3": _wgrad(256, 128, 64, 8, 3),
-    "128x256x64_w8_s3_g4": _wgrad(128, 256, 64, 8, 3, group_k=4),
-    "128x256x64_w8_s3_g16": _wgrad(128, 256, 64, 8, 3, group_k=16),
     "128x256x64_w8_s3_pers_fl": _wgrad(128, 256, 64, 8, 3, persistent=True, flatten=True),
-    "128x128x64_w8_s4_pers2_fl": _wgrad(128, 128, 64, 8, 4, persistent=True, flatten=True, per_sm=2),
+    "128x256x64_w8_s3_pers_ws": _wgrad(128, 256, 64, 8, 3, persistent=True, ws=True),
+    "128x128x64_w8_s4_pers_ws": _wgrad(128, 128, 64, 8, 4, persistent=True, ws=True),
+    "128x128x32_w8_s5_pers_ws": _wgrad(128, 128, 32, 8, 5, persistent=True, ws=True),
+    "128x128x32_w4_s5_pers2_ws": _wgrad(128, 128, 32, 4, 5, persistent=True, ws=True, per_sm=2),
+    "128x256x64_w8_s3_pers_fl_st": _wgrad(128, 256, 64, 8, 3, persistent=True, flatten=True, tma_store=True),
 }
 
 FP32_FWD_VARIANTS = {  # fp32 on TF32: the forward reads a [G, N, K] copy of w (ops/gmm._tf32_wants_k_major)

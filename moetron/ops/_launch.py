@@ -56,10 +56,23 @@ def _record(kernel, runtime_args, constexprs: dict, options: dict) -> None:
             f.write(line + "\n")
 
 
+_scratch_by_stream: dict = {}
+
+
 def _torch_scratch(size: int, alignment: int, stream):
-    # Triton asks for global scratch memory when a kernel builds TMA descriptors on the device (128 bytes
-    # per descriptor per program); the caching allocator makes this cheap and CUDA-graph safe.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """Triton asks for global scratch memory on every launch of a kernel that builds TMA descriptors on the
+    device (128 bytes per descriptor per program). Launches on one stream run one after the other, so they
+    share one buffer per (device, stream): an allocation per launch cost ~10 us of host time, more on autograd's
+    thread. Under CUDA-graph capture each launch gets its own buffer from the graph's pool, since a replay may
+    run beside eager work on the capture stream."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+    key = (torch.cuda.current_device(), stream)
+    buffer = _scratch_by_stream.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda")
+        _scratch_by_stream[key] = buffer
+    return buffer
 
 
 def ensure_scratch_allocator() -> None:

@@ -57,6 +57,11 @@ def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool 
     if on_cpu:
         return dict(_INTERPRETER_CONFIG)
     if dtype == torch.float32:
+        # fp32 on TF32 with a [G, N, K] weight runs Hopper's TF32 MMA: 128x256x32 tiles led the H100 sweep on
+        # every anchor case (240-350 TFLOP/s, 128x64x32 127-156). A [G, K, N] weight (or exact fp32) takes the
+        # older MMA, where the small tile is kept.
+        if trans_w and _input_precision(dtype) == "tf32":
+            return dict(BM=128, BN=256, BK=32, GROUP_M=_GROUP_M, num_warps=8, num_stages=3)
         return dict(BM=128, BN=64, BK=32, GROUP_M=_GROUP_M, num_warps=4, num_stages=3)
     # H100 sweeps (benchmarks/NOTES.md): 128x256x64 with 8 warps led or tied on 8 of 10 anchor cases; 128x128
     # tiles lost 5-15% everywhere. A flattened persistent loop (the next tile's loads overlap this tile's
@@ -362,6 +367,7 @@ def _gmm_k_tma_persistent_kernel(
     ACCUMULATE: tl.constexpr,
     TMA_STORE: tl.constexpr,
     FLATTEN: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -376,7 +382,8 @@ def _gmm_k_tma_persistent_kernel(
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, KA], strides=[stride_am, 1], block_shape=[BM, BK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[M, NB], strides=[stride_bm, 1], block_shape=[BM, BN])
     total_tiles = G * tl.cdiv(KA, BK) * tl.cdiv(NB, BN)
-    for tile in tl.range(tl.program_id(0), total_tiles, num_programs, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), total_tiles, num_programs, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         g, k_tile, n_tile = _wgrad_tile(tile, KA, NB, BK, BN, GROUP_K)
         row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
         acc = tl.zeros((BK, BN), dtype=tl.float32)
@@ -529,16 +536,17 @@ def _plan_key(tensors, extra) -> tuple | None:
     return tuple(parts)
 
 
-def _tf32_wants_k_major(x: torch.Tensor) -> bool:
+def _tf32_wants_k_major(x: torch.Tensor, num_groups: int) -> bool:
     """fp32 inputs on TF32 tensor cores, Hopper or newer: its TF32 MMA reads both operands with the reduction
-    dim contiguous, so a [G, K, N] weight (N contiguous) makes Triton fall back to an older, ~3x slower MMA
-    (benchmarks/NOTES.md, fp16 / fp32)."""
-    return (x.dtype == torch.float32 and x.is_cuda and _input_precision(x.dtype) == "tf32"
-            and _capability(x.device.index or 0)[0] >= 9)
+    dim contiguous, so a [G, K, N] weight (N contiguous) makes Triton fall back to an older MMA at 1/2-1/3 the
+    speed. A [G, N, K] copy of w pays off once the groups average >= 256 rows (H100 sweep, benchmarks/NOTES.md):
+    the copy moves 8·G·K·N bytes, the faster MMA saves time in proportion to M·K·N."""
+    return (x.dtype == torch.float32 and x.is_cuda and x.shape[0] >= 256 * num_groups
+            and _input_precision(x.dtype) == "tf32" and _capability(x.device.index or 0)[0] >= 9)
 
 
 def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
-    if not trans_w and _tf32_wants_k_major(x):
+    if not trans_w and _tf32_wants_k_major(x, groups.num_groups):
         w = w.transpose(1, 2).contiguous()  # one pass over w: [G, N, K], read with trans_w
         trans_w = True
     tensors = (x, w, bias if bias is not None else out, out, groups.sizes)
@@ -607,7 +615,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
             grid = (max(1, min(programs, grid[0])),)
             launcher = _launch_gmm_k_tma_persistent
             args = (a, b, out, groups.sizes, a.shape[0], KA, NB, G, grid[0], *strides)
-            constexprs["FLATTEN"] = cfg.get("flatten", False)
+            constexprs.update(FLATTEN=cfg.get("flatten", False), WARP_SPECIALIZE=cfg.get("warp_specialize", False))
         else:
             launcher = _launch_gmm_k_tma
             args = (a, b, out, groups.sizes, a.shape[0], KA, NB, G, *strides)
@@ -770,6 +778,9 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
 
     Args:
         x: ``[M, K]`` fp16, bf16 or fp32, contiguous in its last dim. Group g owns a contiguous run of rows.
+            fp32 follows ``torch.backends.cuda.matmul.allow_tf32``: exact fp32 products when it is off (the
+            default), TF32 tensor cores when it is on. Triton's TF32 truncates the operands where cuBLAS rounds
+            them, so expect about twice cuBLAS's TF32 error then.
         w: ``[G, K, N]`` (or ``[G, N, K]`` with ``trans_w=True``, the Hugging Face v5 experts layout),
             contiguous, same dtype and device as x.
         group_sizes: ``[G]`` int32/int64 rows per group, on x's device or the CPU. Empty groups are fine.

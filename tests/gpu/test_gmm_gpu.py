@@ -191,13 +191,16 @@ def test_launch_plans_rerun_with_new_tensors():
 
 @pytest.mark.parametrize("trans_w", [False, True])
 def test_fp32_on_tf32(trans_w):
-    """fp32 inputs with TF32 allowed: the forward of a [G, K, N] weight runs on a [G, N, K] copy (Hopper's TF32
-    MMA wants the reduction dim contiguous). Checked against float64 with torch's own TF32 loop as the baseline
-    error, with uneven, empty and unaligned groups; w itself must stay untouched."""
+    """fp32 inputs with TF32 allowed. With >= 256 rows per group the forward of a [G, K, N] weight runs on a
+    [G, N, K] copy (Hopper's TF32 MMA wants the reduction dim contiguous); w itself must stay untouched. Checked
+    against float64 with torch's own TF32 loop as the baseline error, with uneven, empty and unaligned groups.
+
+    The bound is 3x torch's error, not 2x: Triton's TF32 MMA truncates the operands' low mantissa bits where
+    cuBLAS rounds them to nearest, which measured 2.3x cuBLAS's max error on the H100 (benchmarks/NOTES.md)."""
     torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
     gen = torch.Generator().manual_seed(5)
-    sizes = [300, 0, 1, 517, 129, 0, 77]
-    M, K, N, G = sum(sizes) + 13, 320, 272, len(sizes)  # 13 tail rows no group owns
+    sizes = [700, 0, 1, 517, 1029, 0, 77, 300]
+    M, K, N, G = sum(sizes) + 13, 320, 272, len(sizes)  # 13 tail rows no group owns; 329 rows per group
     x = torch.randn(M, K, generator=gen).cuda()
     w = (torch.randn(G, K, N, generator=gen) / math.sqrt(K)).cuda()
     dy = torch.randn(M, N, generator=gen).cuda()
@@ -208,11 +211,11 @@ def test_fp32_on_tf32(trans_w):
     out.backward(dy)
     assert torch.equal(wg.detach(), w_before)
     ref = _loop(x.double(), w.double(), sizes)  # rows past the groups stay zero
-    assert_close_to_ref("out", out, ref, _loop(x, w, sizes))  # baseline: torch's own TF32 loop
+    assert_close_to_ref("out", out, ref, _loop(x, w, sizes), factor=3)  # baseline: torch's own TF32 loop
     ref_dx = _loop(dy.double(), w.transpose(1, 2).double(), sizes)
-    assert_close_to_ref("dx", xg.grad, ref_dx, _loop(dy, w.transpose(1, 2).contiguous(), sizes))
+    assert_close_to_ref("dx", xg.grad, ref_dx, _loop(dy, w.transpose(1, 2).contiguous(), sizes), factor=3)
     ref_dw = _loop_wgrad(x.double(), dy.double(), sizes, torch.float64)
     base_dw = _loop_wgrad(x, dy, sizes, torch.float32)
     if trans_w:
         ref_dw, base_dw = ref_dw.transpose(1, 2), base_dw.transpose(1, 2)
-    assert_close_to_ref("dw", wg.grad, ref_dw, base_dw)
+    assert_close_to_ref("dw", wg.grad, ref_dw, base_dw, factor=3)
