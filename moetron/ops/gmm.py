@@ -45,6 +45,10 @@ _CONFIG_OVERRIDES: dict = {}
 # tutorial): a band of GROUP_M row tiles re-reads the same w[g] column panels while they are hot in L2.
 _GROUP_M = 8
 
+# Per-group K x N at and above which the weight (or weight gradient) of one group counts as large: the
+# Mixtral and DeepSeek-V3 EP8 anchor cases (15M-117M elements), not the fine-grained Qwen3 ones (1.5-3M).
+_LARGE_OUTPUT = 1 << 23
+
 
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
@@ -67,12 +71,17 @@ def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool 
     # tiles lost 5-15% everywhere. A flattened persistent loop (the next tile's loads overlap this tile's
     # epilogue) plus TMA stores of interior tiles gained 3-35% on the large [G, K, N] cases (mixtral_up 518 ->
     # 706 TFLOP/s); the TMA store's 64 KB staging buffer leaves room for 3 stages. For [G, N, K] weights
-    # (dgrad) the flattened loop with 4 stages and plain stores was as good or better.
+    # (dgrad) the flattened loop with 4 stages and plain stores was as good or better, except with large
+    # per-group weights (K*N >= 8M: Mixtral, DeepSeek-V3 EP8), where the TMA-store epilogue won there too.
+    # Large per-group weights also want bands of 16 m-tiles, not 8: each w[g] column panel (K x 256) is then
+    # fetched from memory half as often (two H100 sweeps: mixtral_up fwd 562-582 -> 683-684 TFLOP/s, dgrad
+    # 590-615 -> 686-697; the small-weight cases did not move or lost a little).
+    large_weight = k * n >= _LARGE_OUTPUT
     if n >= 256:
-        if trans_w:
+        if trans_w and not large_weight:
             return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4, flatten=True)
-        return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=3, flatten=True,
-                    tma_store=True)
+        return dict(BM=128, BN=256, BK=64, GROUP_M=16 if large_weight else _GROUP_M, num_warps=8, num_stages=3,
+                    flatten=True, tma_store=True)
     return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=4, num_stages=4)
 
 
@@ -87,8 +96,11 @@ def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
     # blog shapes) 128x128 tiles reducing 32 rows a step over 5 stages win by ~5-20%, and running them as a
     # persistent flattened loop with 2 programs per SM (one program's epilogue overlaps the other's and its own
     # next loads) gained another 0-10% (qwen3_30b_up 390 -> 433, blog_g32 433 -> 470 TFLOP/s).
-    if ka * nb >= 1 << 23:
-        return dict(BK=128, BN=256, BM=64, num_warps=8, num_stages=3)
+    # Large outputs: the 128x256 tiles as a persistent flattened loop with a TMA store (one program per SM)
+    # beat the one-program-per-tile launch by 0-8% (mixtral_up 633 -> 684, dsv3_ep8_up 508 -> 541 TFLOP/s).
+    if ka * nb >= _LARGE_OUTPUT:
+        return dict(BK=128, BN=256, BM=64, num_warps=8, num_stages=3, persistent=True, flatten=True,
+                    tma_store=True)
     return dict(BK=128, BN=128, BM=32, num_warps=4, num_stages=5, persistent=True, flatten=True, programs_per_sm=2)
 
 
@@ -608,7 +620,8 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     )
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("tma", True) and _tma_eligible(a, b):
-        constexprs["TMA_STORE"] = cfg.get("tma_store", False) and _tma_eligible(out)
+        # a 16-bit output tile only: an fp32 one (main_grad) would need a 128 KB staging buffer beside the stages
+        constexprs["TMA_STORE"] = cfg.get("tma_store", False) and out.element_size() == 2 and _tma_eligible(out)
         strides = (a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2))
         if cfg.get("persistent", False):
             programs = num_sms(a.device.index or 0) * cfg.get("programs_per_sm", 1) if a.is_cuda else 4
