@@ -5,7 +5,9 @@ all-to-all dispatcher (count exchange + permute + all_to_all_single + sort), in 
 
 Any world size (E must divide by it). Cases: dsv3 (H 7168, 256 experts, top-8) and qwen3_30b (H 2048, 128 experts,
 top-8), bf16, at 128 tokens per rank (decode) and 4096 (prefill), random uniform routing. Modes: dispatch, combine
-(expert outputs = the dispatched rows), round_trip (dispatch + combine).
+(expert outputs = the dispatched rows), round_trip (dispatch + combine), and for moetron's two transports
+round_trip_graph: the same round trip captured once in a CUDA graph and replayed, as a serving engine runs its
+decode steps (no host sync anywhere makes that possible; the eager rows are mostly host time at decode).
 
 Timing: every rank runs the same fixed number of iterations between CUDA events (do_bench picks its repeat count
 from each rank's own estimate, and ranks that disagree would deadlock in the collectives); the median of 5 trials
@@ -32,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 CASES = {"dsv3": dict(H=7168, E=256, K=8), "qwen3_30b": dict(H=2048, E=128, K=8)}
 TOKENS = {"decode": 128, "prefill": 4096}
 PROVIDERS = ("moetron_symm", "moetron_nccl", "alltoall")
-MODES = ("dispatch", "combine", "round_trip")
+MODES = ("dispatch", "combine", "round_trip", "round_trip_graph")
 
 
 def _time_ms(fn, iters=20, trials=5, warmup=5) -> float:
@@ -86,7 +88,23 @@ def _bench_fused(x, ids, probs, E, transport, num_sms, B):
 
         fns = {"dispatch": lambda: dispatch(x, ids, **kw), "combine": lambda: combine(h, r.handle, probs),
                "round_trip": rt}
-        return {m: _time_ms(f) for m, f in fns.items()}
+        times = {m: _time_ms(f) for m, f in fns.items()}
+        # last: after a capture the symmetric-memory path keeps every barrier (moetron/dispatch/_symm.py)
+        times["round_trip_graph"] = _time_ms(_graphed(rt))
+        return times
+
+
+def _graphed(fn):
+    """``fn`` captured once in a CUDA graph after warm-up calls; returns the replay."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
 
 
 def _bench_alltoall(x, ids, probs, E, K, world):
@@ -144,8 +162,8 @@ def main():
                     ms = _bench_fused(x, ids, probs, E, prov.split("_")[1], args.num_sms, T)
                     own = fused_b
                 for mode, t in ms.items():
-                    nbytes = own * (2 if mode == "round_trip" else 1)
-                    fb = fused_b * (2 if mode == "round_trip" else 1)
+                    trips = 2 if mode.startswith("round_trip") else 1
+                    nbytes, fb = own * trips, fused_b * trips
                     row = {"case": f"{case}_{phase}", "provider": prov, "mode": mode, "tokens_per_rank": T, "H": H,
                            "experts": E, "top_k": K, "world": world, "ms": t, "us": t * 1e3, "bytes_out": nbytes,
                            "GBps": nbytes / t / 1e6, "GBps_fused_bytes": fb / t / 1e6,
