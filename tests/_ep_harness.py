@@ -123,6 +123,8 @@ def run_layout(groups, rank, case, dispatcher, data, device="cpu", dtype=torch.f
     idx = partition(groups.layout, case)[rank]
     layer = MoELayer(make_cfg(case, dispatcher), parallel=groups, device=device, dtype=dtype)
     layer.load_state_dict(sd)
+    if dispatcher == "fused":  # ranks may hold different token counts (EP=8: four hold none): one bound for all
+        layer.dispatcher.max_tokens_per_rank = T
     x_l = x.reshape(-1, H)[idx].to(device, dtype).requires_grad_()
     y = layer(x_l)
     (y * dy.reshape(-1, H)[idx].to(device, dtype)).sum().backward()

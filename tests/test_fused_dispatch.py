@@ -39,6 +39,12 @@ SCENARIOS = {
     "w4_shared": dict(world=4, E=6, K=2, H=8, T=[4, 6, 2, 5], B=6, Sh=2, nsh=1, tp=1),
     # EP 2 x TP 2: EP groups {0, 1}, {2, 3}; TP groups {0, 2}, {1, 3}
     "w4_tp": dict(world=4, E=4, K=2, H=8, T=[4, 3, 5, 2], B=6, Sh=0, nsh=0, tp=2),
+    # world 8 (the 8-GPU runs of issue 9 check these first): E_l = 2 < K, two ranks without tokens
+    "w8_basic": dict(world=8, E=16, K=4, H=8, T=[5, 0, 7, 3, 6, 1, 0, 4], B=8, Sh=0, nsh=0, tp=1),
+    # two shared-expert ranks, E_l = 2 on the six MoE ranks
+    "w8_shared": dict(world=8, E=12, K=3, H=8, T=[3, 4, 0, 5, 2, 6, 1, 4], B=6, Sh=2, nsh=1, tp=1),
+    # EP 4 x TP 2
+    "w8_tp": dict(world=8, E=8, K=2, H=8, T=[4, 3, 5, 2, 0, 6, 1, 3], B=6, Sh=0, nsh=0, tp=2),
 }
 
 
@@ -144,7 +150,8 @@ def _run_scenario(name, rank, device="cpu", transport="auto"):
     return out
 
 
-LAYER_LAYOUTS = {2: {"ep2": dict(ep=2)}, 4: {"ep4": dict(ep=4), "ep2_etp2": dict(ep=2, etp=2)}}
+LAYER_LAYOUTS = {2: {"ep2": dict(ep=2)}, 4: {"ep4": dict(ep=4), "ep2_etp2": dict(ep=2, etp=2)},
+                 8: {"ep8": dict(ep=8)}}
 
 
 def _run_layer(rank, world):
@@ -198,8 +205,14 @@ def world4():
     return run_world(4, _world)
 
 
-def _results(world2, world4, name):
-    return (world2 if SCENARIOS[name]["world"] == 2 else world4)
+@pytest.fixture(scope="module")
+def world8():
+    return run_world(8, _world, timeout=300.0)
+
+
+def _results(request, name):
+    """The per-rank results of the world that runs scenario ``name`` (its fixture starts on first use)."""
+    return request.getfixturevalue(f"world{SCENARIOS[name]['world']}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,11 +274,10 @@ def reference(name):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_layout_equals_recount(world2, world4, name):
+def check_layout_equals_recount(results, name):
     sc = SCENARIOS[name]
     expected = recount(name)
-    for g, res in enumerate(_results(world2, world4, name)):
+    for g, res in enumerate(results):
         lay = res["scenarios"][name]["layout"]
         rows, xr = expected[g], lay["expand_x"]
         n = len(rows)
@@ -291,12 +303,11 @@ def test_layout_equals_recount(world2, world4, name):
         assert int(lay["ep_recv_counts"].sum()) == n and int(lay["tp_recv_counts"].sum()) == n
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_combine_once_per_destination(world2, world4, name):
+def check_combine_once_per_destination(results, name):
     sc = SCENARIOS[name]
     P = sc["world"] // sc["tp"]
     E_l = sc["E"] // (P - sc["Sh"])
-    for g, res in enumerate(_results(world2, world4, name)):
+    for g, res in enumerate(results):
         x, ids, _, _ = make_inputs(name, g)
         n_dest = torch.tensor([len({sc["Sh"] + int(e) // E_l for e in row}) for row in ids.tolist()])
         torch.testing.assert_close(res["scenarios"][name]["per_dest"],
@@ -304,10 +315,9 @@ def test_combine_once_per_destination(world2, world4, name):
                                    rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_weighted_combine_and_gradients_match_reference(world2, world4, name):
+def check_weighted_combine_and_gradients(results, name):
     ref = reference(name)
-    for g, res in enumerate(_results(world2, world4, name)):
+    for g, res in enumerate(results):
         a = res["scenarios"][name]["affine"]
         y_r, xg_r, wg_r = ref[g]
         for what, got, want in (("y", a["y"], y_r), ("x grad", a["xg"], xg_r), ("w grad", a["wg"], wg_r)):
@@ -315,11 +325,10 @@ def test_weighted_combine_and_gradients_match_reference(world2, world4, name):
             torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("name", ["w2_basic", "w4_basic", "w4_tp"])
-def test_int8_round_trips_within_scale_bounds(world2, world4, name):
+def check_int8_round_trips(results, name):
     expected = recount(name)
     sc = SCENARIOS[name]
-    for g, res in enumerate(_results(world2, world4, name)):
+    for g, res in enumerate(results):
         q8 = res["scenarios"][name]["int8"]
         rows = expected[g]
         q, s = q8["q"], q8["s"]
@@ -333,19 +342,39 @@ def test_int8_round_trips_within_scale_bounds(world2, world4, name):
         # return trip: each destination's per-token sum is rounded to int8 with scale max|row| / 127
         # a destination's row is a sum of at most K + shared rows, each |weight| <= 1.1: |row| <= (K + 1)·1.1·max|h|,
         # rounded to within half its scale max|row| / 127; a token sums at most `world` such rows
-        hmax = max(w["scenarios"][name]["int8"]["h"].abs().max().item() for w in _results(world2, world4, name))
+        hmax = max(w["scenarios"][name]["int8"]["h"].abs().max().item() for w in results)
         err = (q8["y_q"] - q8["y_exact"]).abs().max().item() if q8["y_q"].numel() else 0.0
         bound = sc["world"] * (sc["K"] + 1) * 1.1 * hmax / 254
         assert err <= bound + 1e-6
         assert err > 0 or q8["y_q"].numel() == 0  # the return trip really quantized
 
 
-@pytest.mark.parametrize("world, lay", [(2, "ep2"), (4, "ep4"), (4, "ep2_etp2")])
-def test_layer_with_fused_dispatcher_matches_single_process(world2, world4, world, lay):
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_layout_equals_recount(request, name):
+    check_layout_equals_recount(_results(request, name), name)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_combine_once_per_destination(request, name):
+    check_combine_once_per_destination(_results(request, name), name)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_weighted_combine_and_gradients_match_reference(request, name):
+    check_weighted_combine_and_gradients(_results(request, name), name)
+
+
+@pytest.mark.parametrize("name", ["w2_basic", "w4_basic", "w4_tp", "w8_tp"])
+def test_int8_round_trips_within_scale_bounds(request, name):
+    check_int8_round_trips(_results(request, name), name)
+
+
+@pytest.mark.parametrize("world, lay", [(2, "ep2"), (4, "ep4"), (4, "ep2_etp2"), (8, "ep8")])
+def test_layer_with_fused_dispatcher_matches_single_process(request, world, lay):
     from moetron.parallel import ParallelLayout
     from tests._ep_harness import check_against_references
 
-    worlds = world2 if world == 2 else world4
+    worlds = request.getfixturevalue(f"world{world}")
     check_against_references([w["layer"][lay] for w in worlds],
                              ParallelLayout.plan(world, **LAYER_LAYOUTS[world][lay]), "dropless_aux")
 
@@ -555,10 +584,10 @@ def symm_world():
 
 def test_symm_transport_emulated_matches_recount_and_reference(symm_world):
     results = [{"scenarios": {"w2_basic": r["basic"]}} for r in symm_world]
-    test_layout_equals_recount(results, None, "w2_basic")
-    test_combine_once_per_destination(results, None, "w2_basic")
-    test_weighted_combine_and_gradients_match_reference(results, None, "w2_basic")
-    test_int8_round_trips_within_scale_bounds(results, None, "w2_basic")
+    check_layout_equals_recount(results, "w2_basic")
+    check_combine_once_per_destination(results, "w2_basic")
+    check_weighted_combine_and_gradients(results, "w2_basic")
+    check_int8_round_trips(results, "w2_basic")
 
 
 def test_symm_transport_same_allocations_and_barriers_on_every_rank(symm_world):

@@ -1,6 +1,7 @@
-"""Fused dispatch / combine on 2 GPUs: both transports (NCCL and NVLink symmetric memory) through the CPU suite's
-checks, one dispatch -> gmm -> combine step captured in a CUDA graph and replayed with new routing, and bitwise
-determinism across runs. Spawns its own processes (one per GPU):
+"""Fused dispatch / combine on 2, 4 or 8 GPUs (the largest of those the machine has): both transports (NCCL and
+NVLink symmetric memory) through the CPU suite's checks for that world size, one dispatch -> gmm -> combine step
+captured in a CUDA graph and replayed with new routing, and bitwise determinism across runs. Spawns its own
+processes (one per GPU):
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 python -m pytest -q tests/gpu/test_fused_gpu.py
 """
@@ -14,7 +15,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.devi
                                 reason="needs 2 CUDA GPUs")
 
 TRANSPORTS = ("nccl", "symm")
-W2 = ("w2_basic", "w2_shared")
+WORLD = max([w for w in (2, 4, 8) if w <= torch.cuda.device_count()] or [2])
+INT8_SCENARIOS = ("w2_basic", "w4_basic", "w4_tp", "w8_tp")  # the CPU suite's int8 cases
+
+
+def _scenarios(world: int) -> list[str]:
+    from tests.test_fused_dispatch import SCENARIOS
+
+    return [name for name, sc in SCENARIOS.items() if sc["world"] == world]
 
 
 def _graph_step(rank, transport):
@@ -26,7 +34,7 @@ def _graph_step(rank, transport):
 
     dev = torch.device("cuda", rank)
     T, H, E, K, B = 96, 256, 16, 4, 128
-    E_l = E // 2
+    E_l = E // dist.get_world_size()
     g = torch.Generator(device=dev).manual_seed(10 + rank)
     w_exp = torch.randn(E_l, H, H, device=dev, generator=g, dtype=torch.bfloat16) / H ** 0.5
 
@@ -84,7 +92,7 @@ def _no_sync_and_skew(rank, transport):
     from moetron.dispatch import combine, dispatch
 
     dev = torch.device("cuda", rank)
-    H, E, K = 512, 8, 2
+    H, E, K = 512, 4 * dist.get_world_size(), 2  # 4 experts per rank
     out = {}
     with torch.no_grad():
         x = torch.randn(64, H, device=dev, dtype=torch.bfloat16)
@@ -106,8 +114,8 @@ def _no_sync_and_skew(rank, transport):
         for i in range(4):
             T = 256 + 32 * i  # a new B each time: new buffers, allocated while the GPU is busy
             xs = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
-            own = (E // 2) * rank
-            ids_s = torch.stack([torch.randperm(E // 2, device=dev)[:K] + own for _ in range(T)])
+            E_l = E // dist.get_world_size()
+            ids_s = torch.stack([torch.randperm(E_l, device=dev)[:K] + E_l * rank for _ in range(T)])
             ws = torch.rand(T, K, device=dev)
             if rank == 0:
                 for _ in range(20):
@@ -131,7 +139,7 @@ def _world(rank, world):
     for tr in TRANSPORTS:
         probe = torch.empty(1, device="cuda")
         chosen = select_transport(probe, dist.group.WORLD, tr)
-        res[tr] = {"chosen": chosen, "scenarios": {n: _run_scenario(n, rank, "cuda", tr) for n in W2},
+        res[tr] = {"chosen": chosen, "scenarios": {n: _run_scenario(n, rank, "cuda", tr) for n in _scenarios(world)},
                    "graph": _graph_step(rank, tr), "sync_skew": _no_sync_and_skew(rank, tr)}
     res["auto"] = select_transport(torch.empty(1, device="cuda"), dist.group.WORLD, "auto")
     return res
@@ -141,21 +149,21 @@ def _world(rank, world):
 def gpu_world():
     from tests._ep_harness import run_cuda_world
 
-    return run_cuda_world(2, _world)
+    return run_cuda_world(WORLD, _world)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("name", W2)
+@pytest.mark.parametrize("name", _scenarios(WORLD))
 def test_cpu_suite_checks_on_gpus(gpu_world, transport, name):
     from tests import test_fused_dispatch as cpu
 
     results = [r[transport] for r in gpu_world]
     assert all(r["chosen"] == transport for r in results)
-    cpu.test_layout_equals_recount(results, None, name)
-    cpu.test_combine_once_per_destination(results, None, name)
-    cpu.test_weighted_combine_and_gradients_match_reference(results, None, name)
-    if name == "w2_basic":
-        cpu.test_int8_round_trips_within_scale_bounds(results, None, name)
+    cpu.check_layout_equals_recount(results, name)
+    cpu.check_combine_once_per_destination(results, name)
+    cpu.check_weighted_combine_and_gradients(results, name)
+    if name in INT8_SCENARIOS:
+        cpu.check_int8_round_trips(results, name)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -167,7 +175,7 @@ def test_cuda_graph_replay_with_new_routing_and_determinism(gpu_world, transport
 
 
 def test_auto_picks_symmetric_memory_on_one_node(gpu_world):
-    assert [r["auto"] for r in gpu_world] == ["symm", "symm"]
+    assert [r["auto"] for r in gpu_world] == ["symm"] * WORLD
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
