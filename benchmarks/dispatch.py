@@ -8,6 +8,8 @@ top-8), bf16, at 128 tokens per rank (decode) and 4096 (prefill), random uniform
 (expert outputs = the dispatched rows), round_trip (dispatch + combine), and for moetron's two transports
 round_trip_graph: the same round trip captured once in a CUDA graph and replayed, as a serving engine runs its
 decode steps (no host sync anywhere makes that possible; the eager rows are mostly host time at decode).
+moetron dispatches with zero_padding=False, as its MoE layer does: the rows past the received total are left
+unwritten (the all-to-all dispatcher allocates exact sizes after its host sync and writes no padding either).
 
 Timing: every rank runs the same fixed number of iterations between CUDA events (do_bench picks its repeat count
 from each rank's own estimate, and ranks that disagree would deadlock in the collectives); the median of 5 trials
@@ -77,8 +79,9 @@ def _bytes_out(ids, E, world, rank, H):
 def _bench_fused(x, ids, probs, E, transport, num_sms, B):
     from moetron.dispatch import combine, dispatch
 
+    # zero_padding=False, as the MoE layer dispatches: the alltoall dispatcher writes no padding rows either
     kw = dict(group=dist.group.WORLD, num_experts=E, expert_scales=probs, max_tokens_per_rank=B,
-              transport=transport, num_sms=num_sms)
+              transport=transport, num_sms=num_sms, zero_padding=False)
     with torch.no_grad():
         r = dispatch(x, ids, **kw)
         h = r.expand_x

@@ -455,6 +455,29 @@ def test_single_process_round_trip_and_reserved_compat_arguments():
         moe_distribute_dispatch(x, ids, "g", 1, 0, 4, expert_shard_type=1)
 
 
+def test_zero_padding_off_changes_only_the_rows_past_the_total():
+    """zero_padding=False (the MoE layer's setting) skips zeroing expand_x past the total: the live rows, the
+    counts, the scales (zeros past the total either way), combine and both gradients are those of the default."""
+    g = torch.Generator().manual_seed(3)
+    T, H, E, K = 5, 8, 4, 2
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    dy = torch.randn(T, H, generator=g)
+    runs = []
+    for zero in (True, False):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        r = dispatch(xg, ids, group=None, num_experts=E, expert_scales=wg, max_tokens_per_rank=2 * T,
+                     zero_padding=zero)
+        n = int(r.tokens_per_expert[-1])
+        assert r.expand_x.shape[0] > n  # B = 2T: there are rows past the total
+        y = combine(r.expand_x * 2, r.handle, wg)
+        (y * dy).sum().backward()
+        runs.append((r.expand_x[:n], r.tokens_per_expert, r.expand_scales, y, xg.grad, wg.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The symmetric-memory transport on CPU: each rank's "symmetric buffer" is a file in /dev/shm that every rank maps
 # (so the Triton kernels, in the interpreter, store straight into the peer's memory as on GPUs), and the barrier is

@@ -9,6 +9,7 @@ N = P_tp·P·B receive slots, R = N·min(K, L) rows of the expert-major buffer (
     r = dispatch(x [T, H], expert_ids [T, K], group=ep, num_experts=E, ...)
         r.expand_x [R, H]          rows for this rank's L experts: expert-major, then (TP rank, EP source) order,
                                    then token order; rows past r.tokens_per_expert's total are zeros
+                                   (unspecified with zero_padding=False)
         r.tokens_per_expert [L]    int64 cumulative row ends (gmm ``offsets``) or counts, on the device
         r.dynamic_scales [R]       fp32 per-row scales when quant="int8" (expand_x is then int8)
         r.handle                   what combine (and the compat entry points) need
@@ -427,7 +428,7 @@ def _recv_kernel(
     N, W, B, MS, M, R, S, L, CS,
     J: tl.constexpr, J_PAD: tl.constexpr, S_PAD: tl.constexpr, L_PAD: tl.constexpr, CS_PAD: tl.constexpr,
     BLOCK_W: tl.constexpr, SB: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_DYN: tl.constexpr,
-    CUMSUM: tl.constexpr,
+    CUMSUM: tl.constexpr, ZERO_ROWS: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
@@ -485,14 +486,15 @@ def _recv_kernel(
             for j in tl.static_range(J):
                 r = tl.sum(tl.where(jc[None, :] == j, rows, 0), 1).to(tl.int64)
                 tl.store(out_ptr + r[:, None] * W + w[None, :], v, mask=(r >= 0)[:, None] & in_row[None, :])
-    # rows past the total are zeros (only those: the live rows were written above)
+    # rows past the total are zeros (only those: the live rows were written above); their scales always are
     for r0 in range(total.to(tl.int64) + g * SB, R, G * SB):
         r = r0 + sb
         r_ok = r < R
-        for w0 in range(0, W, BLOCK_W):
-            w = w0 + cols
-            tl.store(out_ptr + r[:, None] * W + w[None, :], tl.zeros((SB, BLOCK_W), out_ptr.dtype.element_ty),
-                     mask=r_ok[:, None] & (w < W)[None, :])
+        if ZERO_ROWS:
+            for w0 in range(0, W, BLOCK_W):
+                w = w0 + cols
+                tl.store(out_ptr + r[:, None] * W + w[None, :], tl.zeros((SB, BLOCK_W), out_ptr.dtype.element_ty),
+                         mask=r_ok[:, None] & (w < W)[None, :])
         if HAS_SCALES:
             tl.store(es_ptr + r, tl.zeros((SB,), tl.float32), mask=r_ok)
         if HAS_DYN:
@@ -584,7 +586,8 @@ class _Received(NamedTuple):
     scales_NJ: torch.Tensor | None  # [N, J] fp32 routing scales (0 where row_of is -1)
 
 
-def _launch_recv(rows, meta, topo: "_Topo", M: int, MS: int, *, has_scales, has_dyn, cumsum, num_sms):
+def _launch_recv(rows, meta, topo: "_Topo", M: int, MS: int, *, has_scales, has_dyn, cumsum, num_sms,
+                 zero_padding=True):
     """Receiver side: expert-major expand_x and everything combine needs, from the received slots."""
     N, R, J, L, B = topo.N, topo.R, topo.J, topo.L, topo.B
     S = topo.P_tp * topo.P
@@ -607,7 +610,8 @@ def _launch_recv(rows, meta, topo: "_Topo", M: int, MS: int, *, has_scales, has_
     _RECV((G,), [rows, meta, out, row_of, sc if has_scales else dummy, es if has_scales else dummy,
                  dyn if has_dyn else dummy, tpe, cnt, base, N, W, B, MS, M, R, S, L, CS],
           dict(J=J, J_PAD=_pow2(J), S_PAD=S_PAD, L_PAD=L_PAD, CS_PAD=_pow2(CS), BLOCK_W=_block_w(W),
-               SB=_copy_tokens(W), HAS_SCALES=has_scales, HAS_DYN=has_dyn, CUMSUM=cumsum), num_warps=_NUM_WARPS)
+               SB=_copy_tokens(W), HAS_SCALES=has_scales, HAS_DYN=has_dyn, CUMSUM=cumsum, ZERO_ROWS=zero_padding),
+         num_warps=_NUM_WARPS)
     return out, es, dyn, tpe, _Received(row_of, cnt, sc)
 
 
@@ -768,12 +772,12 @@ class _Dispatch(Function):
     (unpermute with row_of), sent back and summed per token (reduce_back)."""
 
     @staticmethod
-    def forward(ctx, x, ids, scales_TJ, dyn, topo, tr, num_sms, cumsum):
+    def forward(ctx, x, ids, scales_TJ, dyn, topo, tr, num_sms, cumsum, zero_padding):
         has_scales, has_dyn = scales_TJ is not None, dyn is not None
         M, MS = _meta_width(topo, has_scales, has_dyn)
         rows, meta, pos, flat = tr.dispatch_exchange(x, ids, scales_TJ, dyn, topo, M, MS, num_sms)
         out, es, dyn_R, tpe, recv = _launch_recv(rows, meta, topo, M, MS, has_scales=has_scales, has_dyn=has_dyn,
-                                                 cumsum=cumsum, num_sms=num_sms)
+                                                 cumsum=cumsum, num_sms=num_sms, zero_padding=zero_padding)
         tctx = _Ctx(topo, pos, flat, num_sms, recv)
         ctx.args = (tctx, tr)
         extras = [t for t in (es, dyn_R, tpe) if t is not None]
@@ -784,7 +788,7 @@ class _Dispatch(Function):
     def backward(ctx, g, *_):
         tctx, tr = ctx.args
         d = unpermute(g.contiguous(), tctx.recv.row_of_NJ, None)
-        return tr.reduce_back(d, tctx), None, None, None, None, None, None, None
+        return tr.reduce_back(d, tctx), None, None, None, None, None, None, None, None
 
 
 class _Scatter(Function):
@@ -862,6 +866,7 @@ class FusedHandle:
 
 class DispatchResult(NamedTuple):
     expand_x: torch.Tensor  # [R, H] expert-major rows (int8 with quant="int8"); rows past the total are zeros
+    # (unspecified with zero_padding=False)
     dynamic_scales: torch.Tensor | None  # [R] fp32 per-row int8 scales (quant="int8"), else None
     tokens_per_expert: torch.Tensor  # [L] int64 cumulative ends ("cumsum") or counts ("count") per local expert
     handle: FusedHandle  # for combine
@@ -872,7 +877,7 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
              expert_scales: torch.Tensor | None = None, max_tokens_per_rank: int | None = None,
              shared_expert_num: int = 0, shared_expert_rank_num: int = 0, quant: str | None = None, tp_group=None,
              tokens_per_expert_type: str = "cumsum", transport: str = "auto",
-             num_sms: int = DEFAULT_NUM_SMS) -> DispatchResult:
+             num_sms: int = DEFAULT_NUM_SMS, zero_padding: bool = True) -> DispatchResult:
     """Send each token to the EP ranks holding its experts (once per rank), in gmm-ready expert-major order.
 
     Args:
@@ -890,6 +895,10 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
         tp_group: expert-TP group (the seed's TP domain): received rows are all-gathered over it.
         tokens_per_expert_type: "cumsum" (gmm offsets) or "count".
         transport: "auto", "nccl" or "symm" (see the module docstring); num_sms: programs of the symm kernels.
+        zero_padding: write zeros into the rows of ``expand_x`` past the total (R is sized for the worst case, so
+            at prefill these can be half of it). False leaves them unspecified (their scales are still zero):
+            right for ``gmm`` with ``offsets=tokens_per_expert``, which never reads them, and what the MoE layer
+            uses; the compat entry points keep the zeros.
 
     No host sync, every size from shapes: CUDA-graph capturable. Expert ids are range- and repeat-checked on the
     CPU always and on the GPU with MOETRON_DEBUG=1 (which syncs).
@@ -918,7 +927,8 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
         scales_TJ = _extend_scales(expert_scales.detach(), topo).contiguous()
     x_send, dyn = (x, None) if quant is None else _quant_int8(x.detach())
     expand_x, expand_scales, dynamic_scales, tpe, tctx = _Dispatch.apply(
-        x_send.contiguous(), expert_ids, scales_TJ, dyn, topo, tr, num_sms, tokens_per_expert_type == "cumsum")
+        x_send.contiguous(), expert_ids, scales_TJ, dyn, topo, tr, num_sms, tokens_per_expert_type == "cumsum",
+        bool(zero_padding))
     handle = FusedHandle(topo, tctx, tr, T, H, x.dtype, expert_scales, tokens_per_expert_type)
     return DispatchResult(expand_x, dynamic_scales, tpe, handle, expand_scales)
 
@@ -1018,9 +1028,10 @@ class FusedDispatcher(TokenDispatcher):
 
             check_same_tokens(x_TH.shape[0], self.groups.get("ep_etp"), "dispatcher='fused' without "
                               "max_tokens_per_rank")
+        # zero_padding=False: the experts' gmm never reads the rows past the total (it writes zeros there itself)
         r = dispatch(x_TH, ids_TK, group=self.ep_group, num_experts=E, expert_scales=probs_TK,
                      max_tokens_per_rank=self.max_tokens_per_rank, tp_group=self.etp_group,
-                     transport=self.transport, num_sms=self.num_sms)
+                     transport=self.transport, num_sms=self.num_sms, zero_padding=False)
         ids = ids_TK.reshape(-1).long()
         kept = torch.zeros(E, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
         num_dropped = torch.zeros((), dtype=torch.int64, device=ids.device)
