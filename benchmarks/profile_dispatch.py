@@ -73,6 +73,7 @@ def main():
             if rank == 0:
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+                pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
             torch.cuda.synchronize()
             dist.barrier()
         if rank == 0:
