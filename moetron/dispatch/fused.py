@@ -265,7 +265,7 @@ def _first_at_dest(dest, tt, i, valid):
 @triton.jit
 def _sum_rows(ptr, n_rows, stride, cols, col_ok, RB: tl.constexpr, WIDTH: tl.constexpr):
     """Column sums of rows [0, n_rows) of a row-major int32 table, RB rows per load: one wide load per step instead
-    of a chain of n_rows dependent narrow ones (at decode that chain was most of the push kernel's 69 us)."""
+    of a chain of n_rows dependent narrow ones (2x H200, DeepSeek-V3 decode: push kernel 69 -> 63 us)."""
     rr = tl.arange(0, RB)
     acc = tl.zeros((WIDTH,), tl.int32)
     for r0 in range(0, n_rows, RB):
