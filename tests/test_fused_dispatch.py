@@ -46,6 +46,8 @@ SCENARIOS = {
     # EP 4 x TP 2
     "w8_tp": dict(world=8, E=8, K=2, H=8, T=[4, 3, 5, 2, 0, 6, 1, 3], B=6, Sh=0, nsh=0, tp=2),
 }
+# the scenarios whose int8 round trip is checked (also on GPUs: tests/gpu/test_fused_gpu.py)
+INT8_SCENARIOS = ("w2_basic", "w4_basic", "w4_tp", "w8_tp")
 
 
 def _coords(sc, rank):
@@ -364,7 +366,7 @@ def test_weighted_combine_and_gradients_match_reference(request, name):
     check_weighted_combine_and_gradients(_results(request, name), name)
 
 
-@pytest.mark.parametrize("name", ["w2_basic", "w4_basic", "w4_tp", "w8_tp"])
+@pytest.mark.parametrize("name", INT8_SCENARIOS)
 def test_int8_round_trips_within_scale_bounds(request, name):
     check_int8_round_trips(_results(request, name), name)
 

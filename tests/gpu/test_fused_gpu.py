@@ -16,7 +16,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.devi
 
 TRANSPORTS = ("nccl", "symm")
 WORLD = max([w for w in (2, 4, 8) if w <= torch.cuda.device_count()] or [2])
-INT8_SCENARIOS = ("w2_basic", "w4_basic", "w4_tp", "w8_tp")  # the CPU suite's int8 cases
 
 
 def _scenarios(world: int) -> list[str]:
@@ -162,7 +161,7 @@ def test_cpu_suite_checks_on_gpus(gpu_world, transport, name):
     cpu.check_layout_equals_recount(results, name)
     cpu.check_combine_once_per_destination(results, name)
     cpu.check_weighted_combine_and_gradients(results, name)
-    if name in INT8_SCENARIOS:
+    if name in cpu.INT8_SCENARIOS:
         cpu.check_int8_round_trips(results, name)
 
 
