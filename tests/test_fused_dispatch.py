@@ -414,6 +414,7 @@ def _ok():
     (dict(ids=torch.tensor([[0.0, 1.0]] * 4)), r"expert_ids must have dtype"),
     (dict(num_experts=0), r"num_experts must be a positive int"),
     (dict(quant="fp8"), r"quant must be one of"),
+    (dict(zero_padding="no"), r"zero_padding must be a bool, got 'no'"),
     (dict(shared_expert_rank_num=1), r"shared_expert_rank_num must be an int in \[0, 1\)"),
 ])
 def test_bad_dispatch_input_raises_clear_error(change, match):

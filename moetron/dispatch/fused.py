@@ -597,7 +597,7 @@ class _Received(NamedTuple):
 
 
 def _launch_recv(rows, meta, topo: "_Topo", M: int, MS: int, *, has_scales, has_dyn, cumsum, num_sms,
-                 zero_padding=True):
+                 zero_padding):
     """Receiver side: expert-major expand_x and everything combine needs, from the received slots."""
     N, R, J, L, B = topo.N, topo.R, topo.J, topo.L, topo.B
     S = topo.P_tp * topo.P
@@ -922,6 +922,8 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
         raise ValueError(f"tokens_per_expert_type must be one of {_COUNT_TYPES}, got {tokens_per_expert_type!r}")
     if not _is_int(num_sms) or num_sms < 1:
         raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
+    if not isinstance(zero_padding, bool):
+        raise TypeError(f"zero_padding must be a bool, got {zero_padding!r}")
     if expert_scales is not None:
         check_tensor("expert_scales", expert_scales, ndim=2, dtypes=FLOAT_DTYPES)
         if tuple(expert_scales.shape) != tuple(expert_ids.shape):
@@ -938,7 +940,7 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
     x_send, dyn = (x, None) if quant is None else _quant_int8(x.detach())
     expand_x, expand_scales, dynamic_scales, tpe, tctx = _Dispatch.apply(
         x_send.contiguous(), expert_ids, scales_TJ, dyn, topo, tr, num_sms, tokens_per_expert_type == "cumsum",
-        bool(zero_padding))
+        zero_padding)
     handle = FusedHandle(topo, tctx, tr, T, H, x.dtype, expert_scales, tokens_per_expert_type)
     return DispatchResult(expand_x, dynamic_scales, tpe, handle, expand_scales)
 
