@@ -4,6 +4,7 @@ dispatcher, softmax top-k with aux loss, fp32 router), in one run, with the same
 
     python benchmarks/layer.py                           # GPU: all shapes, T = 8192 and 32768
     python benchmarks/layer.py --device cpu --tiny       # CPU smoke run of every provider (no timing meaning)
+    python benchmarks/layer.py --inference               # eval-mode forward under no_grad (a prefill), mode "infer"
 
 bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for forward+backward.
 Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with peak_mem_gb per row: the peak allocated
@@ -125,7 +126,7 @@ def build_megatron(W, H, F, E, K, device, dtype):
     return layer.train(), run
 
 
-def time_provider(name, build, x, dy, flops, device, rep_ms, rows, case):
+def time_provider(name, build, x, dy, flops, device, rep_ms, rows, case, inference=False):
     module, run = build()
     params = [p for p in module.parameters() if p.requires_grad]
     xg = x.detach().clone().requires_grad_(True)
@@ -136,10 +137,20 @@ def time_provider(name, build, x, dy, flops, device, rep_ms, rows, case):
     def fwd_bwd():
         run(xg).backward(dy)
 
-    out = fwd()
-    fwd_bwd()  # warm-up: compiles kernels
+    @torch.no_grad()
+    def infer():  # eval mode, no autograd: a prefill
+        return run(x)
+
+    if inference:
+        module.eval()
+        out = infer()
+        modes = (("infer", infer),)
+    else:
+        out = fwd()
+        fwd_bwd()  # warm-up: compiles kernels
+        modes = (("fwd", fwd), ("fwd_bwd", fwd_bwd))
     result = {"out": out.detach().float()}
-    for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+    for mode, fn in modes:
         row = {"case": case, "provider": name, "mode": mode}
         try:
             if device == "cuda":
@@ -151,7 +162,7 @@ def time_provider(name, build, x, dy, flops, device, rep_ms, rows, case):
                 t = time.perf_counter()
                 fn()
                 row["ms"] = (time.perf_counter() - t) * 1e3
-            row["tflops"] = (flops if mode == "fwd" else 3 * flops) / row["ms"] / 1e9
+            row["tflops"] = (3 * flops if mode == "fwd_bwd" else flops) / row["ms"] / 1e9
         except Exception as e:
             row["error"] = repr(e)[:300]
         rows.append(row)
@@ -172,6 +183,9 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--eager-max-tokens", type=int, default=8192, help="skip hf_eager above this T")
     parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--inference", action="store_true",
+                        help="time the eval-mode forward under torch.no_grad() (mode 'infer') instead of training; "
+                             "writes layer_infer_<gpu>.json")
     args = parser.parse_args(argv)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -198,7 +212,7 @@ def main(argv=None):
                     continue
                 try:
                     outs[provider] = time_provider(provider, builders[provider], x, dy, flops, device,
-                                                   args.rep_ms, rows, case)["out"]
+                                                   args.rep_ms, rows, case, args.inference)["out"]
                 except Exception as e:  # a provider that cannot build or run is recorded, not fatal
                     rows.append({"case": case, "provider": provider, "mode": "fwd", "error": repr(e)[:300]})
                     print(case, provider, "failed:", repr(e)[:300], flush=True)
@@ -210,7 +224,7 @@ def main(argv=None):
                     for r in rows:
                         if r["case"] == case and r["provider"] == provider:
                             r["rel_diff_vs_hf"] = err
-    path = write_results("layer", rows)
+    path = write_results("layer_infer" if args.inference else "layer", rows)
     print_table(rows)
     print(f"wrote {path}")
 
@@ -219,7 +233,7 @@ def print_table(rows):
     keyed = {(r["case"], r["provider"], r["mode"]): r for r in rows}
     cases = list(dict.fromkeys(r["case"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    for mode in ("fwd", "fwd_bwd"):
+    for mode in dict.fromkeys(r.get("mode", "fwd") for r in rows):
         print(f"\n{mode}: ms (TFLOP/s) [peak GB]")
         print(f"{'case':20s}" + "".join(f"{p:>28s}" for p in providers))
         for case in cases:

@@ -4,6 +4,9 @@
   are non-negative and add up to at most M). Off by default because a sync on the hot path costs latency and
   breaks CUDA-graph capture. With it off, invalid sizes on the GPU are clamped, so kernels never touch
   memory out of bounds, but the result for such input is unspecified.
+- ``MOETRON_FOLD_PERMUTE=0``: at inference the single-process MoE layer permutes its token rows into a buffer
+  before the expert GEMMs instead of letting the first GEMM gather them (moetron/ops/routed_experts.py). For A/B
+  measurements; the default folds.
 - ``MOETRON_BACKEND``: ``auto`` (default), ``triton`` or ``torch``. ``auto`` runs Triton kernels on CUDA
   tensors and plain PyTorch on CPU tensors. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before
   Triton is imported; the test suite uses it to check kernel logic without a GPU.
@@ -42,3 +45,7 @@ def use_triton(t) -> bool:
                                "triton is imported")
         return True
     return False
+
+
+def fold_permute_enabled() -> bool:
+    return os.environ.get("MOETRON_FOLD_PERMUTE", "1") not in ("", "0", "false", "False")

@@ -37,6 +37,7 @@ from torch import nn
 from ._checks import check_tensor
 from .ops.gated_act import gated_act
 from .ops.gmm import gmm
+from .ops.routed_experts import folds, routed_gated_experts
 
 __all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "GroupedExperts", "SequentialExperts", "SharedExperts",
            "apply_activation"]
@@ -193,6 +194,28 @@ class GroupedExperts(_ExpertWeights):
 
     def _down_bias(self) -> torch.Tensor | None:
         return self.down_proj_bias
+
+    def can_gather_rows(self, x: torch.Tensor, probs: torch.Tensor) -> bool:
+        """Whether ``forward_routed`` runs for x: gated activation, no biases, and ``ops.routed_experts.folds``
+        (no gradient to record, a small per-expert weight, Triton kernels for x, ``MOETRON_FOLD_PERMUTE`` on)."""
+        return (self.gated and self.w1_bias is None and self.down_proj_bias is None
+                and folds(x, self.w1, probs, self.down_proj))
+
+    def forward_routed(self, x: torch.Tensor, probs: torch.Tensor, src_slot: torch.Tensor, row_map: torch.Tensor,
+                       offsets: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]`` tokens -> ``[T, H]`` combined expert outputs, for the layout of ``permute`` (``src_slot``,
+        ``row_map``, ``offsets``; see ``LocalDispatcher.layout``) and the routing weights ``probs [T, K]``: what
+        ``unpermute(self(permute(x).x_permuted, offsets, row_scale=permuted probs), row_map)`` computes, with
+        the first GEMM gathering its rows instead of reading a permuted copy (moetron/ops/routed_experts.py).
+        Inference only: where ``can_gather_rows(x, probs)``."""
+        check_tensor("x", x, ndim=2)
+        if x.shape[1] != self.hidden_size:
+            raise ValueError(f"x must have shape [T, {self.hidden_size}] (hidden_size), got {tuple(x.shape)}")
+        dtype = self._compute_dtype(x)
+        w1, w2 = self.w1, self.down_proj
+        if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
+            w1, w2 = w1.to(dtype), w2.to(dtype)
+        return routed_gated_experts(x.to(dtype), probs, w1, w2, src_slot, row_map, offsets, self.activation)
 
 
 def _scale_rows(h: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:

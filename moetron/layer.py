@@ -437,6 +437,11 @@ class MoELayer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
 
+    def _gathers_rows(self, x_TH: torch.Tensor, probs: torch.Tensor) -> bool:
+        # inference in one process, routing weights applied in the experts, experts that can gather their rows
+        return (isinstance(self.dispatcher, LocalDispatcher) and self.dispatcher.weights_in_experts
+                and isinstance(self.experts, GroupedExperts) and self.experts.can_gather_rows(x_TH, probs))
+
     def forward(self, x: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
         c = self.config
         if not isinstance(x, torch.Tensor):
@@ -456,9 +461,14 @@ class MoELayer(nn.Module):
             x_send = x_TH.to(torch.get_autocast_dtype(x.device.type))
         # queued before dispatch: the device works on it while an all-to-all dispatcher waits for split sizes
         y_shared = self.shared_experts(x_send) if self.shared_experts is not None else None
-        d = self.dispatcher.dispatch(x_send, route.probs, route.expert_ids)
-        h = self.experts(d.x, d.offsets, row_scale=d.row_probs)
-        y_TH = self.dispatcher.combine(h, d.handle)
+        if self._gathers_rows(x_send, route.probs):
+            # inference: the first expert GEMM reads the token rows through the layout, no permuted copy of x
+            d = self.dispatcher.layout(x_send, route.probs, route.expert_ids)
+            y_TH = self.experts.forward_routed(x_send, route.probs, d.src_slot, d.row_map, d.offsets)
+        else:
+            d = self.dispatcher.dispatch(x_send, route.probs, route.expert_ids)
+            h = self.experts(d.x, d.offsets, row_scale=d.row_probs)
+            y_TH = self.dispatcher.combine(h, d.handle)
         if y_shared is not None:
             y_TH = y_TH + y_shared
 

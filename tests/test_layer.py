@@ -842,6 +842,37 @@ def test_routing_weights_move_into_the_experts_only_without_a_down_bias(backend,
         assert d.row_probs is None
 
 
+FOLD_CASES = {
+    "bf16_dropless": (torch.bfloat16, dict()),
+    "fp32_pad8": (torch.float32, dict(pad_to=8)),
+    "bf16_capacity_padded": (torch.bfloat16, dict(capacity_factor=0.75, pad_to_capacity=True)),
+    "fp32_position_packed": (torch.float32, dict(capacity_factor=0.75, drop_policy="position", pad_to=4)),
+}
+
+
+@pytest.mark.parametrize("case", FOLD_CASES)
+def test_inference_folds_the_permute_into_the_first_gemm(case, monkeypatch, poisoned_alloc):
+    """Without autograd the first expert GEMM gathers the token rows itself (moetron/ops/routed_experts.py): same
+    output, bit for bit, and same statistics as the permuted copy, for every layout; with autograd it is not used."""
+    dtype, kw = FOLD_CASES[case]
+    device = _select_backend(monkeypatch, "triton")
+    torch.manual_seed(3)
+    layer = MoELayer(make_cfg(num_experts=5, **kw))
+    randomize(layer, 3)
+    layer.to(device, dtype).eval()
+    x = torch.randn(10, H, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    results = {}
+    for fold in ("1", "0"):
+        monkeypatch.setenv("MOETRON_FOLD_PERMUTE", fold)
+        with torch.no_grad():
+            assert layer._gathers_rows(x, layer.router(x).probs) == (fold == "1")
+            results[fold] = (layer(x), layer.stats())
+    assert torch.equal(results["1"][0], results["0"][0])
+    assert results["1"][1] == results["0"][1]
+    monkeypatch.setenv("MOETRON_FOLD_PERMUTE", "1")
+    assert not layer._gathers_rows(x.requires_grad_(), layer.router(x).probs)  # training keeps the permuted copy
+
+
 def test_row_scale_of_the_wrong_length_raises():
     experts = GroupedExperts(3, H, FF)
     with pytest.raises(ValueError, match=r"row_scale must have one entry per row of x \(5\), got 4"):

@@ -5,7 +5,8 @@ passed every interpreter test and failed only on the H100. Here a workload runs 
 MOETRON_RECORD_KERNELS set (every kernel specialization it launches is written down: argument types, constexprs,
 warps, stages), and a second process without the interpreter compiles each one with ``triton.compile`` for
 GPUTarget("cuda", 90, 32). The workload covers gmm (pointer and TMA kernels, every epilogue, trans_w, bias,
-counts and offsets, fp32/bf16/fp16), gmm_k (overwrite, accumulate, TMA store), the gated activations, rotary,
+counts and offsets, fp32/bf16/fp16, rows gathered by index), gmm_k (overwrite, accumulate, TMA store), the
+gated activations, rotary,
 rms_norm (interpreter and GPU tile shapes, mixed x/weight/output dtypes), permute and unpermute (dropless, padded,
 capacity) with their backward, and the fused dispatch/combine kernels (the CPU tests of
 tests/test_fused_dispatch.py, symmetric-memory emulation included).
@@ -25,6 +26,8 @@ import importlib, torch, moetron
 from moetron.ops import gated_act, permute, unpermute
 gm = importlib.import_module("moetron.ops.gmm")
 rn = importlib.import_module("moetron.ops.rmsnorm")
+pm = importlib.import_module("moetron.ops.permute")
+re = importlib.import_module("moetron.ops.routed_experts")
 from moetron.ops.rotary import apply_rotary
 torch.manual_seed(0)
 sizes = torch.tensor([40, 0, 16, 33, 1])
@@ -47,6 +50,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         if tma:  # the persistent wgrad kernel (opt-in), plain and flattened
             gm._CONFIG_OVERRIDES["wgrad"].update(persistent=True, flatten=store)
             moetron.gmm_k(torch.randn(M, 32, dtype=dtype), torch.randn(M, 48, dtype=dtype), sizes)
+        # the first expert GEMM gathering its rows (inference), with padding rows
+        lay = pm._route(torch.randint(0, 4, (9, 2)), 4, None, 8, None, "probs", pm.permuted_rows(9, 2, 4, pad_to=8))
+        re.routed_gated_experts(torch.randn(9, 32, dtype=dtype), torch.rand(9, 2), torch.randn(4, 48, 32, dtype=dtype),
+                                torch.randn(4, 32, 24, dtype=dtype), lay.src_slot, lay.row_map_R.view(9, 2),
+                                lay.offsets)
     h = torch.randn(7, 48, dtype=dtype, requires_grad=True)
     for act in ("swiglu", "geglu"):
         gated_act(h, act).sum().backward()

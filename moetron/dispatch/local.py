@@ -7,9 +7,21 @@ from __future__ import annotations
 
 import torch
 
+from typing import NamedTuple
+
 from .._env import use_triton
-from ..ops.permute import _permute, permute, permuted_rows, unpermute
+from ..ops.permute import _permute, _route, permute, permuted_rows, unpermute
 from . import Dispatched, TokenDispatcher
+
+
+class Layout(NamedTuple):
+    """Where each routed slot goes in the expert-major buffer, without moving any row (``LocalDispatcher.layout``)."""
+
+    src_slot: torch.Tensor  # [R_out] int64: slot t·K+k of each row, -1 for padding / unused rows
+    row_map: torch.Tensor  # [T, K] int32: row of each slot, -1 if dropped
+    offsets: torch.Tensor  # [E] int32 cumulative row ends per expert
+    tokens_per_expert: torch.Tensor  # [E] int64 kept slots per expert
+    num_dropped: torch.Tensor  # 0-d int64 slots dropped over capacity
 
 
 def _rank_probs(config, probs_TK, capacity):
@@ -70,6 +82,22 @@ class LocalDispatcher(TokenDispatcher):
             return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, None),
                               perm.probs_permuted)
         return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, probs_TK))
+
+    def layout(self, x_TH, probs_TK, ids_TK) -> Layout:
+        """The layout ``dispatch`` would build, without the permuted copy of x: for experts that gather their
+        rows themselves (``ops.routed_experts``). Same drops, same order, same offsets."""
+        c = self.config
+        T, K = ids_TK.shape
+        E = c.num_experts
+        capacity = c.capacity(T)
+        if capacity is None or c.pad_to_capacity:
+            rows = permuted_rows(T, K, E, pad_to=c.pad_to, capacity=capacity)
+            r = _route(ids_TK, E, _rank_probs(c, probs_TK, capacity), c.pad_to, capacity, c.drop_policy, rows)
+            num_dropped = r.num_dropped
+        else:  # packed capacity: the kept slots first, then only those laid out (as dispatch does)
+            kept_ids, _, num_dropped = source_drops(c, x_TH, probs_TK, ids_TK, capacity)
+            r = _route(kept_ids, E, None, c.pad_to, None, c.drop_policy, permuted_rows(T, K, E, pad_to=c.pad_to))
+        return Layout(r.src_slot, r.row_map_R.view(T, K), r.offsets, r.tokens_per_expert, num_dropped)
 
     def combine(self, h, handle):
         row_map, probs_TK = handle

@@ -12,6 +12,7 @@ has the registry; nothing happens otherwise), with the signature transformers ca
         ids_TK   = top_k_index, with every id outside [0, E) replaced by E       (EP sentinels: "no expert")
         p        = permute(x, ids_TK, E + 1)          expert-major rows; sentinel slots land in group E, the tail
         h        = gmm(p.x, w1, offsets[:E])          rows of group E (past offsets[E-1]) come out zero
+                                                      (inference: one GEMM gathering x's rows, no permuted copy)
         h        = gate(h)                            SwiGLU / the model's own _apply_gate / act_fn
         y_R      = gmm(h, down_proj, offsets[:E])     (+ post_expert_norm)
         out      = unpermute(y_R, row_map, weights)   fp32 sum over k; sentinel slots read zero rows
@@ -49,7 +50,8 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES
 from ..ops.gmm import gmm
-from ..ops.permute import permute, unpermute
+from ..ops.permute import _route, permute, unpermute
+from ..ops.routed_experts import folds, gathered_gemm
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch",
            "MoetronExperts", "MoetronRouter"]
@@ -220,16 +222,23 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     probs = top_k_weights if top_k_weights.dtype in FLOAT_DTYPES else top_k_weights.float()
     probs = torch.where(valid, probs, 0)
 
-    p = permute(x, ids, E + 1)
-    offsets = p.offsets[:E]  # group E (the sentinels) lies past the last group: zeros out, zeros back
-    h = gmm(p.x_permuted, w1, offsets=offsets, trans_w=trans_w, bias=_bias_in(b1, dtype))
+    if folds(x, w1, probs, w2, b1, b2):
+        # inference: the first GEMM reads each row's token of x itself, same layout as permute's, no copy
+        K = ids.shape[1]
+        layout = _route(ids, E + 1, None, 1, None, "probs", T * K)
+        offsets, row_map = layout.offsets[:E], layout.row_map_R.view(T, K)
+        h = gathered_gemm(x, w1, layout.src_slot, K, offsets, trans_w, _bias_in(b1, dtype))
+    else:
+        p = permute(x, ids, E + 1)
+        offsets, row_map = p.offsets[:E], p.row_map  # group E (the sentinels) lies past the last group
+        h = gmm(p.x_permuted, w1, offsets=offsets, trans_w=trans_w, bias=_bias_in(b1, dtype))
     h = _apply_gate(experts, h)
     if h.dtype != dtype:
         h = h.to(dtype)
     y = gmm(h.contiguous(), w2, offsets=offsets, trans_w=trans_w, bias=_bias_in(b2, dtype))
     if getattr(experts, "has_post_expert_norm", False):
         y = experts.post_expert_norm(y).to(dtype).contiguous()
-    out = unpermute(y, p.row_map, probs)
+    out = unpermute(y, row_map, probs)
     return out.to(hidden_states.dtype)
 
 

@@ -176,14 +176,25 @@ def _tile_coords(tile, total_m_tiles, num_n, starts, ends, first_tiles, tiles,
 
 
 @triton.jit
+def _gather_rows(gather_ptr, rows, row_ok, num_src_rows):
+    """Source rows of a gathered operand: row i reads row gather[i] of a [num_src_rows, ...] tensor. A negative
+    index (a padding row) or rows outside the caller's mask read nothing; indices past the source are clamped
+    so a corrupt index can never read out of bounds. Returns (int64 source rows, the mask of rows to load)."""
+    src = tl.load(gather_ptr + rows, mask=row_ok, other=-1)
+    ok = row_ok & (src >= 0)
+    return tl.minimum(tl.maximum(src, 0), num_src_rows - 1).to(tl.int64), ok
+
+
+@triton.jit
 def _gmm_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr,
-    M, N, K, G, num_programs,
+    x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr, gather_ptr,
+    M, N, K, G, num_programs, num_src_rows,
     stride_xm, stride_xk,
     stride_wg, stride_wk, stride_wn,
     stride_bg, stride_bn,
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -191,7 +202,8 @@ def _gmm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Persistent m-grouped GEMM. Tile t covers BM rows of one group and BN columns; rows outside the group
-    are loaded (or masked) but never stored, so each group boundary costs at most one partial tile."""
+    are loaded (or masked) but never stored, so each group boundary costs at most one partial tile.
+    GATHER: row i of the GEMM reads x[gather[i]] (see _gather_rows)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, BM, BLOCK_G)
@@ -208,11 +220,16 @@ def _gmm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if g < G:  # the tail group G has no weight: its rows stay zero
             ks = tl.arange(0, BK)
-            x_ptrs = x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk
+            load_ok = row_ok
+            if GATHER:  # padding rows (index -1) load zeros but are still stored (as zeros)
+                src_rows, load_ok = _gather_rows(gather_ptr, rows, row_ok, num_src_rows)
+            else:
+                src_rows = rows64
+            x_ptrs = x_ptr + src_rows[:, None] * stride_xm + ks[None, :] * stride_xk
             w_ptrs = w_ptr + g.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn
             for k0 in range(0, K, BK):
                 k_ok = (k0 + ks) < K
-                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                a = tl.load(x_ptrs, mask=load_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 if BF16_FIXUPS:
                     a, b = a.to(tl.float32), b.to(tl.float32)
@@ -228,12 +245,13 @@ def _gmm_kernel(
 
 @triton.jit
 def _gmm_tma_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr,
-    M, N, K, G, num_programs,
+    x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr, gather_ptr,
+    M, N, K, G, num_programs, num_src_rows,
     stride_xm, stride_wg, stride_w1,
     stride_bg, stride_bn,
     stride_om,
     HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr,
     TRANS_W: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     FLATTEN: tl.constexpr,
@@ -253,8 +271,13 @@ def _gmm_tma_kernel(
     the next tile's loads; WARP_SPECIALIZE puts the loads and the MMAs in separate warp groups.
 
     The descriptors are built here on the device rather than passed from the host: a host descriptor costs
-    ~40 us of Python per launch (benchmarks/NOTES.md), more than a small grouped GEMM takes on the GPU."""
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
+    ~40 us of Python per launch (benchmarks/NOTES.md), more than a small grouped GEMM takes on the GPU.
+
+    GATHER: row i reads x[gather[i]] (the permute folded into the GEMM). Hopper's TMA has no row gather, so x
+    then takes pointer loads (pipelined as async copies) while w keeps its descriptor: at the Qwen3-30B
+    forward shape that ran within 0-10% of the TMA load of a permuted copy (benchmarks/NOTES.md)."""
+    if not GATHER:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
     if TRANS_W:  # w is [G, N, K]
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, N, K], strides=[stride_wg, stride_w1, 1],
                                            block_shape=[1, BN, BK])
@@ -274,8 +297,16 @@ def _gmm_tma_kernel(
                                                 BM, GROUP_M, BLOCK_G)
         k_end = tl.where(g < G, K, 0)  # the tail entry has no weight: its rows stay zero
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if GATHER:
+            ks = tl.arange(0, BK)
+            gather_rows = row0 + tl.arange(0, BM)
+            src_rows, src_ok = _gather_rows(gather_ptr, gather_rows, gather_rows < row_end, num_src_rows)
+            x_ptrs = x_ptr + src_rows[:, None] * stride_xm + ks[None, :]
         for k0 in range(0, k_end, BK):
-            a = x_desc.load([row0, k0])
+            if GATHER:
+                a = tl.load(x_ptrs + k0, mask=src_ok[:, None] & ((k0 + ks) < K)[None, :], other=0.0)
+            else:
+                a = x_desc.load([row0, k0])
             if TRANS_W:
                 b = tl.trans(w_desc.load([g, n_tile * BN, k0]).reshape(BN, BK))
             else:
@@ -557,16 +588,18 @@ def _tf32_wants_k_major(x: torch.Tensor, num_groups: int) -> bool:
             and _input_precision(x.dtype) == "tf32" and _capability(x.device.index or 0)[0] >= 9)
 
 
-def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
-    if not trans_w and _tf32_wants_k_major(x, groups.num_groups):
+def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
+    """out = the m-grouped GEMM of x (of x[gather] when gather [M] is given) with w, on the GPU or the
+    interpreter."""
+    if not trans_w and _tf32_wants_k_major(out, groups.num_groups):
         w = w.transpose(1, 2).contiguous()  # one pass over w: [G, N, K], read with trans_w
         trans_w = True
-    tensors = (x, w, bias if bias is not None else out, out, groups.sizes)
-    plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends))
+    tensors = (x, w, bias if bias is not None else out, out, groups.sizes, gather if gather is not None else out)
+    plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends, gather is None))
     if plan_key is not None and _FWD_PLANS.run(plan_key, tensors):
         return out
-    M, K = x.shape
-    N = out.shape[1]
+    M, N = out.shape
+    K = x.shape[1]
     G = groups.num_groups
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w)
     num_n = cdiv(N, cfg["BN"])
@@ -575,6 +608,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     programs = max(1, min(programs, max_tiles))
     constexprs = dict(
         HAS_BIAS=bias is not None,
+        GATHER=gather is not None,
         **groups.kernel_args(),
         INPUT_PRECISION=_input_precision(x.dtype),
         BF16_FIXUPS=interpreter_bf16_fixups(x),
@@ -583,19 +617,20 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     bias_arg = bias if bias is not None else out
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    gather_arg = gather if gather is not None else groups.sizes  # never read without GATHER
     if cfg.get("tma", True) and _tma_eligible(x, w):
         tma_store = cfg.get("tma_store", False) and _tma_eligible(out)
         launcher = _launch_gmm_tma
-        args = (x, w, bias_arg, out, groups.sizes, M, N, K, G, programs, x.stride(0), w.stride(0), w.stride(1),
-                *bias_strides, out.stride(0))
+        args = (x, w, bias_arg, out, groups.sizes, gather_arg, M, N, K, G, programs, x.shape[0], x.stride(0),
+                w.stride(0), w.stride(1), *bias_strides, out.stride(0))
         constexprs.update(TRANS_W=trans_w, WARP_SPECIALIZE=cfg.get("warp_specialize", False),
                           FLATTEN=cfg.get("flatten", False), TMA_STORE=tma_store)
     else:
         # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
         stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
         launcher = _launch_gmm_pointer
-        args = (x, w, bias_arg, out, groups.sizes, M, N, K, G, programs, x.stride(0), x.stride(1),
-                w.stride(0), stride_wk, stride_wn, *bias_strides, out.stride(0), out.stride(1))
+        args = (x, w, bias_arg, out, groups.sizes, gather_arg, M, N, K, G, programs, x.shape[0], x.stride(0),
+                x.stride(1), w.stride(0), stride_wk, stride_wn, *bias_strides, out.stride(0), out.stride(1))
     launcher((programs,), args, constexprs, **options)
     if plan_key is not None:
         _FWD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options)
@@ -668,15 +703,24 @@ def _torch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     return out
 
 
-def _run_gmm(x, w, bias, groups, out, trans_w):
+def _gathered(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """x[gather] with zero rows where gather < 0 (the torch path of a gathered operand)."""
+    keep = gather >= 0
+    if x.shape[0] == 0:
+        return x.new_zeros(gather.shape[0], x.shape[1])
+    return torch.where(keep[:, None], x.index_select(0, torch.where(keep, gather, 0).long()), 0)
+
+
+def _run_gmm(x, w, bias, groups, out, trans_w, gather=None):
+    """out = gmm(x, w); with gather [M], row i reads x[gather[i]] (zeros where gather[i] < 0)."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
-    if x.shape[1] == 0:  # empty reduction: bias only, tail rows zero
-        return _torch_gmm(x, w, bias, groups, out, trans_w)
-    if _env.use_triton(x):
-        return _launch_gmm(x, w, bias, groups, out, trans_w)
-    return _torch_gmm(x, w, bias, groups, out, trans_w)
+    if x.shape[0] != 0 and x.shape[1] != 0 and _env.use_triton(x):
+        return _launch_gmm(x, w, bias, groups, out, trans_w, gather)
+    if gather is not None:
+        x = _gathered(x, gather)
+    return _torch_gmm(x, w, bias, groups, out, trans_w)  # also the empty reduction: bias only, tail rows zero
 
 
 def _run_gmm_k(a, b, groups, out, accumulate):

@@ -1,0 +1,97 @@
+"""Inference path of the routed gated experts: the permutation folded into the first grouped GEMM.
+
+Legend: T tokens, H hidden, F expert ffn, E experts, K top-k, R rows of the expert-major layout (``permute``'s
+R_out, padding and zero tail included).
+
+    routed_gated_experts(x [T, H], probs [T, K], w1 [E, 2F, H], w2 [E, H, F], layout) -> y [T, H]
+        y[t] = sum_k probs[t, k] · w2[e] act(w1[e] x[t])      e = expert of slot (t, k), kept slots only
+
+It computes what ``permute`` → ``GroupedExperts`` (routing weights applied in the experts) → unweighted
+``unpermute`` computes, on the same layout, but the first GEMM gathers its rows of x itself, so the [R, H]
+permuted copy of x is never written:
+
+    h = gmm(x[row_token], w1)      a = gated_act(h, row_probs)      y_R = gmm(a, w2)      y = unpermute(y_R)
+
+``row_token[r]`` is the token of row r (``src_slot // K``), -1 for padding and tail rows, which read zeros. At
+Qwen3-30B shapes (T=8192, K=8, H=2048, bf16) the copy is 268 MB and its kernel takes 0.16 ms; on the H100 the
+layer's inference forward went 1.72 -> 1.66 ms at T=8192 and 6.19 -> 5.67 ms at T=32768, with 0.2-0.9 GB less
+peak memory (benchmarks/NOTES.md). Gathering costs the large-expert GEMMs more than the copy they skip (Mixtral
+9.1 -> 9.4 ms), so only experts with a small per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``).
+``gathered_gemm`` is the folded first GEMM alone (the transformers backend uses it with its own gates).
+
+Inference only: a training step needs the gathered rows again for a weight gradient, and there the GEMM that
+gathered its own rows ran 25-55% slower than on a copy, while copying in backward what the forward skipped left
+the step unchanged (measured, benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._env import fold_permute_enabled, use_triton
+from .gated_act import _forward as _gated_forward
+from .gmm import _Groups, _run_gmm
+from .permute import _run_unpermute
+
+# Fold only below this many elements per expert in the first projection: on the H100 the fold sped up Qwen3-30B
+# and OLMoE (3-4M) and slowed Mixtral (117M).
+FOLD_MAX_WEIGHT = 1 << 23
+
+
+def folds(x: torch.Tensor, w1: torch.Tensor, *others) -> bool:
+    """Whether an experts forward on x with first projection w1 [E, ., .] takes the folded path: nothing to
+    record for autograd (x, w1 and ``others``, None allowed), Triton kernels for x, a small per-expert weight,
+    and ``MOETRON_FOLD_PERMUTE`` not 0."""
+    tensors = (x, w1) + others
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return w1[0].numel() < FOLD_MAX_WEIGHT and use_triton(x) and fold_permute_enabled()
+
+
+@torch.no_grad()
+def gathered_gemm(x: torch.Tensor, w: torch.Tensor, src_slot: torch.Tensor, K: int, offsets: torch.Tensor,
+                  trans_w: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``[R, N]`` = ``gmm(x_permuted, w, offsets=offsets, trans_w=trans_w, bias=bias)`` for the layout of
+    ``src_slot [R]`` (slot t·K+k of each row, -1 for a zero row), reading each row's token of ``x [T, H]``
+    directly instead of a permuted copy. No autograd."""
+    valid = src_slot >= 0
+    row_token = torch.where(valid, src_slot // K, -1).to(torch.int32)
+    R = src_slot.shape[0]
+    out = torch.empty(R, w.shape[1] if trans_w else w.shape[2], dtype=x.dtype, device=x.device)
+    return _run_gmm(x.contiguous(), w, bias, _Groups(offsets, True, R), out, trans_w, gather=row_token)
+
+
+@torch.no_grad()
+def routed_gated_experts(x: torch.Tensor, probs: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
+                         src_slot: torch.Tensor, row_map: torch.Tensor, offsets: torch.Tensor,
+                         activation: str = "swiglu") -> torch.Tensor:
+    """The routed experts of an MoE layer from unpermuted tokens to combined outputs, without autograd.
+
+    Args:
+        x: ``[T, H]`` fp16/bf16/fp32 tokens in the weights' dtype.
+        probs: ``[T, K]`` routing weights (any float dtype; applied in fp32), or None for weight 1.
+        w1: ``[E, 2F, H]`` gate-then-up projection (Hugging Face v5 ``gate_up_proj``), contiguous.
+        w2: ``[E, H, F]`` down projection, contiguous.
+        src_slot, row_map, offsets: the layout of ``permute``'s routing (``LocalDispatcher.layout``): ``[R]``
+            int64 slot t·K+k of each row (-1: a zero row), ``[T, K]`` row of each slot (-1: dropped), ``[E]``
+            int32 cumulative row ends.
+        activation: "swiglu" or "geglu".
+
+    Returns ``[T, H]`` in x's dtype. Callers check that the Triton kernels run for x (``use_triton``), that the
+    experts have no biases, and that no gradient is needed; the layer has validated the shapes."""
+    T, K = row_map.shape
+    R = src_slot.shape[0]
+    row_probs = None
+    if probs is not None:
+        valid = src_slot >= 0
+        picked = probs.reshape(T * K).float()[torch.where(valid, src_slot, 0)] if probs.numel() else \
+            torch.zeros(R, dtype=torch.float32, device=x.device)
+        row_probs = torch.where(valid, picked, 0.0)
+    h = gathered_gemm(x, w1, src_slot, K, offsets)
+    a = _gated_forward(h, row_probs, activation)
+    del h
+    y_R = torch.empty(R, w2.shape[1], dtype=x.dtype, device=x.device)
+    _run_gmm(a, w2, None, _Groups(offsets, True, R), y_R, True)
+    y = torch.empty(T, w2.shape[1], dtype=x.dtype, device=x.device)
+    _run_unpermute(y_R, row_map.reshape(T * K), None, K, y)
+    return y
