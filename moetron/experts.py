@@ -36,6 +36,7 @@ from torch import nn
 
 from ._checks import check_tensor
 from .ops.gated_act import gated_act
+from .ops.gated_gmm import gated_gmm
 from .ops.gmm import gmm
 from .ops.routed_experts import folds, routed_gated_experts
 
@@ -185,10 +186,14 @@ class GroupedExperts(_ExpertWeights):
         if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
             w1, w2 = w1.to(dtype), w2.to(dtype)
         x = x.to(dtype).contiguous()
-        h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
-        if self.activation in GATED_ACTIVATIONS:  # one fused kernel each way (moetron/ops/gated_act.py)
+        if self.activation in GATED_ACTIVATIONS and b1 is None:
+            # the activation in the first GEMM's epilogue on Hopper (moetron/ops/gated_gmm.py)
+            h = gated_gmm(x, w1, offsets, self.activation, None if row_scale is None else row_scale.contiguous())
+        elif self.activation in GATED_ACTIVATIONS:  # one fused kernel each way (moetron/ops/gated_act.py)
+            h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
             h = gated_act(h, self.activation, row_scale=row_scale)
         else:
+            h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
             h = _scale_rows(apply_activation(h, self.activation), row_scale)
         return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True, bias=_bias_for(b2, dtype))
 

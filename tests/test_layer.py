@@ -46,9 +46,11 @@ def poisoned_alloc(monkeypatch):
     so a buffer row that a kernel forgets to write cannot pass for a zero."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
+    wild = {torch.bool: True, torch.int8: -77, torch.uint8: 200}  # values each dtype can hold
+
     def poison(t):
         if t.numel():
-            t.fill_(float("nan") if t.is_floating_point() else (True if t.dtype == torch.bool else -777))
+            t.fill_(float("nan") if t.is_floating_point() else wild.get(t.dtype, -777))
         return t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))

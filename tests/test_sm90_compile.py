@@ -28,6 +28,7 @@ gm = importlib.import_module("moetron.ops.gmm")
 rn = importlib.import_module("moetron.ops.rmsnorm")
 pm = importlib.import_module("moetron.ops.permute")
 re = importlib.import_module("moetron.ops.routed_experts")
+gg = importlib.import_module("moetron.ops.gated_gmm")
 from moetron.ops.rotary import apply_rotary
 torch.manual_seed(0)
 sizes = torch.tensor([40, 0, 16, 33, 1])
@@ -50,6 +51,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         if tma:  # the persistent wgrad kernel (opt-in), plain and flattened
             gm._CONFIG_OVERRIDES["wgrad"].update(persistent=True, flatten=store)
             moetron.gmm_k(torch.randn(M, 32, dtype=dtype), torch.randn(M, 48, dtype=dtype), sizes)
+        if tma and dtype != torch.float32:  # the first expert GEMM with its activation in the epilogue
+            xg = torch.randn(M, 32, dtype=dtype, requires_grad=True)
+            wg = torch.randn(5, 48, 32, dtype=dtype, requires_grad=True)
+            gg.gated_gmm(xg, wg, sizes.cumsum(0), "swiglu", torch.rand(M)).float().sum().backward()
         # the first expert GEMM gathering its rows (inference), with padding rows
         lay = pm._route(torch.randint(0, 4, (9, 2)), 4, None, 8, None, "probs", pm.permuted_rows(9, 2, 4, pad_to=8))
         re.routed_gated_experts(torch.randn(9, 32, dtype=dtype), torch.rand(9, 2), torch.randn(4, 48, 32, dtype=dtype),
@@ -136,7 +141,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     names = {json.loads(line)["name"] for p in record.iterdir() for line in p.read_text().splitlines()}
-    expected = {"_gmm_kernel", "_gmm_tma_kernel", "_gmm_k_kernel", "_gmm_k_tma_kernel",
+    expected = {"_gmm_kernel", "_gmm_tma_kernel", "_gmm_gated_tma_kernel", "_gmm_k_kernel", "_gmm_k_tma_kernel",
                 "_gmm_k_tma_persistent_kernel", "_gated_fwd_kernel", "_rotary_kernel",
                 "_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel",
                 "_gated_bwd_kernel", "_expert_count_kernel", "_chunk_prefix_kernel", "_place_kernel",

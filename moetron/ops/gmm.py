@@ -26,6 +26,7 @@ import triton.language as tl
 from .. import _env
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, num_sms, to_output_dtype
 from ._launch import CachedLauncher, LaunchPlans
+from .gated_act import _gate_and_slope
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
                        check_tensor)
 
@@ -330,6 +331,78 @@ def _gmm_tma_kernel(
 
 
 @triton.jit
+def _gmm_gated_tma_kernel(
+    x_ptr, w_ptr, scale_ptr, a_ptr, h_ptr, sizes_ptr, gather_ptr,
+    M, F_, K, G, num_programs, num_src_rows,
+    stride_xm, stride_wg, stride_w1, stride_am, stride_hm,
+    GELU: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    STORE_H: tl.constexpr,
+    GATHER: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    SIZES_ARE_ENDS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BF16_FIXUPS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The first expert GEMM with its gated activation in the epilogue: for w [G, 2F, K] (gate rows [0, F), up
+    rows [F, 2F), the trans_w layout) a tile of BN columns of a [M, F] accumulates x @ gate^T and x @ up^T side
+    by side (two [BM, BN] accumulators, the MMA work of one BN=2·BN tile), then stores a = act(gate)·up (·scale
+    per row), and with STORE_H also h = [gate | up] for a backward. h [M, 2F] is otherwise never written: that
+    is the point (the separate activation kernel reads it back and writes a). The activation sees gate and up
+    rounded to h's dtype first, so a is bit for bit what gmm followed by gated_act gives. Schedule, group
+    edges, the zero tail and GATHER as in _gmm_tma_kernel; only pointer stores."""
+    if not GATHER:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, 2 * F_, K], strides=[stride_wg, stride_w1, 1],
+                                       block_shape=[1, BN, BK])
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(F_, BN)
+    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, BM, BLOCK_G)
+    total_m_tiles = tl.sum(tiles)
+    total_tiles = total_m_tiles * num_n
+    for tile in tl.range(pid, total_tiles, num_programs, flatten=FLATTEN):
+        g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, starts, ends, first_tiles, tiles,
+                                                BM, GROUP_M, BLOCK_G)
+        k_end = tl.where(g < G, K, 0)  # the tail entry has no weight: its rows stay zero
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        if GATHER:
+            ks = tl.arange(0, BK)
+            gather_rows = row0 + tl.arange(0, BM)
+            src_rows, src_ok = _gather_rows(gather_ptr, gather_rows, gather_rows < row_end, num_src_rows)
+            x_ptrs = x_ptr + src_rows[:, None] * stride_xm + ks[None, :]
+        for k0 in range(0, k_end, BK):
+            if GATHER:
+                a = tl.load(x_ptrs + k0, mask=src_ok[:, None] & ((k0 + ks) < K)[None, :], other=0.0)
+            else:
+                a = x_desc.load([row0, k0])
+            # gate columns past F read up rows (and up columns past 2F read zeros): never stored
+            b_gate = tl.trans(w_desc.load([g, n_tile * BN, k0]).reshape(BN, BK))
+            b_up = tl.trans(w_desc.load([g, F_ + n_tile * BN, k0]).reshape(BN, BK))
+            if BF16_FIXUPS:
+                a, b_gate, b_up = a.to(tl.float32), b_gate.to(tl.float32), b_up.to(tl.float32)
+            acc_g = tl.dot(a, b_gate, acc_g)
+            acc_u = tl.dot(a, b_up, acc_u)
+        rows = row0 + tl.arange(0, BM)
+        cols = n_tile * BN + tl.arange(0, BN)
+        ok = (rows < row_end)[:, None] & (cols < F_)[None, :]
+        rows64 = rows.to(tl.int64)
+        gate = to_output_dtype(acc_g, h_ptr, BF16_FIXUPS)
+        up = to_output_dtype(acc_u, h_ptr, BF16_FIXUPS)
+        if STORE_H:
+            h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+            tl.store(h_ptrs, gate, mask=ok)
+            tl.store(h_ptrs + F_, up, mask=ok)
+        act, _ = _gate_and_slope(gate.to(tl.float32), GELU)
+        out = act * up.to(tl.float32)
+        if HAS_SCALE:
+            out = out * tl.load(scale_ptr + rows, mask=rows < row_end, other=0.0).to(tl.float32)[:, None]
+        tl.store(a_ptr + rows64[:, None] * stride_am + cols[None, :], to_output_dtype(out, a_ptr, BF16_FIXUPS),
+                 mask=ok)
+
+
+@triton.jit
 def _wgrad_tile(pid, KA, NB, BK: tl.constexpr, BN: tl.constexpr, GROUP_K: tl.constexpr):
     """Program -> (group, k-tile, n-tile) of the k-grouped output. Within a group, bands of GROUP_K k-tiles
     sweep N together, so the programs in flight share a few panels of both operands in L2; a plain n-fastest
@@ -530,6 +603,7 @@ class _Groups:
 
 _launch_gmm_pointer = CachedLauncher(_gmm_kernel)
 _launch_gmm_tma = CachedLauncher(_gmm_tma_kernel, device_scratch=True)
+_launch_gmm_gated = CachedLauncher(_gmm_gated_tma_kernel, device_scratch=True)
 _launch_gmm_k_pointer = CachedLauncher(_gmm_k_kernel)
 _launch_gmm_k_tma = CachedLauncher(_gmm_k_tma_kernel, device_scratch=True)
 _launch_gmm_k_tma_persistent = CachedLauncher(_gmm_k_tma_persistent_kernel, device_scratch=True)
@@ -594,7 +668,8 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
     if not trans_w and _tf32_wants_k_major(out, groups.num_groups):
         w = w.transpose(1, 2).contiguous()  # one pass over w: [G, N, K], read with trans_w
         trans_w = True
-    tensors = (x, w, bias if bias is not None else out, out, groups.sizes, gather if gather is not None else out)
+    tensors = (x, w, bias if bias is not None else out, out, groups.sizes,
+               gather if gather is not None else groups.sizes)
     plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends, gather is None))
     if plan_key is not None and _FWD_PLANS.run(plan_key, tensors):
         return out
@@ -635,6 +710,60 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
     if plan_key is not None:
         _FWD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options)
     return out
+
+
+def _gmm_gated_config(on_cpu: bool) -> dict:
+    # two [128, 128] accumulators: the MMA work and shared memory of the forward's 128x256x64 tile
+    if on_cpu:
+        return dict(_INTERPRETER_CONFIG, flatten=False)
+    return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4, flatten=True)
+
+
+_GATED_PLANS = LaunchPlans()
+
+# Benchmarks switch the fused activation off here, to time it against gmm followed by gated_act.
+GATED_EPILOGUE = True
+
+
+def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str,
+              row_scale: torch.Tensor | None = None, gather: torch.Tensor | None = None, store_h: bool = False):
+    """The first expert GEMM and its gated activation in one kernel (``_gmm_gated_tma_kernel``), no autograd:
+    ``a = act(h[:, :F]) * h[:, F:] (* row_scale)`` for ``h = gmm(x (or x[gather]), w, trans_w=True)`` with
+    ``w [G, 2F, K]``. Returns ``(a [M, F], h [M, 2F] if store_h else None)``, bit for bit what ``gmm`` then
+    ``gated_act`` give; or None where the kernel does not apply (not Hopper/TMA, fp32, misaligned operands,
+    per-expert weights of 8M elements or more, where the plain forward's large-weight tiles ran faster: Mixtral
+    inference 9.3 vs 10.2 ms), and the caller runs the two steps. M is ``groups.num_rows``."""
+    if (not GATED_EPILOGUE or activation not in ("swiglu", "geglu") or x.dtype not in (torch.bfloat16, torch.float16)
+            or w[0].numel() >= _LARGE_OUTPUT
+            or not _env.use_triton(x) or x.shape[0] == 0 or x.shape[1] == 0 or w.shape[1] % 2
+            or not _tma_eligible(w) or (gather is None and not _tma_eligible(x))):
+        return None
+    M, F_, K = groups.num_rows, w.shape[1] // 2, x.shape[1]
+    a = torch.empty(M, F_, dtype=x.dtype, device=x.device)
+    h = torch.empty(M, 2 * F_, dtype=x.dtype, device=x.device) if store_h else None
+    if M == 0 or F_ == 0:
+        return a, h
+    # the tensors in the order the kernel takes them (placeholders for absent ones are never read)
+    tensors = (x, w, row_scale if row_scale is not None else a, a, h if h is not None else a, groups.sizes,
+               gather if gather is not None else groups.sizes)
+    plan_key = _plan_key(tensors, (activation, groups.are_ends, gather is None, row_scale is None, store_h))
+    if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
+        return a, h
+    cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(on_cpu=not x.is_cuda)
+    G = groups.num_groups
+    max_tiles = (cdiv(M, cfg["BM"]) + G) * cdiv(F_, cfg["BN"])
+    programs = max(1, min(num_sms(x.device.index or 0) if x.is_cuda else 4, max_tiles))
+    args = (*tensors, M, F_, K, G, programs, x.shape[0], x.stride(0), w.stride(0), w.stride(1), a.stride(0),
+            h.stride(0) if h is not None else 0)
+    constexprs = dict(GELU=activation == "geglu", HAS_SCALE=row_scale is not None, STORE_H=store_h,
+                      GATHER=gather is not None, FLATTEN=cfg.get("flatten", False), **groups.kernel_args(),
+                      BF16_FIXUPS=interpreter_bf16_fixups(x), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+                      GROUP_M=cfg["GROUP_M"])
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _launch_gmm_gated((programs,), args, constexprs, **options)
+    if plan_key is not None:
+        _GATED_PLANS.add(plan_key, _launch_gmm_gated, (programs,), args, constexprs, options)
+    return a, h
 
 
 def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
@@ -740,6 +869,26 @@ def _run_gmm_k(a, b, groups, out, accumulate):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _matmul_grads(dy, x, w, groups: _Groups, trans_w: bool, main_grad, need_dx: bool, need_dw: bool):
+    """(dx, dw) of out = gmm(x, w): dx a grouped GEMM with w transposed, dw a k-grouped GEMM, added into an fp32
+    ``main_grad`` instead when one is given (dw is then None). dy is contiguous."""
+    dx = dw = None
+    if need_dx:
+        dx = torch.empty_like(x)
+        _run_gmm(dy, w, None, groups, dx, not trans_w)
+    if need_dw:
+        # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
+        a, b = (dy, x) if trans_w else (x, dy)
+        if main_grad is not None:
+            _run_gmm_k(a, b, groups, main_grad, accumulate=True)
+            if hasattr(w, "grad_added_to_main_grad"):
+                w.grad_added_to_main_grad = True
+        else:
+            dw = torch.empty_like(w)
+            _run_gmm_k(a, b, groups, dw, accumulate=False)
+    return dx, dw
+
+
 class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad):
@@ -756,20 +905,8 @@ class _GroupedMatmul(torch.autograd.Function):
         x, w = ctx.saved_tensors
         groups, trans_w = ctx.groups, ctx.trans_w
         dy = dy.contiguous()
-        dx = dw = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            _run_gmm(dy, w, None, groups, dx, not trans_w)
-        if ctx.needs_input_grad[1]:
-            # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
-            a, b = (dy, x) if trans_w else (x, dy)
-            if ctx.main_grad is not None:
-                _run_gmm_k(a, b, groups, ctx.main_grad, accumulate=True)
-                if hasattr(w, "grad_added_to_main_grad"):
-                    w.grad_added_to_main_grad = True
-            else:
-                dw = torch.empty_like(w)
-                _run_gmm_k(a, b, groups, dw, accumulate=False)
+        dx, dw = _matmul_grads(dy, x, w, groups, trans_w, ctx.main_grad, *ctx.needs_input_grad[:2])
+        dbias = None
         if ctx.needs_input_grad[2]:
             ones = torch.ones(1, 1, dtype=dy.dtype, device=dy.device).expand(dy.shape[0], 1)
             dbias = torch.empty(groups.num_groups, 1, dy.shape[1], dtype=ctx.bias_dtype, device=dy.device)

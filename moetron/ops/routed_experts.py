@@ -30,7 +30,7 @@ import torch
 
 from .._env import fold_permute_enabled, use_triton
 from .gated_act import _forward as _gated_forward
-from .gmm import _Groups, _run_gmm
+from .gmm import _Groups, _run_gmm, gmm_gated
 from .permute import _run_unpermute
 
 # Fold only below this many elements per expert in the first projection: on the H100 the fold sped up Qwen3-30B
@@ -48,15 +48,19 @@ def folds(x: torch.Tensor, w1: torch.Tensor, *others) -> bool:
     return w1[0].numel() < FOLD_MAX_WEIGHT and use_triton(x) and fold_permute_enabled()
 
 
+def _row_tokens(src_slot: torch.Tensor, K: int) -> torch.Tensor:
+    """[R] int32 token of each row (src_slot // K), -1 for rows no slot fills."""
+    return torch.where(src_slot >= 0, src_slot // K, -1).to(torch.int32)
+
+
 @torch.no_grad()
 def gathered_gemm(x: torch.Tensor, w: torch.Tensor, src_slot: torch.Tensor, K: int, offsets: torch.Tensor,
                   trans_w: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``[R, N]`` = ``gmm(x_permuted, w, offsets=offsets, trans_w=trans_w, bias=bias)`` for the layout of
     ``src_slot [R]`` (slot t·K+k of each row, -1 for a zero row), reading each row's token of ``x [T, H]``
     directly instead of a permuted copy. No autograd."""
-    valid = src_slot >= 0
-    row_token = torch.where(valid, src_slot // K, -1).to(torch.int32)
     R = src_slot.shape[0]
+    row_token = _row_tokens(src_slot, K)
     out = torch.empty(R, w.shape[1] if trans_w else w.shape[2], dtype=x.dtype, device=x.device)
     return _run_gmm(x.contiguous(), w, bias, _Groups(offsets, True, R), out, trans_w, gather=row_token)
 
@@ -87,11 +91,14 @@ def routed_gated_experts(x: torch.Tensor, probs: torch.Tensor | None, w1: torch.
         picked = probs.reshape(T * K).float()[torch.where(valid, src_slot, 0)] if probs.numel() else \
             torch.zeros(R, dtype=torch.float32, device=x.device)
         row_probs = torch.where(valid, picked, 0.0)
-    h = gathered_gemm(x, w1, src_slot, K, offsets)
-    a = _gated_forward(h, row_probs, activation)
-    del h
+    groups = _Groups(offsets, True, R)
+    fused = gmm_gated(x, w1, groups, activation, row_probs, gather=_row_tokens(src_slot, K))
+    if fused is not None:  # the activation in the first GEMM's epilogue: h never goes to memory
+        a = fused[0]
+    else:
+        a = _gated_forward(gathered_gemm(x, w1, src_slot, K, offsets), row_probs, activation)
     y_R = torch.empty(R, w2.shape[1], dtype=x.dtype, device=x.device)
-    _run_gmm(a, w2, None, _Groups(offsets, True, R), y_R, True)
+    _run_gmm(a, w2, None, groups, y_R, True)
     y = torch.empty(T, w2.shape[1], dtype=x.dtype, device=x.device)
     _run_unpermute(y_R, row_map.reshape(T * K), None, K, y)
     return y

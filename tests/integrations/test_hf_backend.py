@@ -142,8 +142,11 @@ def make_experts(*, transposed=False, bias=False, gate=True, concatenated=True, 
     from transformers.activations import ACT2FN
     from transformers.integrations.moe import use_experts_implementation
 
-    @use_experts_implementation(is_transposed=transposed, has_bias=bias, has_gate=gate,
-                                is_concatenated=concatenated, has_post_expert_norm=post_norm)
+    flags = dict(is_transposed=transposed, has_bias=bias, has_gate=gate, is_concatenated=concatenated)
+    if post_norm:  # a flag newer transformers releases know; older ones reject it
+        flags["has_post_expert_norm"] = True
+
+    @use_experts_implementation(**flags)
     class Experts(nn.Module):
         def __init__(self, config):
             super().__init__()
