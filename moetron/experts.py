@@ -186,8 +186,10 @@ class GroupedExperts(_ExpertWeights):
         if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
             w1, w2 = w1.to(dtype), w2.to(dtype)
         x = x.to(dtype).contiguous()
-        if self.activation in GATED_ACTIVATIONS and b1 is None:
-            # the activation in the first GEMM's epilogue on Hopper (moetron/ops/gated_gmm.py)
+        records = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad
+                                               or (row_scale is not None and row_scale.requires_grad))
+        if self.activation in GATED_ACTIVATIONS and b1 is None and not records:
+            # inference: the activation in the first GEMM's epilogue on Hopper (moetron/ops/gated_gmm.py)
             h = gated_gmm(x, w1, offsets, self.activation, None if row_scale is None else row_scale.contiguous())
         elif self.activation in GATED_ACTIVATIONS:  # one fused kernel each way (moetron/ops/gated_act.py)
             h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))

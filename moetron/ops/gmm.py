@@ -332,12 +332,11 @@ def _gmm_tma_kernel(
 
 @triton.jit
 def _gmm_gated_tma_kernel(
-    x_ptr, w_ptr, scale_ptr, a_ptr, h_ptr, sizes_ptr, gather_ptr,
+    x_ptr, w_ptr, scale_ptr, a_ptr, sizes_ptr, gather_ptr,
     M, F_, K, G, num_programs, num_src_rows,
-    stride_xm, stride_wg, stride_w1, stride_am, stride_hm,
+    stride_xm, stride_wg, stride_w1, stride_am,
     GELU: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    STORE_H: tl.constexpr,
     GATHER: tl.constexpr,
     FLATTEN: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
@@ -345,13 +344,13 @@ def _gmm_gated_tma_kernel(
     BF16_FIXUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """The first expert GEMM with its gated activation in the epilogue: for w [G, 2F, K] (gate rows [0, F), up
-    rows [F, 2F), the trans_w layout) a tile of BN columns of a [M, F] accumulates x @ gate^T and x @ up^T side
-    by side (two [BM, BN] accumulators, the MMA work of one BN=2·BN tile), then stores a = act(gate)·up (·scale
-    per row), and with STORE_H also h = [gate | up] for a backward. h [M, 2F] is otherwise never written: that
-    is the point (the separate activation kernel reads it back and writes a). The activation sees gate and up
-    rounded to h's dtype first, so a is bit for bit what gmm followed by gated_act gives. Schedule, group
-    edges, the zero tail and GATHER as in _gmm_tma_kernel; only pointer stores."""
+    """The first expert GEMM with its gated activation in the epilogue (inference): for w [G, 2F, K] (gate rows
+    [0, F), up rows [F, 2F), the trans_w layout) a tile of BN columns of a [M, F] accumulates x @ gate^T and
+    x @ up^T side by side (two [BM, BN] accumulators, the MMA work of one 2·BN-wide tile), then stores
+    a = act(gate)·up (·scale per row). h [M, 2F] is never written: that is the point (the separate activation
+    kernel reads it back and writes a). The activation sees gate and up rounded to x's dtype first, so a is bit
+    for bit what gmm followed by gated_act gives. Schedule, group edges, the zero tail and GATHER as in
+    _gmm_tma_kernel; only pointer stores."""
     if not GATHER:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, 2 * F_, K], strides=[stride_wg, stride_w1, 1],
@@ -388,12 +387,8 @@ def _gmm_gated_tma_kernel(
         cols = n_tile * BN + tl.arange(0, BN)
         ok = (rows < row_end)[:, None] & (cols < F_)[None, :]
         rows64 = rows.to(tl.int64)
-        gate = to_output_dtype(acc_g, h_ptr, BF16_FIXUPS)
-        up = to_output_dtype(acc_u, h_ptr, BF16_FIXUPS)
-        if STORE_H:
-            h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
-            tl.store(h_ptrs, gate, mask=ok)
-            tl.store(h_ptrs + F_, up, mask=ok)
+        gate = to_output_dtype(acc_g, a_ptr, BF16_FIXUPS)  # a has x's dtype: h's rounding
+        up = to_output_dtype(acc_u, a_ptr, BF16_FIXUPS)
         act, _ = _gate_and_slope(gate.to(tl.float32), GELU)
         out = act * up.to(tl.float32)
         if HAS_SCALE:
@@ -726,11 +721,10 @@ GATED_EPILOGUE = True
 
 
 def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str,
-              row_scale: torch.Tensor | None = None, gather: torch.Tensor | None = None, store_h: bool = False):
+              row_scale: torch.Tensor | None = None, gather: torch.Tensor | None = None):
     """The first expert GEMM and its gated activation in one kernel (``_gmm_gated_tma_kernel``), no autograd:
     ``a = act(h[:, :F]) * h[:, F:] (* row_scale)`` for ``h = gmm(x (or x[gather]), w, trans_w=True)`` with
-    ``w [G, 2F, K]``. Returns ``(a [M, F], h [M, 2F] if store_h else None)``, bit for bit what ``gmm`` then
-    ``gated_act`` give; or None where the kernel does not apply (not Hopper/TMA, fp32, misaligned operands,
+    ``w [G, 2F, K]``. Returns ``a [M, F]``, bit for bit what ``gmm`` then ``gated_act`` give; or None where the kernel does not apply (not Hopper/TMA, fp32, misaligned operands,
     per-expert weights of 8M elements or more, where the plain forward's large-weight tiles ran faster: Mixtral
     inference 9.3 vs 10.2 ms), and the caller runs the two steps. M is ``groups.num_rows``."""
     if (not GATED_EPILOGUE or activation not in ("swiglu", "geglu") or x.dtype not in (torch.bfloat16, torch.float16)
@@ -740,22 +734,20 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
         return None
     M, F_, K = groups.num_rows, w.shape[1] // 2, x.shape[1]
     a = torch.empty(M, F_, dtype=x.dtype, device=x.device)
-    h = torch.empty(M, 2 * F_, dtype=x.dtype, device=x.device) if store_h else None
     if M == 0 or F_ == 0:
-        return a, h
+        return a
     # the tensors in the order the kernel takes them (placeholders for absent ones are never read)
-    tensors = (x, w, row_scale if row_scale is not None else a, a, h if h is not None else a, groups.sizes,
+    tensors = (x, w, row_scale if row_scale is not None else a, a, groups.sizes,
                gather if gather is not None else groups.sizes)
-    plan_key = _plan_key(tensors, (activation, groups.are_ends, gather is None, row_scale is None, store_h))
+    plan_key = _plan_key(tensors, (activation, groups.are_ends, gather is None, row_scale is None))
     if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
-        return a, h
+        return a
     cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(on_cpu=not x.is_cuda)
     G = groups.num_groups
     max_tiles = (cdiv(M, cfg["BM"]) + G) * cdiv(F_, cfg["BN"])
     programs = max(1, min(num_sms(x.device.index or 0) if x.is_cuda else 4, max_tiles))
-    args = (*tensors, M, F_, K, G, programs, x.shape[0], x.stride(0), w.stride(0), w.stride(1), a.stride(0),
-            h.stride(0) if h is not None else 0)
-    constexprs = dict(GELU=activation == "geglu", HAS_SCALE=row_scale is not None, STORE_H=store_h,
+    args = (*tensors, M, F_, K, G, programs, x.shape[0], x.stride(0), w.stride(0), w.stride(1), a.stride(0))
+    constexprs = dict(GELU=activation == "geglu", HAS_SCALE=row_scale is not None,
                       GATHER=gather is not None, FLATTEN=cfg.get("flatten", False), **groups.kernel_args(),
                       BF16_FIXUPS=interpreter_bf16_fixups(x), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
                       GROUP_M=cfg["GROUP_M"])
@@ -763,7 +755,7 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
     _launch_gmm_gated((programs,), args, constexprs, **options)
     if plan_key is not None:
         _GATED_PLANS.add(plan_key, _launch_gmm_gated, (programs,), args, constexprs, options)
-    return a, h
+    return a
 
 
 def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
@@ -869,26 +861,6 @@ def _run_gmm_k(a, b, groups, out, accumulate):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _matmul_grads(dy, x, w, groups: _Groups, trans_w: bool, main_grad, need_dx: bool, need_dw: bool):
-    """(dx, dw) of out = gmm(x, w): dx a grouped GEMM with w transposed, dw a k-grouped GEMM, added into an fp32
-    ``main_grad`` instead when one is given (dw is then None). dy is contiguous."""
-    dx = dw = None
-    if need_dx:
-        dx = torch.empty_like(x)
-        _run_gmm(dy, w, None, groups, dx, not trans_w)
-    if need_dw:
-        # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
-        a, b = (dy, x) if trans_w else (x, dy)
-        if main_grad is not None:
-            _run_gmm_k(a, b, groups, main_grad, accumulate=True)
-            if hasattr(w, "grad_added_to_main_grad"):
-                w.grad_added_to_main_grad = True
-        else:
-            dw = torch.empty_like(w)
-            _run_gmm_k(a, b, groups, dw, accumulate=False)
-    return dx, dw
-
-
 class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad):
@@ -905,8 +877,20 @@ class _GroupedMatmul(torch.autograd.Function):
         x, w = ctx.saved_tensors
         groups, trans_w = ctx.groups, ctx.trans_w
         dy = dy.contiguous()
-        dx, dw = _matmul_grads(dy, x, w, groups, trans_w, ctx.main_grad, *ctx.needs_input_grad[:2])
-        dbias = None
+        dx = dw = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            _run_gmm(dy, w, None, groups, dx, not trans_w)
+        if ctx.needs_input_grad[1]:
+            # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
+            a, b = (dy, x) if trans_w else (x, dy)
+            if ctx.main_grad is not None:
+                _run_gmm_k(a, b, groups, ctx.main_grad, accumulate=True)
+                if hasattr(w, "grad_added_to_main_grad"):
+                    w.grad_added_to_main_grad = True
+            else:
+                dw = torch.empty_like(w)
+                _run_gmm_k(a, b, groups, dw, accumulate=False)
         if ctx.needs_input_grad[2]:
             ones = torch.ones(1, 1, dtype=dy.dtype, device=dy.device).expand(dy.shape[0], 1)
             dbias = torch.empty(groups.num_groups, 1, dy.shape[1], dtype=ctx.bias_dtype, device=dy.device)

@@ -92,10 +92,9 @@ def routed_gated_experts(x: torch.Tensor, probs: torch.Tensor | None, w1: torch.
             torch.zeros(R, dtype=torch.float32, device=x.device)
         row_probs = torch.where(valid, picked, 0.0)
     groups = _Groups(offsets, True, R)
-    fused = gmm_gated(x, w1, groups, activation, row_probs, gather=_row_tokens(src_slot, K))
-    if fused is not None:  # the activation in the first GEMM's epilogue: h never goes to memory
-        a = fused[0]
-    else:
+    # the activation in the first GEMM's epilogue where it applies: h never goes to memory
+    a = gmm_gated(x, w1, groups, activation, row_probs, gather=_row_tokens(src_slot, K))
+    if a is None:
         a = _gated_forward(gathered_gemm(x, w1, src_slot, K, offsets), row_probs, activation)
     y_R = torch.empty(R, w2.shape[1], dtype=x.dtype, device=x.device)
     _run_gmm(a, w2, None, groups, y_R, True)
