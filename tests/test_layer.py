@@ -660,8 +660,18 @@ def test_config_errors(kw, match):
         make_cfg(**kw)
 
 
-def test_fused_dispatcher_in_one_process_matches_local():
+def test_fused_dispatcher_in_one_process_matches_local(monkeypatch):
     # dispatcher="fused" with one process: the same output as "local" (multi-rank: tests/test_fused_dispatch.py)
+    from moetron import _env
+
+    if not _env.triton_interpreter_enabled():  # a GPU machine: CPU tensors get a clear error instead
+        with pytest.raises(ValueError, match="x must be a CUDA tensor for the fused dispatch kernels"):
+            MoELayer(make_cfg(dispatcher="fused"))(torch.randn(3, H))
+        pytest.skip("the fused kernels run on CPU tensors only under Triton's interpreter (CPU test machines)")
+    monkeypatch.setattr(_env, "triton_interpreter_enabled", lambda: False)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor for the fused dispatch kernels"):
+        MoELayer(make_cfg(dispatcher="fused"))(torch.randn(3, H))
+    monkeypatch.undo()
     torch.manual_seed(0)
     local, fused = MoELayer(make_cfg()), MoELayer(make_cfg(dispatcher="fused"))
     fused.load_state_dict(local.state_dict())

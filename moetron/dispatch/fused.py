@@ -924,6 +924,10 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
         raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
     if not isinstance(zero_padding, bool):
         raise TypeError(f"zero_padding must be a bool, got {zero_padding!r}")
+    if not x.is_cuda and not _env.triton_interpreter_enabled():
+        # the kernels are Triton's: CPU tensors run only under its interpreter (tests); say so, not crash in one
+        raise ValueError(f"x must be a CUDA tensor for the fused dispatch kernels, got a tensor on {x.device}; on CPU "
+                         "they run only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
     if expert_scales is not None:
         check_tensor("expert_scales", expert_scales, ndim=2, dtypes=FLOAT_DTYPES)
         if tuple(expert_scales.shape) != tuple(expert_ids.shape):

@@ -187,6 +187,29 @@ def _gather_rows(gather_ptr, rows, row_ok, num_src_rows):
 
 
 @triton.jit
+def _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, stride_xm, GATHER: tl.constexpr,
+                  BM: tl.constexpr, BK: tl.constexpr):
+    """With GATHER, the pointers to the k=0 chunk of a tile's gathered x rows and the mask of rows that load
+    (rows past row_end and padding rows read zeros); without, placeholders (the tile loads through TMA)."""
+    if GATHER:
+        rows = row0 + tl.arange(0, BM)
+        src_rows, src_ok = _gather_rows(gather_ptr, rows, rows < row_end, num_src_rows)
+        x_ptrs = x_ptr + src_rows[:, None] * stride_xm + tl.arange(0, BK)[None, :]
+    else:
+        x_ptrs = x_ptr
+        src_ok = tl.full([BM], 1, tl.int1)
+    return x_ptrs, src_ok
+
+
+@triton.jit
+def _x_tile(x_desc, x_ptrs, src_ok, row0, k0, K, GATHER: tl.constexpr, BK: tl.constexpr):
+    """The [BM, BK] chunk of x at k0 of the tile starting at row0: by TMA, or gathered (see _x_tile_setup)."""
+    if GATHER:
+        return tl.load(x_ptrs + k0, mask=src_ok[:, None] & ((k0 + tl.arange(0, BK)) < K)[None, :], other=0.0)
+    return x_desc.load([row0, k0])
+
+
+@triton.jit
 def _gmm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr, gather_ptr,
     M, N, K, G, num_programs, num_src_rows,
@@ -277,8 +300,9 @@ def _gmm_tma_kernel(
     GATHER: row i reads x[gather[i]] (the permute folded into the GEMM). Hopper's TMA has no row gather, so x
     then takes pointer loads (pipelined as async copies) while w keeps its descriptor: at the Qwen3-30B
     forward shape that ran within 0-10% of the TMA load of a permuted copy (benchmarks/NOTES.md)."""
-    if not GATHER:
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
+    # over the source rows (M without GATHER); a gathering kernel builds but never loads through it
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[num_src_rows, K], strides=[stride_xm, 1],
+                                       block_shape=[BM, BK])
     if TRANS_W:  # w is [G, N, K]
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, N, K], strides=[stride_wg, stride_w1, 1],
                                            block_shape=[1, BN, BK])
@@ -298,16 +322,9 @@ def _gmm_tma_kernel(
                                                 BM, GROUP_M, BLOCK_G)
         k_end = tl.where(g < G, K, 0)  # the tail entry has no weight: its rows stay zero
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if GATHER:
-            ks = tl.arange(0, BK)
-            gather_rows = row0 + tl.arange(0, BM)
-            src_rows, src_ok = _gather_rows(gather_ptr, gather_rows, gather_rows < row_end, num_src_rows)
-            x_ptrs = x_ptr + src_rows[:, None] * stride_xm + ks[None, :]
+        x_ptrs, src_ok = _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, stride_xm, GATHER, BM, BK)
         for k0 in range(0, k_end, BK):
-            if GATHER:
-                a = tl.load(x_ptrs + k0, mask=src_ok[:, None] & ((k0 + ks) < K)[None, :], other=0.0)
-            else:
-                a = x_desc.load([row0, k0])
+            a = _x_tile(x_desc, x_ptrs, src_ok, row0, k0, K, GATHER, BK)
             if TRANS_W:
                 b = tl.trans(w_desc.load([g, n_tile * BN, k0]).reshape(BN, BK))
             else:
@@ -351,8 +368,8 @@ def _gmm_gated_tma_kernel(
     kernel reads it back and writes a). The activation sees gate and up rounded to x's dtype first, so a is bit
     for bit what gmm followed by gated_act gives. Schedule, group edges, the zero tail and GATHER as in
     _gmm_tma_kernel; only pointer stores."""
-    if not GATHER:
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[num_src_rows, K], strides=[stride_xm, 1],
+                                       block_shape=[BM, BK])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, 2 * F_, K], strides=[stride_wg, stride_w1, 1],
                                        block_shape=[1, BN, BK])
     pid = tl.program_id(0)
@@ -366,16 +383,9 @@ def _gmm_gated_tma_kernel(
         k_end = tl.where(g < G, K, 0)  # the tail entry has no weight: its rows stay zero
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        if GATHER:
-            ks = tl.arange(0, BK)
-            gather_rows = row0 + tl.arange(0, BM)
-            src_rows, src_ok = _gather_rows(gather_ptr, gather_rows, gather_rows < row_end, num_src_rows)
-            x_ptrs = x_ptr + src_rows[:, None] * stride_xm + ks[None, :]
+        x_ptrs, src_ok = _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, stride_xm, GATHER, BM, BK)
         for k0 in range(0, k_end, BK):
-            if GATHER:
-                a = tl.load(x_ptrs + k0, mask=src_ok[:, None] & ((k0 + ks) < K)[None, :], other=0.0)
-            else:
-                a = x_desc.load([row0, k0])
+            a = _x_tile(x_desc, x_ptrs, src_ok, row0, k0, K, GATHER, BK)
             # gate columns past F read up rows (and up columns past 2F read zeros): never stored
             b_gate = tl.trans(w_desc.load([g, n_tile * BN, k0]).reshape(BN, BK))
             b_up = tl.trans(w_desc.load([g, F_ + n_tile * BN, k0]).reshape(BN, BK))
@@ -730,7 +740,7 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
     if (not GATED_EPILOGUE or activation not in ("swiglu", "geglu") or x.dtype not in (torch.bfloat16, torch.float16)
             or w[0].numel() >= _LARGE_OUTPUT
             or not _env.use_triton(x) or x.shape[0] == 0 or x.shape[1] == 0 or w.shape[1] % 2
-            or not _tma_eligible(w) or (gather is None and not _tma_eligible(x))):
+            or not _tma_eligible(x, w)):
         return None
     M, F_, K = groups.num_rows, w.shape[1] // 2, x.shape[1]
     a = torch.empty(M, F_, dtype=x.dtype, device=x.device)
