@@ -214,7 +214,8 @@ def main(argv=None):
                     outs[provider] = time_provider(provider, builders[provider], x, dy, flops, device,
                                                    args.rep_ms, rows, case, args.inference)["out"]
                 except Exception as e:  # a provider that cannot build or run is recorded, not fatal
-                    rows.append({"case": case, "provider": provider, "mode": "fwd", "error": repr(e)[:300]})
+                    rows.append({"case": case, "provider": provider, "mode": "infer" if args.inference else "fwd",
+                                 "error": repr(e)[:300]})
                     print(case, provider, "failed:", repr(e)[:300], flush=True)
             ref = outs.get("hf_grouped_mm")
             for provider, out in outs.items():

@@ -5,9 +5,9 @@ Legend: T tokens, H hidden, E experts, K top-k, C capacity, R_out rows of the pe
 
 from __future__ import annotations
 
-import torch
-
 from typing import NamedTuple
+
+import torch
 
 from .._env import use_triton
 from ..ops.permute import _permute, _route, permute, permuted_rows, unpermute

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
-from ..ops.gmm import gmm
+from ..ops.gmm import _Groups, gmm, gmm_gated
 from ..ops.permute import _route, permute, unpermute
-from ..ops.routed_experts import folds, gathered_gemm
+from ..ops.routed_experts import _row_tokens, folds, gathered_gemm
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch",
            "MoetronExperts", "MoetronRouter"]
@@ -118,20 +118,29 @@ def _fused_kind(act) -> str | None:
     return None
 
 
+def _default_gate_kind(experts) -> str | None:
+    """"swiglu" / "geglu" when the experts apply transformers' default gate (concatenated gate then up, SiLU or
+    tanh-GELU): what moetron's fused gated activation computes. None for anything else."""
+    if not getattr(experts, "has_gate", True) or not getattr(experts, "is_concatenated", True):
+        return None
+    fn = getattr(experts, "_apply_gate", None)
+    default = _default_gate_fn()
+    if fn is not None and (default is None or getattr(fn, "__func__", None) is not default):
+        return None  # the model's own gate (GPT-OSS)
+    return _fused_kind(getattr(experts, "act_fn", None))
+
+
 def _apply_gate(experts, h: torch.Tensor) -> torch.Tensor:
     """The experts' nonlinearity on the first projection's output, as transformers' implementations apply it."""
     if not getattr(experts, "has_gate", True):
         return experts.act_fn(h)
+    kind = _default_gate_kind(experts)
+    if kind is not None:
+        return _fused_gate(h, kind)
     fn = getattr(experts, "_apply_gate", None)
-    default = _default_gate_fn()
-    is_default = fn is None or (default is not None and getattr(fn, "__func__", None) is default)
-    if is_default:
-        kind = _fused_kind(getattr(experts, "act_fn", None))
-        if kind is not None and getattr(experts, "is_concatenated", True):
-            return _fused_gate(h, kind)
-        if fn is None:
-            gate, up = h.chunk(2, dim=-1)
-            return experts.act_fn(gate) * up
+    if fn is None:
+        gate, up = h.chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
     return fn(h)
 
 
@@ -222,17 +231,27 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     probs = top_k_weights if top_k_weights.dtype in FLOAT_DTYPES else top_k_weights.float()
     probs = torch.where(valid, probs, 0)
 
+    # inference with the default gate: the activation in the first GEMM's epilogue (no [R, 2F] h in memory)
+    records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, w2, b1, b2, probs))
+    gated = _default_gate_kind(experts) if trans_w and b1 is None and not records else None
+    h = None
     if folds(x, w1, probs, w2, b1, b2):
         # inference: the first GEMM reads each row's token of x itself, same layout as permute's, no copy
         K = ids.shape[1]
         layout = _route(ids, E + 1, None, 1, None, "probs", T * K)
         offsets, row_map = layout.offsets[:E], layout.row_map_R.view(T, K)
-        h = gathered_gemm(x, w1, layout.src_slot, K, offsets, trans_w, _bias_in(b1, dtype))
+        if gated is not None:
+            h = gmm_gated(x, w1, _Groups(offsets, True, T * K), gated, gather=_row_tokens(layout.src_slot, K))
+        if h is None:
+            h = _apply_gate(experts, gathered_gemm(x, w1, layout.src_slot, K, offsets, trans_w, _bias_in(b1, dtype)))
     else:
         p = permute(x, ids, E + 1)
         offsets, row_map = p.offsets[:E], p.row_map  # group E (the sentinels) lies past the last group
-        h = gmm(p.x_permuted, w1, offsets=offsets, trans_w=trans_w, bias=_bias_in(b1, dtype))
-    h = _apply_gate(experts, h)
+        if gated is not None:
+            h = gmm_gated(p.x_permuted, w1, _Groups(offsets, True, p.x_permuted.shape[0]), gated)
+        if h is None:
+            h = gmm(p.x_permuted, w1, offsets=offsets, trans_w=trans_w, bias=_bias_in(b1, dtype))
+            h = _apply_gate(experts, h)
     if h.dtype != dtype:
         h = h.to(dtype)
     y = gmm(h.contiguous(), w2, offsets=offsets, trans_w=trans_w, bias=_bias_in(b2, dtype))

@@ -734,9 +734,10 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
               row_scale: torch.Tensor | None = None, gather: torch.Tensor | None = None):
     """The first expert GEMM and its gated activation in one kernel (``_gmm_gated_tma_kernel``), no autograd:
     ``a = act(h[:, :F]) * h[:, F:] (* row_scale)`` for ``h = gmm(x (or x[gather]), w, trans_w=True)`` with
-    ``w [G, 2F, K]``. Returns ``a [M, F]``, bit for bit what ``gmm`` then ``gated_act`` give; or None where the kernel does not apply (not Hopper/TMA, fp32, misaligned operands,
-    per-expert weights of 8M elements or more, where the plain forward's large-weight tiles ran faster: Mixtral
-    inference 9.3 vs 10.2 ms), and the caller runs the two steps. M is ``groups.num_rows``."""
+    ``w [G, 2F, K]``. Returns ``a [M, F]``, bit for bit what ``gmm`` then ``gated_act`` give; or None where the
+    kernel does not apply (not Hopper/TMA, fp32, misaligned operands, per-expert weights of 8M elements or more,
+    where the plain forward's large-weight tiles ran faster: Mixtral inference 9.3 vs 10.2 ms), and the caller
+    runs the two steps. M is ``groups.num_rows``."""
     if (not GATED_EPILOGUE or activation not in ("swiglu", "geglu") or x.dtype not in (torch.bfloat16, torch.float16)
             or w[0].numel() >= _LARGE_OUTPUT
             or not _env.use_triton(x) or x.shape[0] == 0 or x.shape[1] == 0 or w.shape[1] % 2

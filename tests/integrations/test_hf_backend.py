@@ -324,30 +324,40 @@ def test_layout_flags_triton(case, monkeypatch, poisoned_alloc):
     _check_layout(case, sentinels=True, T=5)
 
 
-@pytest.mark.parametrize("case", ["concat_swiglu", "transposed_bias", "gpt_oss", "no_gate_gelu_bias"])
-def test_inference_folds_the_permute_into_the_first_gemm(case, monkeypatch, poisoned_alloc):
+@pytest.mark.parametrize("tma", ["0", "1"])
+@pytest.mark.parametrize("case", ["concat_swiglu", "concat_swiglu_bf16", "concat_geglu", "transposed_bias", "gpt_oss",
+                                  "no_gate_gelu_bias"])
+def test_inference_folds_the_permute_into_the_first_gemm(case, tma, monkeypatch, poisoned_alloc):
     """Under no_grad, on the Triton kernels, the first GEMM gathers its rows of hidden_states (no permuted copy):
     the output equals the permuted-copy path bit for bit, with sentinels, biases and both weight layouts."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     monkeypatch.setenv("MOETRON_BACKEND", "triton")
+    monkeypatch.setenv("MOETRON_TMA", tma if not torch.cuda.is_available() else "auto")
     m = _build(case)
     idx, wts = routing(6, 2, seed=12, sentinels=True)
     x = torch.randn(6, H, generator=torch.Generator().manual_seed(6)).to(m.down_proj.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m, x, idx, wts = m.to(device), x.to(device), idx.to(device), wts.to(device)
     calls = []
-    real = hf.gathered_gemm
-    monkeypatch.setattr(hf, "gathered_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("gathered_gemm", "gmm_gated"):
+        monkeypatch.setattr(hf, name, lambda *a, _real=getattr(hf, name), _name=name, **k:
+                            calls.append(_name) or _real(*a, **k))
     outs = {}
     for fold in ("1", "0"):
         monkeypatch.setenv("MOETRON_FOLD_PERMUTE", fold)
         with torch.no_grad():
             outs[fold] = hf.experts_forward(m, x, idx, wts)
-    assert calls == [1]  # folded once, then not
+    # the default gate goes into the first GEMM's epilogue where the Triton TMA kernels run (CUDA, or the
+    # interpreter with MOETRON_TMA=1); the other gates take the gathering GEMM
+    assert calls.count("gathered_gemm") + calls.count("gmm_gated") >= 1
+    if case == "concat_swiglu_bf16" and (tma == "1" or torch.cuda.is_available()):
+        assert calls == ["gmm_gated", "gmm_gated"]  # fused both times, with and without the fold
     assert torch.equal(outs["1"], outs["0"])
-    hf.experts_forward(m, x, idx, wts.requires_grad_())  # recording autograd: the permuted copy
-    assert calls == [1]
+    calls.clear()
+    with_grad = hf.experts_forward(m, x, idx, wts.requires_grad_())  # recording autograd: the plain path
+    assert "gathered_gemm" not in calls and with_grad.requires_grad
+    assert torch.equal(with_grad.detach(), outs["0"])
 
 
 def test_autocast_computes_in_the_autocast_dtype():
