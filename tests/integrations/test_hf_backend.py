@@ -145,8 +145,12 @@ def make_experts(*, transposed=False, bias=False, gate=True, concatenated=True, 
     flags = dict(is_transposed=transposed, has_bias=bias, has_gate=gate, is_concatenated=concatenated)
     if post_norm:  # a flag newer transformers releases know; older ones reject it
         flags["has_post_expert_norm"] = True
+    try:
+        decorate = use_experts_implementation(**flags)
+    except TypeError as e:
+        pytest.skip(f"this transformers' use_experts_implementation does not take {sorted(flags)}: {e}")
 
-    @use_experts_implementation(**flags)
+    @decorate
     class Experts(nn.Module):
         def __init__(self, config):
             super().__init__()
