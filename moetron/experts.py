@@ -38,7 +38,7 @@ from ._checks import check_tensor
 from .ops.gated_act import gated_act
 from .ops.gated_gmm import gated_gmm
 from .ops.gmm import gmm
-from .ops.routed_experts import folds, routed_gated_experts
+from .ops.routed_experts import folds, records_grad, routed_gated_experts
 
 __all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "GroupedExperts", "SequentialExperts", "SharedExperts",
            "apply_activation"]
@@ -186,9 +186,7 @@ class GroupedExperts(_ExpertWeights):
         if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
             w1, w2 = w1.to(dtype), w2.to(dtype)
         x = x.to(dtype).contiguous()
-        records = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad
-                                               or (row_scale is not None and row_scale.requires_grad))
-        if self.activation in GATED_ACTIVATIONS and b1 is None and not records:
+        if self.activation in GATED_ACTIVATIONS and b1 is None and not records_grad(x, w1, row_scale):
             # inference: the activation in the first GEMM's epilogue on Hopper (moetron/ops/gated_gmm.py)
             h = gated_gmm(x, w1, offsets, self.activation, None if row_scale is None else row_scale.contiguous())
         elif self.activation in GATED_ACTIVATIONS:  # one fused kernel each way (moetron/ops/gated_act.py)

@@ -51,7 +51,7 @@ from torch import nn
 from .._checks import FLOAT_DTYPES
 from ..ops.gmm import _Groups, gmm, gmm_gated
 from ..ops.permute import _route, permute, unpermute
-from ..ops.routed_experts import _row_tokens, folds, gathered_gemm
+from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch",
            "MoetronExperts", "MoetronRouter"]
@@ -232,18 +232,18 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     probs = torch.where(valid, probs, 0)
 
     # inference with the default gate: the activation in the first GEMM's epilogue (no [R, 2F] h in memory)
-    records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, w2, b1, b2, probs))
-    gated = _default_gate_kind(experts) if trans_w and b1 is None and not records else None
+    gated = _default_gate_kind(experts) if trans_w and b1 is None and not records_grad(x, w1, w2, b2, probs) else None
     h = None
     if folds(x, w1, probs, w2, b1, b2):
         # inference: the first GEMM reads each row's token of x itself, same layout as permute's, no copy
         K = ids.shape[1]
         layout = _route(ids, E + 1, None, 1, None, "probs", T * K)
         offsets, row_map = layout.offsets[:E], layout.row_map_R.view(T, K)
+        row_token = row_tokens(layout.src_slot, K)
         if gated is not None:
-            h = gmm_gated(x, w1, _Groups(offsets, True, T * K), gated, gather=_row_tokens(layout.src_slot, K))
+            h = gmm_gated(x, w1, _Groups(offsets, True, T * K), gated, gather=row_token)
         if h is None:
-            h = _apply_gate(experts, gathered_gemm(x, w1, layout.src_slot, K, offsets, trans_w, _bias_in(b1, dtype)))
+            h = _apply_gate(experts, gathered_gemm(x, w1, row_token, offsets, trans_w, _bias_in(b1, dtype)))
     else:
         p = permute(x, ids, E + 1)
         offsets, row_map = p.offsets[:E], p.row_map  # group E (the sentinels) lies past the last group

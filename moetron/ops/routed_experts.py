@@ -31,36 +31,38 @@ import torch
 from .._env import fold_permute_enabled, use_triton
 from .gated_act import _forward as _gated_forward
 from .gmm import _Groups, _run_gmm, gmm_gated
-from .permute import _run_unpermute
+from .permute import _gather_slots, _run_unpermute
 
 # Fold only below this many elements per expert in the first projection: on the H100 the fold sped up Qwen3-30B
 # and OLMoE (3-4M) and slowed Mixtral (117M).
 FOLD_MAX_WEIGHT = 1 << 23
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (None allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def folds(x: torch.Tensor, w1: torch.Tensor, *others) -> bool:
     """Whether an experts forward on x with first projection w1 [E, ., .] takes the folded path: nothing to
     record for autograd (x, w1 and ``others``, None allowed), Triton kernels for x, a small per-expert weight,
     and ``MOETRON_FOLD_PERMUTE`` not 0."""
-    tensors = (x, w1) + others
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return w1[0].numel() < FOLD_MAX_WEIGHT and use_triton(x) and fold_permute_enabled()
+    return (not records_grad(x, w1, *others) and w1[0].numel() < FOLD_MAX_WEIGHT and use_triton(x)
+            and fold_permute_enabled())
 
 
-def _row_tokens(src_slot: torch.Tensor, K: int) -> torch.Tensor:
-    """[R] int32 token of each row (src_slot // K), -1 for rows no slot fills."""
+def row_tokens(src_slot: torch.Tensor, K: int) -> torch.Tensor:
+    """[R] int32 token of each row of ``permute``'s layout (src_slot // K), -1 for rows no slot fills."""
     return torch.where(src_slot >= 0, src_slot // K, -1).to(torch.int32)
 
 
 @torch.no_grad()
-def gathered_gemm(x: torch.Tensor, w: torch.Tensor, src_slot: torch.Tensor, K: int, offsets: torch.Tensor,
+def gathered_gemm(x: torch.Tensor, w: torch.Tensor, row_token: torch.Tensor, offsets: torch.Tensor,
                   trans_w: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``[R, N]`` = ``gmm(x_permuted, w, offsets=offsets, trans_w=trans_w, bias=bias)`` for the layout of
-    ``src_slot [R]`` (slot t·K+k of each row, -1 for a zero row), reading each row's token of ``x [T, H]``
-    directly instead of a permuted copy. No autograd."""
-    R = src_slot.shape[0]
-    row_token = _row_tokens(src_slot, K)
+    """``[R, N]`` = ``gmm(x_permuted, w, offsets=offsets, trans_w=trans_w, bias=bias)`` for the rows of
+    ``row_token [R]`` (``row_tokens``: the token of each row, -1 for a zero row), reading each row's token of
+    ``x [T, H]`` directly instead of a permuted copy. No autograd."""
+    R = row_token.shape[0]
     out = torch.empty(R, w.shape[1] if trans_w else w.shape[2], dtype=x.dtype, device=x.device)
     return _run_gmm(x.contiguous(), w, bias, _Groups(offsets, True, R), out, trans_w, gather=row_token)
 
@@ -85,17 +87,13 @@ def routed_gated_experts(x: torch.Tensor, probs: torch.Tensor | None, w1: torch.
     experts have no biases, and that no gradient is needed; the layer has validated the shapes."""
     T, K = row_map.shape
     R = src_slot.shape[0]
-    row_probs = None
-    if probs is not None:
-        valid = src_slot >= 0
-        picked = probs.reshape(T * K).float()[torch.where(valid, src_slot, 0)] if probs.numel() else \
-            torch.zeros(R, dtype=torch.float32, device=x.device)
-        row_probs = torch.where(valid, picked, 0.0)
+    row_probs = None if probs is None else _gather_slots(probs.reshape(T * K).float(), src_slot)
+    row_token = row_tokens(src_slot, K)
     groups = _Groups(offsets, True, R)
     # the activation in the first GEMM's epilogue where it applies: h never goes to memory
-    a = gmm_gated(x, w1, groups, activation, row_probs, gather=_row_tokens(src_slot, K))
+    a = gmm_gated(x, w1, groups, activation, row_probs, gather=row_token)
     if a is None:
-        a = _gated_forward(gathered_gemm(x, w1, src_slot, K, offsets), row_probs, activation)
+        a = _gated_forward(gathered_gemm(x, w1, row_token, offsets), row_probs, activation)
     y_R = torch.empty(R, w2.shape[1], dtype=x.dtype, device=x.device)
     _run_gmm(a, w2, None, groups, y_R, True)
     y = torch.empty(T, w2.shape[1], dtype=x.dtype, device=x.device)
