@@ -7,10 +7,11 @@ Legend: R routed rows, H hidden, F expert ffn width, E experts.
 
 On Hopper (16-bit inputs, TMA-aligned operands, per-expert weights under 8M elements) this is one kernel whose
 epilogue applies the activation (ops/gmm.py ``_gmm_gated_tma_kernel``), so h [R, 2F] never goes to memory;
-elsewhere ``gmm`` then ``gated_act``. Results are bit for bit the same either way. Measured on the H100
-(benchmarks/NOTES.md): inference 3-4% faster on the Qwen3-30B and OLMoE layers. Training keeps the two ops: a variant
-that also stored h for backward measured within run-to-run noise there, and as one autograd node it held h
-through the backward GEMMs (+0.94 GB peak at Mixtral) or could not be backpropagated through twice.
+elsewhere ``gmm`` then ``gated_act``. Results are bit for bit the same either way. In scratch A/B runs on the
+H100 (benchmarks/NOTES.md; benchmarks/infer_fusions.py re-measures) it sped up the Qwen3-30B and OLMoE layers'
+inference a little. Training keeps the two ops: a variant that also stored h for backward showed no gain there,
+and as one autograd node it held h through the backward GEMMs (+0.94 GB peak at Mixtral in a layer.py run) or
+could not be backpropagated through twice.
 """
 
 from __future__ import annotations

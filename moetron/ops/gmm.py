@@ -736,8 +736,8 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
     ``a = act(h[:, :F]) * h[:, F:] (* row_scale)`` for ``h = gmm(x (or x[gather]), w, trans_w=True)`` with
     ``w [G, 2F, K]``. Returns ``a [M, F]``, bit for bit what ``gmm`` then ``gated_act`` give; or None where the
     kernel does not apply (not Hopper/TMA, fp32, misaligned operands, per-expert weights of 8M elements or more,
-    where the plain forward's large-weight tiles ran faster: Mixtral inference 9.3 vs 10.2 ms), and the caller
-    runs the two steps. M is ``groups.num_rows``."""
+    where the plain forward's large-weight tiles ran faster in a scratch A/B, benchmarks/NOTES.md), and the
+    caller runs the two steps. M is ``groups.num_rows``."""
     if (not GATED_EPILOGUE or activation not in ("swiglu", "geglu") or x.dtype not in (torch.bfloat16, torch.float16)
             or w[0].numel() >= _LARGE_OUTPUT
             or not _env.use_triton(x) or x.shape[0] == 0 or x.shape[1] == 0 or w.shape[1] % 2

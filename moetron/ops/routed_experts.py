@@ -13,15 +13,15 @@ permuted copy of x is never written:
     h = gmm(x[row_token], w1)      a = gated_act(h, row_probs)      y_R = gmm(a, w2)      y = unpermute(y_R)
 
 ``row_token[r]`` is the token of row r (``src_slot // K``), -1 for padding and tail rows, which read zeros. At
-Qwen3-30B shapes (T=8192, K=8, H=2048, bf16) the copy is 268 MB and its kernel takes 0.16 ms; on the H100 the
-layer's inference forward went 1.72 -> 1.66 ms at T=8192 and 6.19 -> 5.67 ms at T=32768, with 0.2-0.9 GB less
-peak memory (benchmarks/NOTES.md). Gathering costs the large-expert GEMMs more than the copy they skip (Mixtral
-9.1 -> 9.4 ms), so only experts with a small per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``).
+Qwen3-30B shapes (T=8192, K=8, H=2048, bf16) the copy is 268 MB. In interleaved scratch A/B runs on the H100
+(benchmarks/NOTES.md, session 7; no committed JSON yet: benchmarks/infer_fusions.py re-measures) the fold sped up
+the Qwen3-30B and OLMoE layers' inference and slowed Mixtral's, whose large-expert GEMMs lose more to pointer
+loads than the copy costs, so only experts with a small per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``).
 ``gathered_gemm`` is the folded first GEMM alone (the transformers backend uses it with its own gates).
 
 Inference only: a training step needs the gathered rows again for a weight gradient, and there the GEMM that
-gathered its own rows ran 25-55% slower than on a copy, while copying in backward what the forward skipped left
-the step unchanged (measured, benchmarks/NOTES.md).
+gathered its own rows ran slower than on a copy, while copying in backward what the forward skipped left the
+step unchanged (scratch A/B, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from .gated_act import _forward as _gated_forward
 from .gmm import _Groups, _run_gmm, gmm_gated
 from .permute import _gather_slots, _run_unpermute
 
-# Fold only below this many elements per expert in the first projection: on the H100 the fold sped up Qwen3-30B
-# and OLMoE (3-4M) and slowed Mixtral (117M).
+# Fold only below this many elements per expert in the first projection: Qwen3-30B and OLMoE (3-4M) gained,
+# Mixtral (117M) lost (scratch A/B, benchmarks/NOTES.md).
 FOLD_MAX_WEIGHT = 1 << 23
 
 
