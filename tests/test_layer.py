@@ -704,6 +704,15 @@ def test_wrong_hidden_size():
         layer(torch.randn(4, H + 1))
 
 
+def test_forward_routed_bad_input():
+    experts = GroupedExperts(3, H, FF)
+    row_map, src_slot, offsets = torch.zeros(4, 1, dtype=torch.int32), torch.arange(4), torch.tensor([4, 4, 4])
+    with pytest.raises(ValueError, match=r"x must have shape \[T, 16\] \(hidden_size\), got \(4, 17\)"):
+        experts.forward_routed(torch.randn(4, H + 1), torch.ones(4, 1), src_slot, row_map, offsets)
+    with pytest.raises(ValueError, match=r"x must be 2-D"):
+        experts.forward_routed(torch.randn(4), torch.ones(4, 1), src_slot, row_map, offsets)
+
+
 def test_wrong_dtype():
     layer = MoELayer(make_cfg())
     with pytest.raises(TypeError, match="x must have the experts' dtype"):
