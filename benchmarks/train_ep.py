@@ -5,9 +5,9 @@
     python benchmarks/train_ep.py --steps 40 --dispatchers allgather fused alltoall
 
 Both runs train the same model from the same seed for ``--steps`` optimizer steps; the EP run's global batch is
-twice the one-GPU batch (``--batch-size`` per GPU, 32 x 1024 bytes by default in 2 micro-batches per GPU, the
-preset's). Throughput comes from the trainer's own log (``metrics.jsonl``): tokens/s of the global batch per log
-interval of ``--log-every`` steps, without evaluation and checkpoint time. The first interval (Triton compiles and
+twice the one-GPU batch (``--batch-size`` per GPU; by default the preset's batch and micro-batches, 64 x 1024
+bytes in one micro-batch for ``small``). Throughput comes from the trainer's own log (``metrics.jsonl``): tokens/s
+of the global batch per log interval of ``--log-every`` steps, without evaluation and checkpoint time. The first interval (Triton compiles and
 autotuning, allocator warm-up) is dropped; rows report the median of the rest. MFU is per GPU: global FLOPs /
 (GPUs x 989 TFLOP/s), with the FLOPs per token of ``ModelConfig.flops_per_token`` (6 x active parameters plus
 attention).
@@ -57,8 +57,10 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     p.add_argument("--log-every", type=int, default=10, help="steps per throughput interval")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step on each GPU")
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per optimizer step on each GPU (default: the preset's batch)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default: the "
+                   "preset's)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of the EP run; --ep equals it")
     p.add_argument("--dispatchers", nargs="+", default=["allgather"], choices=["alltoall", "allgather", "fused"],
@@ -69,6 +71,13 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/train_<gpu>x<gpus>.json)")
     args = p.parse_args()
+    from moetron.train.config import PRESET_TRAIN
+
+    preset_train = PRESET_TRAIN.get(args.preset, {})
+    if args.batch_size is None:
+        args.batch_size = preset_train.get("batch_size", 32)
+    if args.grad_accum is None:
+        args.grad_accum = preset_train.get("grad_accum", 1)
     if args.steps <= args.log_every:
         raise SystemExit("--steps must exceed --log-every: the first interval is dropped as warm-up")
 

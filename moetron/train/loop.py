@@ -691,10 +691,14 @@ def _summarize(cfg, metrics, run_dir, step, t_start, totals, eval_time, last_ckp
                "wall_s": wall, "train_s": totals["train_time"], "eval_s": eval_time,
                "tokens": totals["tokens"], "tokens_per_s": totals["tokens"] / max(totals["train_time"], 1e-9),
                "run_dir": run_dir, "checkpoint": last_ckpt, "interrupted": interrupted}
+    peak_mem = ""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        summary["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # this process's current GPU
+        peak_mem = f", peak GPU memory {summary['peak_gpu_mem_gib']:.1f} GiB"
     metrics.write([summary])
     metrics.close()
     log(f"done: step {step}/{cfg.steps} in {wall:.1f} s this invocation (train {totals['train_time']:.1f} s over "
-        f"the run, eval {eval_time:.1f} s), {summary['tokens_per_s']:,.0f} tokens/s")
+        f"the run, eval {eval_time:.1f} s), {summary['tokens_per_s']:,.0f} tokens/s{peak_mem}")
     if evals:
         log(f"val loss {first_val:.4f} -> {last_val:.4f} nats/byte ({-summary['val_drop_pct']:+.1f}%)")
     return summary
