@@ -16,6 +16,7 @@ them, and one that would change the model, the data or the update rule is refuse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -175,10 +176,10 @@ def _load_run_model(run_dir: str, checkpoint: str | None, device: str):
     with open(path) as f:
         saved = json.load(f)
     mcfg = ModelConfig.from_dict(saved["model"])
-    model = MoETransformer(mcfg)
     ck = checkpoint or ckpt.find_checkpoint(run_dir)
-    state = ckpt.load_checkpoint(ck, model)
-    return model.to(torch.device(device)).eval(), ck, int(state["step"])
+    model = MoETransformer(mcfg, device=torch.device(device))  # built where it runs: no CPU init of a 1B model
+    step = ckpt.load_weights(ck, model)
+    return model.eval(), ck, step
 
 
 def _cmd_generate(args) -> int:
@@ -197,8 +198,11 @@ def _cmd_generate(args) -> int:
     print(f"# sampling from {ck} (step {step})", file=sys.stderr, flush=True)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([encode(args.prompt)], device=args.device)
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k or None, generator=g)
+    # on a GPU in bf16 as the model trained (the weights stay fp32; autocast casts them per matmul)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else contextlib.nullcontext()
+    with amp:
+        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k or None, generator=g)
     sys.stdout.write(decode(out[0].tolist()) + "\n")
     return 0
 

@@ -59,6 +59,9 @@ def test_presets_have_the_advertised_sizes():
     tiny, small = preset("tiny").num_params(), preset("small").num_params()
     assert 1e6 < tiny["total"] < 3e6
     assert 0.5e9 <= small["total"] <= 1.0e9 and small["active"] < 0.25 * small["total"]
+    # the README's count by hand for small at seq_len 1024
+    assert small["active"] == 170_557_440
+    assert preset("small").flops_per_token(1024) == 6 * 170_557_440 + 12 * 6 * 16 * 128 * 1024 == 1_174_339_584
     assert set(PRESETS) >= {"tiny", "small"}
 
 

@@ -271,6 +271,17 @@ def test_generate(tmp_path, corpus_file, capsys):
     assert cli.main(["generate", "--run", run, "--prompt", "def ", "--max-new-tokens", "24", "--seed", "0"]) == 0
     assert capsys.readouterr().out == first  # seeded sampling repeats
     assert cli.main(["generate", "--run", str(tmp_path / "nope")]) == 2
+    # generate reads only the weights: a damaged training state does not matter, damaged weights do
+    ck = ckpt.find_checkpoint(run)
+    with open(os.path.join(ck, ckpt.STATE_FILE), "r+b") as f:
+        f.write(b"garbage")
+    assert cli.main(["generate", "--run", run, "--prompt", "def ", "--max-new-tokens", "24", "--seed", "0"]) == 0
+    assert capsys.readouterr().out == first
+    with open(os.path.join(ck, ckpt.MODEL_FILE), "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"garbage!")
+    assert cli.main(["generate", "--run", run, "--prompt", "def "]) == 2
+    assert "model.safetensors is corrupt" in capsys.readouterr().err
 
 
 def test_new_runs_never_overwrite(tmp_path, corpus_file):

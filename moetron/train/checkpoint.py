@@ -29,7 +29,7 @@ import shutil
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "find_checkpoint", "verify_checkpoint", "load_checkpoint",
-           "list_checkpoints"]
+           "load_weights", "list_checkpoints"]
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -174,8 +174,9 @@ def find_checkpoint(run_dir: str) -> str:
     return found[-1][1]
 
 
-def verify_checkpoint(path: str) -> dict:
-    """Check every file of a checkpoint against its manifest; returns the manifest. Raises CheckpointError."""
+def verify_checkpoint(path: str, names: tuple[str, ...] = (MODEL_FILE, STATE_FILE)) -> dict:
+    """Check the files ``names`` of a checkpoint (default: all) against its manifest; returns the manifest.
+    Raises CheckpointError."""
     mpath = os.path.join(path, MANIFEST_FILE)
     if not os.path.isfile(mpath):
         raise CheckpointError(f"checkpoint {path!r} is incomplete: it has no {MANIFEST_FILE} (the write was cut "
@@ -186,7 +187,7 @@ def verify_checkpoint(path: str) -> dict:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path!r} has an unreadable {MANIFEST_FILE}: {e}") from e
-    for name in (MODEL_FILE, STATE_FILE):
+    for name in names:
         fpath = os.path.join(path, name)
         if name not in files:
             raise CheckpointError(f"checkpoint {path!r}: {MANIFEST_FILE} does not list {name}")
@@ -228,26 +229,40 @@ def _load_global(model: torch.nn.Module, file: str):
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
+def load_weights(path: str, model: torch.nn.Module) -> int:
+    """Verify and load only the weights of checkpoint ``path`` into ``model`` (strict; on the model's device);
+    returns the checkpoint's step. For inference (``moetron generate``): the training state, twice the size of the
+    weights with AdamW's moments, is neither hashed nor read."""
+    manifest = verify_checkpoint(path, (MODEL_FILE,))
+    _load_model_file(path, model)
+    return int(manifest.get("step", 0))
+
+
+def _load_model_file(path: str, model: torch.nn.Module) -> None:
+    from safetensors.torch import load_model
+
+    try:
+        if _is_expert_parallel(model):
+            missing, unexpected = _load_global(model, os.path.join(path, MODEL_FILE))
+        else:
+            missing, unexpected = load_model(model, os.path.join(path, MODEL_FILE), strict=False,
+                                             device=str(next(model.parameters()).device))
+    except Exception as e:  # safetensors raises its own types for bad headers and shape mismatches
+        raise CheckpointError(f"checkpoint {path!r}: cannot load {MODEL_FILE} into the model: {e}") from e
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path!r} does not fit the model: missing {sorted(missing)}, "
+                              f"unexpected {sorted(unexpected)}")
+
+
 def load_checkpoint(path: str, model: torch.nn.Module | None = None, *, map_location="cpu",
                     verify: bool = True) -> dict:
     """Verify ``path`` (unless ``verify=False``: the caller just did), load its weights into ``model`` (strict)
     and return the training state dict. An expert-parallel model takes this rank's experts from the global
     tensors, so a checkpoint written at any EP size (or by one process) loads."""
-    from safetensors.torch import load_model
-
     if verify:
         verify_checkpoint(path)
     if model is not None:
-        try:
-            if _is_expert_parallel(model):
-                missing, unexpected = _load_global(model, os.path.join(path, MODEL_FILE))
-            else:
-                missing, unexpected = load_model(model, os.path.join(path, MODEL_FILE), strict=False)
-        except Exception as e:  # safetensors raises its own types for bad headers and shape mismatches
-            raise CheckpointError(f"checkpoint {path!r}: cannot load {MODEL_FILE} into the model: {e}") from e
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path!r} does not fit the model: missing {sorted(missing)}, "
-                                  f"unexpected {sorted(unexpected)}")
+        _load_model_file(path, model)
     try:
         return torch.load(os.path.join(path, STATE_FILE), map_location=map_location, weights_only=True)
     except Exception as e:
