@@ -79,7 +79,7 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 def build_model_config(cfg: TrainConfig) -> ModelConfig:
     """The model of ``cfg``. With ``ep > 1`` the dispatcher defaults to "allgather" (and "local" is refused): it
     never syncs with the host, so the micro-steps are CUDA-graph captured (train_h200x2.json: 1.87x alltoall's
-    tokens/s on the small preset at EP=2)."""
+    tokens/s on the earlier small preset at EP=2)."""
     overrides = dict(cfg.model_overrides)
     if cfg.dispatcher is not None:
         overrides["dispatcher"] = cfg.dispatcher
