@@ -401,18 +401,21 @@ def check_same_on_all_ranks(what: str, value: dict, group) -> None:
 
 
 @torch.no_grad()
-def reduce_gradients(module: torch.nn.Module, groups: ParallelGroups, *, average: bool = False) -> None:
+def reduce_gradients(module: torch.nn.Module, groups: ParallelGroups, *, average: bool = False,
+                     params=None) -> None:
     """Sum every parameter's gradient over the ranks holding a copy of it (see the module docstring): expert
     shards over "edp", ETP-replicated expert weights over "etp_edp", all others over "tp_cp_dp" unless marked
     ``param.moetron_grad_group = name``. A None gradient takes part as zeros (an idle expert's bias, or ETP rank
     > 0's ``down_proj_bias``) and is set afterwards. One all_reduce per (group, dtype, device) bucket.
 
     ``average=True`` divides by DP·CP afterwards (Megatron's data-parallel scaling, the same for expert and
-    dense weights). Call on every rank, after backward, before the optimizer step."""
+    dense weights). ``params``: the tensors whose ``.grad`` to reduce instead of ``module.parameters()`` (fp32
+    master copies that carry their parameter's ``moetron_grad_group``). Call on every rank, after backward, before
+    the optimizer step."""
     import torch.distributed as dist
 
     buckets: dict = {}
-    for p in module.parameters():
+    for p in (module.parameters() if params is None else params):
         if not p.requires_grad:
             continue
         name = getattr(p, GRAD_GROUP_ATTR, _DEFAULT_GRAD_GROUP)

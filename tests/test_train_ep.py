@@ -10,6 +10,8 @@ What must hold (moetron/train/distributed.py says why it does):
 - ``--resume`` in EP mode (through the CLI, from the saved settings) continues bitwise as the uninterrupted EP run;
 - a checkpoint written at ep 2 resumes in one process (ep 1) and continues as the one-process run, and
   ``moetron generate`` reads it;
+- with fp32 master weights (the GPU default, run here with fp32 storage) ep 2 still equals one process, and its
+  resume is exact;
 - sizes that cannot work fail before any process group exists, naming the numbers.
 
 One spawned world of 2 ranks runs every EP job in sequence (process start-up dominates on 2 cores); the tests read
@@ -111,6 +113,22 @@ def _ep_jobs(rank, next_port, runs_dir, corpus):
     next_port()
     # from the saved settings (ep 2, allgather: the default), as a user types it under torchrun
     out["resume_rc"] = cli.main(["train", "--resume", "--runs-dir", runs_dir, "--name", "split", "--no-progress"])
+    # fp32 master weights (on GPUs the bf16 default) at ep 2: the masters' gradients are reduced, clipped and
+    # checkpointed (gathered, then sliced back on resume) in place of the parameters'. With fp32 storage the
+    # numbers are those of plain fp32 training.
+    import moetron.train.loop as loop
+
+    loop._MASTER_DTYPE_ON_CPU = torch.float32
+    try:
+        next_port()
+        out["master"] = train(make_cfg(runs_dir, corpus, name="master", ep=2), log=_quiet)
+        next_port()
+        train(make_cfg(runs_dir, corpus, name="master_split", ep=2, stop_at=3), log=_quiet)
+        next_port()
+        out["master_resumed"] = train(make_cfg(runs_dir, corpus, name="master_split", ep=2, resume=True),
+                                      log=_quiet)
+    finally:
+        loop._MASTER_DTYPE_ON_CPU = None
     return out
 
 
@@ -233,6 +251,21 @@ def test_ep2_checkpoint_resumes_in_one_process(runs):
     run = os.path.join(runs["dir"], "split_ep1")
     _assert_same_training(run, runs["ref"]["run_dir"])
     assert json.load(open(os.path.join(run, "config.json")))["world_size"] == 1
+
+
+def test_ep2_master_weights_match_one_process_and_resume_exactly(runs):
+    run, ref = os.path.join(runs["dir"], "master"), runs["ref"]["run_dir"]
+    _assert_same_training(run, ref)
+    w, w_ref = _weights(run), _weights(ref)
+    assert w.keys() == w_ref.keys()
+    for k in w:
+        torch.testing.assert_close(w[k], w_ref[k], rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
+    assert all(res["master_resumed"]["step"] == STEPS for res in runs["ep"])
+    split = os.path.join(runs["dir"], "master_split")
+    _assert_same_training(split, run, exact=True)  # the masters' AdamW state went through the checkpoint
+    w_split = _weights(split)
+    for k in w:
+        assert torch.equal(w_split[k], w[k]), k
 
 
 def test_generate_reads_an_ep_checkpoint(runs, capsys):

@@ -190,11 +190,12 @@ def init_distributed(ep: int, device: torch.device) -> DistContext:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def reduce_grads(model: torch.nn.Module, ctx: DistContext) -> None:
-    """Sum the gradients over the ranks holding a copy of each parameter (moetron.parallel.reduce_gradients). The
-    loop divides each rank's loss by W first, so the sum is the gradient of the global mean loss."""
+def reduce_grads(model: torch.nn.Module, ctx: DistContext, master=None) -> None:
+    """Sum the gradients over the ranks holding a copy of each parameter (moetron.parallel.reduce_gradients); with
+    ``master`` (moetron.train.master.MasterWeights) the fp32 masters' gradients, where they accumulate. The loop
+    divides each rank's loss by W first, so the sum is the gradient of the global mean loss."""
     if ctx.distributed:
-        reduce_gradients(model, ctx.groups)
+        reduce_gradients(model, ctx.groups, params=None if master is None else master.params)
 
 
 def _is_expert_shard(p: torch.nn.Parameter) -> bool:
@@ -282,9 +283,9 @@ def global_layer_stats(moe_layers, ctx: DistContext) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def expert_shards(model: torch.nn.Module) -> dict[int, tuple[int, int, int]]:
+def expert_shards(model: torch.nn.Module, master=None) -> dict[int, tuple[int, int, int]]:
     """{id(param): (first global expert, experts here, all experts)} for every expert-parallel expert parameter
-    (dim 0 is the expert dimension)."""
+    (dim 0 is the expert dimension), and for its fp32 master with ``master`` (MasterWeights)."""
     out = {}
     for mod in model.modules():
         par = getattr(mod, "parallel", None)
@@ -295,6 +296,8 @@ def expert_shards(model: torch.nn.Module) -> dict[int, tuple[int, int, int]]:
             raise NotImplementedError("moetron train gathers checkpoints for etp=1 only")
         for p in experts.parameters():
             out[id(p)] = (mod.first_expert, experts.num_experts, mod.config.num_experts)
+            if master is not None:
+                out[id(master.master_of(p))] = out[id(p)]
     return out
 
 
@@ -309,9 +312,10 @@ def _gather_ep(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return out
 
 
-def gather_model_state(model: torch.nn.Module, ctx: DistContext) -> dict | None:
+def gather_model_state(model: torch.nn.Module, ctx: DistContext, master=None) -> dict | None:
     """The one-process state dict (weights and persistent buffers, on the CPU) on rank 0, None elsewhere; tied
-    weights appear under every name, as in ``module.state_dict()``. A collective: every rank calls it."""
+    weights appear under every name, as in ``module.state_dict()``; with ``master`` (MasterWeights) the fp32
+    masters in place of the bf16 weights. A collective: every rank calls it."""
     shards = expert_shards(model)
     out, seen = {}, {}
     for name, t in _named_state(model):
@@ -320,7 +324,10 @@ def gather_model_state(model: torch.nn.Module, ctx: DistContext) -> dict | None:
                 out[name] = out[seen[id(t)]]
             continue
         seen[id(t)] = name
-        if id(t) in shards:
+        is_shard = id(t) in shards
+        if master is not None:
+            t = master.master_of(t)
+        if is_shard:
             t = _gather_ep(t, ctx)
         if ctx.is_main:
             out[name] = t.detach().to("cpu", copy=True)
@@ -344,10 +351,12 @@ def _optimizer_params(opt: torch.optim.Optimizer) -> list:
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def gather_optimizer_state(opt: torch.optim.Optimizer, model: torch.nn.Module, ctx: DistContext) -> dict | None:
+def gather_optimizer_state(opt: torch.optim.Optimizer, model: torch.nn.Module, ctx: DistContext,
+                           master=None) -> dict | None:
     """``opt.state_dict()`` as one process would have it, on rank 0 (None elsewhere): the per-parameter state of
-    expert shards (AdamW's moments, same shape as the shard) concatenated over EP in global expert order."""
-    shards = expert_shards(model)
+    expert shards (AdamW's moments, same shape as the shard) concatenated over EP in global expert order.
+    ``master``: the MasterWeights whose masters the optimizer updates."""
+    shards = expert_shards(model, master)
     sd = opt.state_dict()  # its per-parameter dicts are the optimizer's own: build new ones
     params = _optimizer_params(opt)
     state = {}
@@ -363,10 +372,10 @@ def gather_optimizer_state(opt: torch.optim.Optimizer, model: torch.nn.Module, c
     return {"state": state, "param_groups": sd["param_groups"]} if ctx.is_main else None
 
 
-def slice_optimizer_state(sd: dict, opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+def slice_optimizer_state(sd: dict, opt: torch.optim.Optimizer, model: torch.nn.Module, master=None) -> dict:
     """The inverse of ``gather_optimizer_state`` for this rank: each expert shard's state sliced from the global
     tensors (a one-process or any-EP checkpoint)."""
-    shards = expert_shards(model)
+    shards = expert_shards(model, master)
     params = _optimizer_params(opt)
     for idx, st in sd["state"].items():
         p = params[int(idx)]

@@ -43,6 +43,10 @@ __all__ = ["train", "ResumeError", "WarmupCosine", "build_model_config", "resolv
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                      "B200": 2250.0}
 
+# fp32 master weights (moetron.train.master) are used for bf16 training on CUDA. Tests set this to torch.float32 to
+# run the same bookkeeping on the CPU, where fp32 "low" weights give exactly the numbers of plain fp32 training.
+_MASTER_DTYPE_ON_CPU: torch.dtype | None = None
+
 
 class ResumeError(ValueError):
     """--resume asked for something the checkpoint cannot continue (another model, data or update rule)."""
@@ -390,8 +394,8 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
             raise ckpt.CheckpointError(f"checkpoint {resume_path!r} has format {state.get('format_version')!r}, "
                                        f"this moetron reads {ckpt.FORMAT_VERSION}")
     # bf16 weights with fp32 masters (moetron.train.master), from the fp32 weights just initialised or loaded
-    master = MasterWeights(model) if cfg.master_weights and use_bf16 and device.type == "cuda" and \
-        not ctx.distributed else None
+    master_dtype = torch.bfloat16 if use_bf16 and device.type == "cuda" else _MASTER_DTYPE_ON_CPU
+    master = MasterWeights(model, dtype=master_dtype) if cfg.master_weights and master_dtype is not None else None
     params = master.params if master is not None else list(model.parameters())
     opt = torch.optim.AdamW(_param_groups(params, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             eps=cfg.adam_eps, fused=device.type == "cuda")
@@ -402,7 +406,7 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
     start_step = 0
     prev = {"train_time": 0.0, "tokens": 0}
     if state is not None:
-        opt.load_state_dict(D.slice_optimizer_state(state["optimizer"], opt, model) if sharded
+        opt.load_state_dict(D.slice_optimizer_state(state["optimizer"], opt, model, master) if sharded
                             else state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         # The horizon is this run's (steps may have grown); warm-up and floor are checked equal above.
@@ -472,8 +476,8 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
     def save(step: int) -> str:
         buffers = _extra_buffers(model)
         if sharded:  # collectives: every rank sends its experts, rank 0 writes
-            weights = D.gather_model_state(model, ctx)
-            opt_state = D.gather_optimizer_state(opt, model, ctx)
+            weights = D.gather_model_state(model, ctx, master)
+            opt_state = D.gather_optimizer_state(opt, model, ctx, master)
         else:
             weights = model if master is None else master.state_dict_tensors()  # fp32 either way
             opt_state = opt.state_dict() if ctx.is_main else None
@@ -572,7 +576,7 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
                     tpe_acc[j] += layer.last_stats["tokens_per_expert"].to(tpe_acc.dtype)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             if ctx.distributed:
-                D.reduce_grads(model, ctx)
+                D.reduce_grads(model, ctx, master)
                 gnorm = D.clip_grad_norm(params, max_norm, ctx)
             else:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -13,7 +13,9 @@ Here, as in Megatron-Core's mixed-precision optimizer:
   their own masters (the embedding keeps the residual stream in fp32, as under plain autocast).
 
 The optimizer, gradient clipping and checkpoints see only the fp32 masters (``params``, ``state_dict_tensors``),
-so a checkpoint holds fp32 weights whichever way it was trained, and resumes either way.
+so a checkpoint holds fp32 weights whichever way it was trained, and resumes either way. Under expert parallelism
+each master carries its parameter's gradient group (``moetron_grad_group``), so the trainer reduces the masters'
+gradients over the same groups as the parameters' (moetron/train/distributed.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from ..experts import GroupedExperts
+from ..parallel import GRAD_GROUP_ATTR
 from ..router import TopKRouter
 
 __all__ = ["MasterWeights"]
@@ -60,6 +63,8 @@ class MasterWeights:
                 continue
             master = nn.Parameter(p.detach().clone())
             master.grad = torch.zeros_like(master)
+            if hasattr(p, GRAD_GROUP_ATTR):  # expert shards: reduced over the expert-DP group, not DP
+                setattr(master, GRAD_GROUP_ATTR, getattr(p, GRAD_GROUP_ATTR))
             with torch.no_grad():
                 p.data = p.data.to(dtype)
             if id(p) in fused:
@@ -71,6 +76,10 @@ class MasterWeights:
             self._high.append(master)
             self.params.append(master)
             self._master_of[id(p)] = master
+
+    def master_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the optimizer updates for model parameter ``p``: its fp32 master, or ``p`` itself."""
+        return self._master_of.get(id(p), p)
 
     @property
     def autograd_params(self) -> list[nn.Parameter]:
