@@ -59,25 +59,34 @@ class LocalDispatcher(TokenDispatcher):
     name = "local"
     weights_in_experts = False
 
-    def dispatch(self, x_TH, probs_TK, ids_TK) -> Dispatched:
+    def _slots(self, x_TH, probs_TK, ids_TK):
+        """What ``permute`` lays out: (slot ids, ranking probs, capacity, rows, num_dropped or None). Dropless and
+        padded capacity: the ids as routed, the capacity competition decided while laying out. Packed capacity:
+        the kept slots decided first (``source_drops``; dropped ones get id E), then laid out without capacity."""
         c = self.config
         T, K = ids_TK.shape
         E = c.num_experts
         capacity = c.capacity(T)
-        in_experts = self.weights_in_experts and use_triton(x_TH)
-        permuted_probs = probs_TK if in_experts else _rank_probs(c, probs_TK, capacity)
         if capacity is None or c.pad_to_capacity:
-            perm = permute(x_TH, ids_TK, E, probs=permuted_probs, pad_to=c.pad_to, capacity=capacity,
+            rows = permuted_rows(T, K, E, pad_to=c.pad_to, capacity=capacity)
+            return ids_TK, _rank_probs(c, probs_TK, capacity), capacity, rows, None
+        kept_ids, _, num_dropped = source_drops(c, x_TH, probs_TK, ids_TK, capacity)
+        return kept_ids, None, None, permuted_rows(T, K, E, pad_to=c.pad_to), num_dropped
+
+    def dispatch(self, x_TH, probs_TK, ids_TK) -> Dispatched:
+        c = self.config
+        in_experts = self.weights_in_experts and use_triton(x_TH)
+        ids, rank_probs, capacity, rows, num_dropped = self._slots(x_TH, probs_TK, ids_TK)
+        probs = probs_TK if in_experts else rank_probs  # permuted with the rows, and ranking for the capacity
+        if num_dropped is None:
+            perm = permute(x_TH, ids, c.num_experts, probs=probs, pad_to=c.pad_to, capacity=capacity,
                            drop_policy=c.drop_policy)
-            kept, num_dropped = perm.tokens_per_expert, perm.num_dropped
+            num_dropped = perm.num_dropped
         else:
             # Slot ids outside [0, E) count as dropped in permute's index kernels; the public permute refuses
             # them on the CPU, hence the internal entry point.
-            kept_ids, _, num_dropped = source_drops(c, x_TH, probs_TK, ids_TK, capacity)
-            rows = permuted_rows(T, K, E, pad_to=c.pad_to)
-            perm = _permute(x_TH, kept_ids, E, probs_TK if in_experts else None, c.pad_to, None,
-                            c.drop_policy, rows, None)
-            kept = perm.tokens_per_expert
+            perm = _permute(x_TH, ids, c.num_experts, probs, c.pad_to, None, c.drop_policy, rows, None)
+        kept = perm.tokens_per_expert
         if in_experts:
             return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, None),
                               perm.probs_permuted)
@@ -86,17 +95,12 @@ class LocalDispatcher(TokenDispatcher):
     def layout(self, x_TH, probs_TK, ids_TK) -> Layout:
         """The layout ``dispatch`` would build, without the permuted copy of x: for experts that gather their
         rows themselves (``ops.routed_experts``). Same drops, same order, same offsets."""
-        c = self.config
         T, K = ids_TK.shape
-        E = c.num_experts
-        capacity = c.capacity(T)
-        if capacity is None or c.pad_to_capacity:
-            rows = permuted_rows(T, K, E, pad_to=c.pad_to, capacity=capacity)
-            r = _route(ids_TK, E, _rank_probs(c, probs_TK, capacity), c.pad_to, capacity, c.drop_policy, rows)
+        ids, rank_probs, capacity, rows, num_dropped = self._slots(x_TH, probs_TK, ids_TK)
+        r = _route(ids, self.config.num_experts, rank_probs, self.config.pad_to, capacity, self.config.drop_policy,
+                   rows)
+        if num_dropped is None:
             num_dropped = r.num_dropped
-        else:  # packed capacity: the kept slots first, then only those laid out (as dispatch does)
-            kept_ids, _, num_dropped = source_drops(c, x_TH, probs_TK, ids_TK, capacity)
-            r = _route(kept_ids, E, None, c.pad_to, None, c.drop_policy, permuted_rows(T, K, E, pad_to=c.pad_to))
         return Layout(r.src_slot, r.row_map_R.view(T, K), r.offsets, r.tokens_per_expert, num_dropped)
 
     def combine(self, h, handle):
