@@ -10,7 +10,10 @@ layer keeps all T·K routed rows in fixed-size buffers and passes the group size
 Semantics match the eager micro-step: the captured backward adds into gradients that exist before the capture, so
 micro-batches accumulate, and ``zero_grad(set_to_none=False)`` clears them in place. The warm-up iterations that
 precede the capture are undone (gradients zeroed, the model's buffers, such as the routers' token counters,
-restored). The router's input jitter, if on, draws different random numbers than an eager run would.
+restored, and the RNG states put back: the warm-up and the capture consume no random numbers, so a run resumed
+from a checkpoint, which captures again, continues bitwise as the uninterrupted run; tests/test_train.py's
+resume test with input jitter checks it on a GPU). The router's input jitter, if on, draws different random numbers
+than an eager run would (a captured RNG op takes its offsets from the graph).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class GraphedMicroStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         saved_buffers = {name: b.clone() for name, b in model.named_buffers()}
+        saved_rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device)
         try:
             side = torch.cuda.Stream(x.device)  # warm-up off the default stream, as torch.cuda.graph asks
             side.wait_stream(torch.cuda.current_stream(x.device))
@@ -74,6 +78,8 @@ class GraphedMicroStep:
                         p.grad.copy_(g)
                 for name, b in model.named_buffers():
                     b.copy_(saved_buffers[name])
+            torch.set_rng_state(saved_rng[0])
+            torch.cuda.set_rng_state(saved_rng[1], x.device)
 
     def _micro_step(self) -> torch.Tensor:
         if self.autocast_dtype is not None:
