@@ -113,3 +113,25 @@ def test_sequence_too_long():
     model = MoETransformer(ModelConfig(**SMALL))
     with pytest.raises(ValueError, match="sequence length 17 > max_seq_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_shared_input_linears_match_separate_linears():
+    """The q/k/v (and gate/up) projections' one-node backward (CUDA path) against separate nn.Linear: gradcheck in
+    float64, and an output left unused (no gradient) or a frozen weight."""
+    from moetron.models.transformer import _SharedInputLinears
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    ws = [torch.randn(n, 6, dtype=torch.float64, generator=g, requires_grad=True) for n in (4, 2, 2)]
+    assert torch.autograd.gradcheck(lambda x, *ws: _SharedInputLinears.apply(x, *ws), (x, *ws))
+    q, k, v = _SharedInputLinears.apply(x, *ws)
+    for out, w in zip((q, k, v), ws):
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=0, atol=0)
+    ws[1].requires_grad_(False)
+    (q.square().sum() + 2 * v.sum()).backward()  # k unused, its weight frozen
+    x_ref, w0, w2 = x.detach().requires_grad_(), ws[0].detach().requires_grad_(), ws[2].detach().requires_grad_()
+    (torch.nn.functional.linear(x_ref, w0).square().sum() + 2 * torch.nn.functional.linear(x_ref, w2).sum()).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ws[0].grad, w0.grad)
+    torch.testing.assert_close(ws[2].grad, w2.grad)
+    assert ws[1].grad is None

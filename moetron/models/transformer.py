@@ -286,6 +286,46 @@ def _autocast_dtype():
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
+class _SharedInputLinears(torch.autograd.Function):
+    """``(x @ w_1^T, ..., x @ w_n^T)``, bias-free, for projections that read one input (q/k/v, gate/up). Autograd
+    would compute each input gradient on its own and add them with n - 1 extra passes over [T, H]; here they
+    accumulate inside the GEMMs (``addmm_``). Under autocast the forward's matmuls cast as ``F.linear`` does, and
+    the backward runs under the forward's autocast state."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, *weights):
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, w) for w in weights)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, dws = None, []
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            if g is None:
+                dws.append(None)
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            if ctx.needs_input_grad[0]:
+                if dx is None:
+                    dx = g2 @ w.to(g2.dtype)
+                else:
+                    dx.addmm_(g2, w.to(g2.dtype))
+            dws.append(g2.t() @ x2.to(g2.dtype) if ctx.needs_input_grad[1 + i] else None)
+        return (None if dx is None else dx.view(x.shape)), *dws
+
+
+def _shared_input_linears(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """``tuple(lin(x) for lin in linears)`` (bias-free); on CUDA with one backward node (``_SharedInputLinears``).
+    The CPU keeps the plain ops: the same function, and the CPU main job's numbers unchanged."""
+    if _fused(x) and torch.is_grad_enabled():
+        return _SharedInputLinears.apply(x, *(lin.weight for lin in linears))
+    return tuple(lin(x) for lin in linears)
+
+
 def _rotary_tables(cfg: ModelConfig, device=None):
     half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(half, dtype=torch.float64, device=device) / half))
@@ -324,11 +364,10 @@ class Attention(nn.Module):
     def forward(self, x_BSH, cos_SD, sin_SD):
         B, S, _ = x_BSH.shape
         N, NK, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q, k = self.q_proj(x_BSH), self.k_proj(x_BSH)
+        q, k, v = _shared_input_linears(x_BSH, self.q_proj, self.k_proj, self.v_proj)
         if self.q_norm is not None and not self.cfg.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.view(B, S, N, D), k.view(B, S, NK, D)
-        v = self.v_proj(x_BSH).view(B, S, NK, D)
+        q, k, v = q.view(B, S, N, D), k.view(B, S, NK, D), v.view(B, S, NK, D)
         if self.q_norm is not None and self.cfg.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q = _apply_rotary(q, cos_SD, sin_SD)
@@ -349,7 +388,8 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(ffn, hidden, **kw)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _shared_input_linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
