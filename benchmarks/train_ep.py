@@ -7,8 +7,8 @@
 Both runs train the same model from the same seed for ``--steps`` optimizer steps; the EP run's global batch is
 twice the one-GPU batch (``--batch-size`` per GPU; by default the preset's batch and micro-batches, 64 x 1024
 bytes in one micro-batch for ``small``). Throughput comes from the trainer's own log (``metrics.jsonl``): tokens/s
-of the global batch per log interval of ``--log-every`` steps, without evaluation and checkpoint time. The first interval (Triton compiles and
-autotuning, allocator warm-up) is dropped; rows report the median of the rest. MFU is per GPU: global FLOPs /
+of the global batch per log interval of ``--log-every`` steps, without evaluation and checkpoint time. The first
+interval (Triton compiles and autotuning, allocator warm-up) is dropped; rows report the median of the rest. MFU is per GPU: global FLOPs /
 (GPUs x 989 TFLOP/s), with the FLOPs per token of ``ModelConfig.flops_per_token`` (6 x active parameters plus
 attention).
 

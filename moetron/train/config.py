@@ -105,7 +105,8 @@ class TrainConfig:
     # alltoall dispatcher. Off: every micro-step is issued op by op from Python.
     cuda_graphs: bool = True
     # Keep the matrices in bf16 with fp32 master copies and fp32 gradient accumulation (moetron.train.master) on
-    # a one-process CUDA bf16 run; no effect elsewhere. Off: fp32 weights cast by autocast in every micro-step.
+    # a CUDA bf16 run (one process or expert-parallel); no effect on the CPU. Off: fp32 weights cast by autocast
+    # in every micro-step.
     master_weights: bool = True
     # Peak dense bf16 TFLOP/s of one GPU for MFU. None: looked up from the GPU name (H100/H200: 989).
     peak_tflops: float | None = None
