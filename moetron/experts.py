@@ -171,18 +171,22 @@ class GroupedExperts(_ExpertWeights):
         bias: add per-expert biases ``gate_up_proj_bias``/``up_proj_bias`` and ``down_proj_bias``.
         device, dtype: of the parameters.
 
-    ``forward(x [R, H], offsets [E], row_scale=None) -> [R, H]``: expert e transforms rows
+    ``forward(x [R, H], offsets [E], row_scale=None, zero_tail=True) -> [R, H]``: expert e transforms rows
     [offsets[e-1], offsets[e]) (offsets are cumulative row ends, int32/int64, as ``permute`` returns them); rows
-    past ``offsets[-1]`` come out zero. ``row_scale [R]`` (optional) multiplies each row's activation before the
-    second GEMM: ``y = (row_scale · act(x W1ᵀ + b1)) W2ᵀ + b2``; with no down bias that is the row's routing
-    weight applied to its output. On CUDA nothing is read on the host. Under ``torch.autocast`` the GEMMs run in
-    the autocast dtype.
+    past ``offsets[-1]`` come out zero, or with ``zero_tail=False`` are left unwritten (on the Triton path; for a
+    worst-case-sized dispatcher buffer whose tail nothing reads). ``row_scale [R]`` (optional) multiplies each
+    row's activation before the second GEMM: ``y = (row_scale · act(x W1ᵀ + b1)) W2ᵀ + b2``; with no down bias
+    that is the row's routing weight applied to its output. On CUDA nothing is read on the host. Under
+    ``torch.autocast`` the GEMMs run in the autocast dtype.
     """
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, row_scale: torch.Tensor | None = None,
+                zero_tail: bool = True) -> torch.Tensor:
         self._check_inputs(x, offsets, row_scale)
         dtype = self._compute_dtype(x)
         w1, b1, w2, b2 = self.w1, self.w1_bias, self.down_proj, self._down_bias()
+        # zero_tail=False: rows past offsets[-1] are neither computed nor written, here and in the backward
+        limit = None if zero_tail else offsets[-1:]
         if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
             w1, w2 = w1.to(dtype), w2.to(dtype)
         x = x.to(dtype).contiguous()
@@ -190,12 +194,12 @@ class GroupedExperts(_ExpertWeights):
             # inference: the activation in the first GEMM's epilogue on Hopper (moetron/ops/gated_gmm.py)
             h = gated_gmm(x, w1, offsets, self.activation, None if row_scale is None else row_scale.contiguous())
         elif self.activation in GATED_ACTIVATIONS:  # one fused kernel each way (moetron/ops/gated_act.py)
-            h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
-            h = gated_act(h, self.activation, row_scale=row_scale)
+            h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype), zero_tail=zero_tail)
+            h = gated_act(h, self.activation, row_scale=row_scale, num_rows=limit)
         else:
-            h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype))
+            h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype), zero_tail=zero_tail)
             h = _scale_rows(apply_activation(h, self.activation), row_scale)
-        return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True, bias=_bias_for(b2, dtype))
+        return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True, bias=_bias_for(b2, dtype), zero_tail=zero_tail)
 
     def _down_bias(self) -> torch.Tensor | None:
         return self.down_proj_bias

@@ -467,7 +467,10 @@ class MoELayer(nn.Module):
             y_TH = self.experts.forward_routed(x_send, route.probs, d.src_slot, d.row_map, d.offsets)
         else:
             d = self.dispatcher.dispatch(x_send, route.probs, route.expert_ids)
-            h = self.experts(d.x, d.offsets, row_scale=d.row_probs)
+            kw = {}
+            if self.dispatcher.reads_routed_rows_only and isinstance(self.experts, GroupedExperts):
+                kw["zero_tail"] = False  # nothing reads the buffer's unused tail: do not compute or write it
+            h = self.experts(d.x, d.offsets, row_scale=d.row_probs, **kw)
             y_TH = self.dispatcher.combine(h, d.handle)
         if y_shared is not None:
             y_TH = y_TH + y_shared

@@ -55,10 +55,13 @@ class Dispatched(NamedTuple):
 
 
 class TokenDispatcher:
-    """Interface of the dispatchers. ``syncs``: whether ``dispatch`` reads device data on the host."""
+    """Interface of the dispatchers. ``syncs``: whether ``dispatch`` reads device data on the host.
+    ``reads_routed_rows_only``: whether ``combine`` (and the backward of ``dispatch``) touch only the rows that
+    routing filled, so the experts may leave the buffer's tail past the last expert unwritten."""
 
     name = "base"
     syncs = False
+    reads_routed_rows_only = False
 
     def __init__(self, config, groups):
         self.config = config

@@ -57,6 +57,7 @@ class LocalDispatcher(TokenDispatcher):
     cost more than they save (the CPU main job ran 5-8% slower), so it stays off there."""
 
     name = "local"
+    reads_routed_rows_only = True  # unpermute gathers rows through the row map
     weights_in_experts = False
 
     def _slots(self, x_TH, probs_TK, ids_TK):

@@ -53,11 +53,23 @@ def _gate_and_slope(g, GELU: tl.constexpr):
 
 
 @triton.jit
-def _gated_fwd_kernel(h_ptr, s_ptr, a_ptr, F_, stride_h, stride_a, GELU: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      BF16_FIXUPS: tl.constexpr, BLOCK_F: tl.constexpr):
+def _row_limit(limit_ptr, HAS_LIMIT: tl.constexpr):
+    """Rows at and past this one are neither read nor written: limit[0] with HAS_LIMIT, else no limit."""
+    if HAS_LIMIT:
+        limit = tl.load(limit_ptr).to(tl.int64)
+    else:
+        limit = tl.full((), 1 << 62, tl.int64)
+    return limit
+
+
+@triton.jit
+def _gated_fwd_kernel(h_ptr, s_ptr, a_ptr, limit_ptr, F_, stride_h, stride_a, GELU: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, HAS_LIMIT: tl.constexpr, BF16_FIXUPS: tl.constexpr,
+                      BLOCK_F: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    ok = cols < F_
+    # a row past the limit loads and stores nothing (its scale is in bounds and harmless to read)
+    ok = (cols < F_) & ((cols * 0 + row) < _row_limit(limit_ptr, HAS_LIMIT))
     g = tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(h_ptr + row * stride_h + F_ + cols, mask=ok, other=0.0).to(tl.float32)
     act, _ = _gate_and_slope(g, GELU)
@@ -68,15 +80,16 @@ def _gated_fwd_kernel(h_ptr, s_ptr, a_ptr, F_, stride_h, stride_a, GELU: tl.cons
 
 
 @triton.jit
-def _gated_bwd_kernel(h_ptr, da_ptr, s_ptr, dh_ptr, ds_ptr, F_, stride_h, stride_da, stride_dh, num_blocks,
-                      GELU: tl.constexpr, HAS_SCALE: tl.constexpr, BF16_FIXUPS: tl.constexpr,
-                      BLOCK_F: tl.constexpr):
+def _gated_bwd_kernel(h_ptr, da_ptr, s_ptr, dh_ptr, ds_ptr, limit_ptr, F_, stride_h, stride_da, stride_dh,
+                      num_blocks, GELU: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                      BF16_FIXUPS: tl.constexpr, BLOCK_F: tl.constexpr):
     """dh = d(act(g)·u·s); with a row scale s also this block's share of ds = sum_f da·act(g)·u, stored at
     ds[row, block] (summed over blocks afterwards: no atomics)."""
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     cols = block * BLOCK_F + tl.arange(0, BLOCK_F)
-    ok = cols < F_
+    # a row past the limit loads and stores nothing (its scale is in bounds and harmless to read)
+    ok = (cols < F_) & ((cols * 0 + row) < _row_limit(limit_ptr, HAS_LIMIT))
     g = tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(h_ptr + row * stride_h + F_ + cols, mask=ok, other=0.0).to(tl.float32)
     da = tl.load(da_ptr + row * stride_da + cols, mask=ok, other=0.0).to(tl.float32)
@@ -97,7 +110,7 @@ def _grid(rows: int, f: int):
     return (rows, cdiv(f, block)), block
 
 
-def _forward(h: torch.Tensor, scale: torch.Tensor | None, activation: str) -> torch.Tensor:
+def _forward(h: torch.Tensor, scale: torch.Tensor | None, activation: str, limit=None) -> torch.Tensor:
     rows, f = h.shape[0], h.shape[1] // 2
     if rows == 0 or f == 0:
         return h.new_empty(rows, f)
@@ -105,13 +118,14 @@ def _forward(h: torch.Tensor, scale: torch.Tensor | None, activation: str) -> to
         return _torch_gated(h.float(), activation, scale).to(h.dtype)
     a = torch.empty(rows, f, dtype=h.dtype, device=h.device)
     grid, block = _grid(rows, f)
-    _launch_fwd(grid, (h, h if scale is None else scale, a, f, h.stride(0), a.stride(0)),
-                dict(GELU=activation == "geglu", HAS_SCALE=scale is not None,
+    _launch_fwd(grid, (h, h if scale is None else scale, a, h if limit is None else limit, f, h.stride(0),
+                       a.stride(0)),
+                dict(GELU=activation == "geglu", HAS_SCALE=scale is not None, HAS_LIMIT=limit is not None,
                      BF16_FIXUPS=interpreter_bf16_fixups(h), BLOCK_F=block), num_warps=4)
     return a
 
 
-def _backward(h, scale, da, activation: str, need_scale_grad: bool):
+def _backward(h, scale, da, activation: str, need_scale_grad: bool, limit=None):
     """(dh [R, 2F], dscale [R] or None)."""
     rows, f = h.shape[0], h.shape[1] // 2
     if rows == 0 or f == 0:
@@ -127,9 +141,9 @@ def _backward(h, scale, da, activation: str, need_scale_grad: bool):
     dh = torch.empty_like(h)
     grid, block = _grid(rows, f)
     ds = torch.empty(rows, grid[1], dtype=torch.float32, device=h.device) if scale is not None else None
-    _launch_bwd(grid, (h, da, h if scale is None else scale, dh, dh if ds is None else ds, f, h.stride(0),
-                       da.stride(0), dh.stride(0), grid[1]),
-                dict(GELU=activation == "geglu", HAS_SCALE=scale is not None,
+    _launch_bwd(grid, (h, da, h if scale is None else scale, dh, dh if ds is None else ds,
+                       h if limit is None else limit, f, h.stride(0), da.stride(0), dh.stride(0), grid[1]),
+                dict(GELU=activation == "geglu", HAS_SCALE=scale is not None, HAS_LIMIT=limit is not None,
                      BF16_FIXUPS=interpreter_bf16_fixups(dh), BLOCK_F=block), num_warps=4)
     if not need_scale_grad:
         return dh, None
@@ -138,26 +152,32 @@ def _backward(h, scale, da, activation: str, need_scale_grad: bool):
 
 class _GatedAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, scale, activation):
-        ctx.save_for_backward(h, scale)
+    def forward(ctx, h, scale, activation, limit):
+        ctx.save_for_backward(h, scale, limit)
         ctx.activation = activation
-        return _forward(h, scale, activation)
+        return _forward(h, scale, activation, limit)
 
     @staticmethod
     def backward(ctx, da):
-        h, scale = ctx.saved_tensors
+        h, scale, limit = ctx.saved_tensors
         need_scale_grad = scale is not None and ctx.needs_input_grad[1]
-        dh, dscale = _backward(h, scale, da.contiguous(), ctx.activation, need_scale_grad)
-        return dh, dscale, None
+        dh, dscale = _backward(h, scale, da.contiguous(), ctx.activation, need_scale_grad, limit)
+        return dh, dscale, None, None
 
 
-def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tensor | None = None,
+              num_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``act(h[:, :F]) * h[:, F:]`` for ``h [R, 2F]`` (gate columns first, then up), returned as ``[R, F]`` in h's
     dtype; act is silu (``"swiglu"``) or tanh-approximated gelu (``"geglu"``). ``row_scale [R]`` (optional,
     fp32/bf16/fp16) multiplies each row: an MoE layer applies its routing weights here, before the second GEMM,
     so the weighted sum after it needs no second read of the expert outputs in backward. Computed in fp32,
     differentiable in h and row_scale, one Triton kernel each way on CUDA (PyTorch on CPU tensors unless
-    MOETRON_BACKEND=triton)."""
+    MOETRON_BACKEND=triton).
+
+    ``num_rows`` (optional): a one-element integer tensor on h's device, read by the kernels (no sync): only the
+    rows below it are computed, and the output rows (and the backward's dh and row_scale gradient rows) at and
+    past it are left unwritten, for a worst-case-sized buffer whose tail nothing reads (``gmm``'s
+    ``zero_tail=False``). The PyTorch path computes every row."""
     check_tensor("h", h, ndim=2, dtypes=FLOAT_DTYPES)
     if h.shape[1] % 2:
         raise ValueError(f"h must be [R, 2F] (gate then up columns), got an odd width: shape {tuple(h.shape)}")
@@ -170,7 +190,13 @@ def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tens
             raise ValueError(f"row_scale must be [R] = [{h.shape[0]}] on {h.device}, got "
                              f"{tuple(row_scale.shape)} on {row_scale.device}")
         row_scale = row_scale.contiguous()
-    return _GatedAct.apply(h, row_scale, activation)
+    if num_rows is not None:
+        check_tensor("num_rows", num_rows, dtypes=(torch.int32, torch.int64))
+        if num_rows.numel() != 1 or num_rows.device != h.device:
+            raise ValueError(f"num_rows must be a one-element integer tensor on {h.device}, got shape "
+                             f"{tuple(num_rows.shape)} on {num_rows.device}")
+        num_rows = num_rows.reshape(1)
+    return _GatedAct.apply(h, row_scale, activation, num_rows)
 
 
 def _torch_gated(h: torch.Tensor, activation: str, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -119,12 +119,13 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS: tl.constexpr, BM: tl.constexpr, BLOCK_G: tl.constexpr):
+def _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS: tl.constexpr, ZERO_TAIL: tl.constexpr, BM: tl.constexpr,
+                    BLOCK_G: tl.constexpr):
     """Every program builds the tile schedule in registers from the raw sizes (a [G] load and two prefix
     sums), so gmm is a single launch. Sizes are clamped into [0, M]: invalid sizes can never drive a kernel
     out of bounds (debug mode rejects them on the host instead). Entry G is the tail [end of the last group,
-    M): rows no group owns, written as zeros. Returns per-entry row starts, row ends, first m-tile and
-    tile counts (entries past G are empty)."""
+    M): rows no group owns, written as zeros with ZERO_TAIL, else not scheduled at all (left unwritten).
+    Returns per-entry row starts, row ends, first m-tile and tile counts (entries past G are empty)."""
     idx = tl.arange(0, BLOCK_G)
     raw = tl.load(sizes_ptr + idx, mask=idx < G, other=0).to(tl.int64)
     if SIZES_ARE_ENDS:
@@ -133,7 +134,10 @@ def _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS: tl.constexpr, BM: tl.conste
     inclusive = tl.cumsum(counts, 0)
     starts = tl.minimum(inclusive - counts, M).to(tl.int32)
     ends = tl.where(idx == G, M, tl.minimum(inclusive, M)).to(tl.int32)
-    tiles = tl.where(idx <= G, (ends - starts + BM - 1) // BM, 0)
+    if ZERO_TAIL:
+        tiles = tl.where(idx <= G, (ends - starts + BM - 1) // BM, 0)
+    else:
+        tiles = tl.where(idx < G, (ends - starts + BM - 1) // BM, 0)
     first_tiles = tl.cumsum(tiles, 0) - tiles
     return starts, ends, first_tiles, tiles
 
@@ -221,6 +225,7 @@ def _gmm_kernel(
     GATHER: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    ZERO_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -230,7 +235,7 @@ def _gmm_kernel(
     GATHER: row i of the GEMM reads x[gather[i]] (see _gather_rows)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
-    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, BM, BLOCK_G)
+    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BM, BLOCK_G)
     total_m_tiles = tl.sum(tiles)
     total_tiles = total_m_tiles * num_n
     for tile in range(pid, total_tiles, num_programs):
@@ -282,6 +287,7 @@ def _gmm_tma_kernel(
     TMA_STORE: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    ZERO_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -314,7 +320,7 @@ def _gmm_tma_kernel(
                                              block_shape=[BM, BN])
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
-    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, BM, BLOCK_G)
+    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BM, BLOCK_G)
     total_m_tiles = tl.sum(tiles)
     total_tiles = total_m_tiles * num_n
     for tile in tl.range(pid, total_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -358,6 +364,7 @@ def _gmm_gated_tma_kernel(
     FLATTEN: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    ZERO_TAIL: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -374,7 +381,7 @@ def _gmm_gated_tma_kernel(
                                        block_shape=[1, BN, BK])
     pid = tl.program_id(0)
     num_n = tl.cdiv(F_, BN)
-    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, BM, BLOCK_G)
+    starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BM, BLOCK_G)
     total_m_tiles = tl.sum(tiles)
     total_tiles = total_m_tiles * num_n
     for tile in tl.range(pid, total_tiles, num_programs, flatten=FLATTEN):
@@ -579,16 +586,21 @@ class _Groups:
     """Group sizes as the kernels consume them: the caller's tensor (counts, or cumulative ends when
     ``are_ends``) on the compute device. The kernels derive the schedule from it themselves."""
 
-    def __init__(self, sizes: torch.Tensor, are_ends: bool, num_rows: int):
+    def __init__(self, sizes: torch.Tensor, are_ends: bool, num_rows: int, zero_tail: bool = True):
         self.sizes = sizes
         self.are_ends = are_ends
         self.num_rows = num_rows
+        # rows past the last group: written as zeros, or (False) left as they are, in the forward and in dx
+        self.zero_tail = zero_tail
         self.num_groups = sizes.numel()
         self._host_counts: list[int] | None = None
 
-    def kernel_args(self) -> dict:
-        # one lane per schedule entry (G groups + the tail)
-        return dict(SIZES_ARE_ENDS=self.are_ends, BLOCK_G=max(16, next_power_of_2(self.num_groups + 1)))
+    def kernel_args(self, m_grouped: bool = True) -> dict:
+        # one lane per schedule entry (G groups + the tail); the k-grouped kernels have no tail rows
+        args = dict(SIZES_ARE_ENDS=self.are_ends, BLOCK_G=max(16, next_power_of_2(self.num_groups + 1)))
+        if m_grouped:
+            args["ZERO_TAIL"] = self.zero_tail
+        return args
 
     def host_counts(self) -> list[int]:
         """Per-group row counts, clamped exactly as the device schedule clamps them. Syncs if the sizes live
@@ -675,7 +687,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
         trans_w = True
     tensors = (x, w, bias if bias is not None else out, out, groups.sizes,
                gather if gather is not None else groups.sizes)
-    plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends, gather is None))
+    plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends, gather is None, groups.zero_tail))
     if plan_key is not None and _FWD_PLANS.run(plan_key, tensors):
         return out
     M, N = out.shape
@@ -750,7 +762,7 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
     # the tensors in the order the kernel takes them (placeholders for absent ones are never read)
     tensors = (x, w, row_scale if row_scale is not None else a, a, groups.sizes,
                gather if gather is not None else groups.sizes)
-    plan_key = _plan_key(tensors, (activation, groups.are_ends, gather is None, row_scale is None))
+    plan_key = _plan_key(tensors, (activation, groups.are_ends, gather is None, row_scale is None, groups.zero_tail))
     if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
         return a
     cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(on_cpu=not x.is_cuda)
@@ -780,7 +792,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     grid = (G * cdiv(KA, cfg["BK"]) * cdiv(NB, cfg["BN"]),)
     constexprs = dict(
         ACCUMULATE=accumulate,
-        **groups.kernel_args(),
+        **groups.kernel_args(m_grouped=False),
         INPUT_PRECISION=_input_precision(a.dtype),
         BF16_FIXUPS=interpreter_bf16_fixups(a) or interpreter_bf16_fixups(out),
         BK=cfg["BK"], BN=cfg["BN"], BM=cfg["BM"], GROUP_K=cfg.get("GROUP_K", _GROUP_M),
@@ -938,7 +950,7 @@ def _check_host_sizes(name: str, values: list[int], are_ends: bool, num_rows: in
 
 
 def _make_groups(group_sizes, offsets, num_groups: int, num_rows: int, device: torch.device,
-                 group_arg: str = "w") -> _Groups:
+                 group_arg: str = "w", zero_tail: bool = True) -> _Groups:
     if (group_sizes is None) == (offsets is None):
         raise ValueError("pass exactly one of group_sizes (per-group row counts) or offsets (cumulative row "
                          f"ends), got {'both' if group_sizes is not None else 'neither'}")
@@ -957,12 +969,12 @@ def _make_groups(group_sizes, offsets, num_groups: int, num_rows: int, device: t
         if sizes.device.type != "cpu":
             raise ValueError(f"{name} must be on the CPU or on x's device ({device}), got {sizes.device}")
         sizes = sizes.to(device, non_blocking=True)
-    return _Groups(sizes.contiguous(), are_ends, num_rows)
+    return _Groups(sizes.contiguous(), are_ends, num_rows, zero_tail)
 
 
 def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = None, *,
         offsets: torch.Tensor | None = None, trans_w: bool = False, bias: torch.Tensor | None = None,
-        out: torch.Tensor | None = None) -> torch.Tensor:
+        out: torch.Tensor | None = None, zero_tail: bool = True) -> torch.Tensor:
     """m-grouped GEMM: ``out[rows of g] = x[rows of g] @ w[g] (+ bias[g])``.
 
     Args:
@@ -978,10 +990,13 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
         trans_w: read ``w`` as ``[G, N, K]``.
         bias: optional ``[G, N]`` in x's dtype or fp32.
         out: optional ``[M, N]`` output in x's dtype, unit stride along N (not allowed while autograd records).
+        zero_tail: write zeros to the rows past the last group (when the sizes add up to less than M), here and
+            in the backward's dx. False leaves them unwritten (uninitialised unless ``out`` is given): for
+            worst-case-sized buffers whose unused tail nothing reads (a sync-free dispatcher's), it saves
+            writing it. The CPU path writes zeros either way.
 
     Returns:
-        ``[M, N]`` in x's dtype, accumulated in fp32. Rows past the last group (when the sizes add up to
-        less than M) are zeros.
+        ``[M, N]`` in x's dtype, accumulated in fp32. Rows past the last group are zeros (with ``zero_tail``).
 
     Autograd: dx is a grouped GEMM with the weight transposed, dw a k-grouped GEMM (``gmm_k``), dbias the
     per-group sum of dy. If ``w`` has an fp32 ``main_grad`` attribute (Megatron's gradient-accumulation
@@ -1012,7 +1027,9 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
         check_tensor("bias", bias, ndim=2, dtypes=(x.dtype, torch.float32))
         check_shape("bias", bias, (G, N), "[G, N]")
         check_same_device("bias", bias, "x", x)
-    groups = _make_groups(group_sizes, offsets, G, M, x.device)
+    if not isinstance(zero_tail, bool):
+        raise TypeError(f"zero_tail must be a bool, got {type(zero_tail).__name__}")
+    groups = _make_groups(group_sizes, offsets, G, M, x.device, zero_tail=zero_tail)
 
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                               or (bias is not None and bias.requires_grad))

@@ -1,6 +1,8 @@
 """Fused gated activation against a float64 PyTorch reference (DESIGN.md tolerance rule), forward and backward,
 on the torch path and on the Triton kernels (the interpreter on CPU, CUDA on a GPU)."""
 
+import os
+
 import pytest
 import torch
 
@@ -63,3 +65,32 @@ def test_empty_and_bad_input():
         gated_act(torch.ones(3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"row_scale must be \[R\] = \[3\]"):
         gated_act(torch.randn(3, 4), row_scale=torch.ones(2))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "row_scale"])
+def test_num_rows_computes_the_live_rows_only(device, scaled):
+    # Rows at and past num_rows (a device tensor) are neither read nor written on the Triton path: NaN garbage
+    # there reaches nothing, and the live rows of a, dh and the scale gradient are bitwise the full call's.
+    rows, f, live = 9, 40, 6
+    torch.manual_seed(3)
+    h = torch.randn(rows, 2 * f).to(torch.bfloat16).to(device)
+    h[live:] = float("nan")
+    da = torch.randn(rows, f).to(torch.bfloat16).to(device)
+    da[live:] = float("nan")
+    s = (torch.rand(rows) + 0.1).to(device) if scaled else None
+    outs, tails = [], []
+    for limit in (None, torch.tensor([live], device=device)):
+        hg = h.clone().requires_grad_(True)
+        sg = s.clone().requires_grad_(True) if scaled else None
+        a = gated_act(hg, "swiglu", row_scale=sg, num_rows=limit)
+        a.backward(da)
+        outs.append((a[:live], hg.grad[:live], sg.grad[:live] if scaled else None))
+        tails.append(sg.grad[live:] if scaled else None)
+    if scaled and (device != "cpu" or os.environ.get("MOETRON_BACKEND") == "triton"):
+        # the kernels skipped the dead rows: their scale gradient reads no NaN (the full call's does)
+        assert torch.isnan(tails[0]).all() and not torch.isnan(tails[1]).any()
+    for got, want in zip(outs[1], outs[0]):
+        assert got is None or torch.equal(got, want)
+    assert not torch.isnan(outs[1][0].float()).any()
+    with pytest.raises(ValueError, match="num_rows must be a one-element integer tensor"):
+        gated_act(h, num_rows=torch.tensor([1, 2], device=device))

@@ -161,6 +161,36 @@ def test_forward_gathered_rows(path, dtype, trans_w):
     assert torch.equal(out[sum(sizes):].float().cpu(), torch.zeros(M - sum(sizes), N))
 
 
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_zero_tail_false_leaves_the_tail_and_computes_the_same_rows(path, trans_w):
+    # A worst-case-sized buffer whose tail nothing reads (a sync-free dispatcher's): the tail rows of out keep
+    # what they held (poison here), every group row is bitwise what zero_tail=True gives, and so are dx's group
+    # rows and dw under autograd. Garbage (NaN) in x's tail rows must not reach any group row either.
+    sizes, M, K, N, dtype = [5, 0, 17, 9], 47, 24, 40, torch.bfloat16
+    x, w, b = _make(M, K, N, len(sizes), dtype, path, trans_w, bias=True, seed=21)
+    valid = sum(sizes)
+    x[valid:] = float("nan")
+    want = moetron.gmm(x, w, torch.tensor(sizes), trans_w=trans_w, bias=b)
+    out = _poison((M, N), dtype, path)
+    got = moetron.gmm(x, w, torch.tensor(sizes), trans_w=trans_w, bias=b, out=out, zero_tail=False)
+    assert torch.equal(got[:valid], want[:valid])
+    if gmm_module._env.use_triton(x):
+        assert torch.isnan(got[valid:].float()).all()
+    else:  # the PyTorch path writes zeros either way
+        assert torch.equal(got[valid:].float().cpu(), torch.zeros(M - valid, N))
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(22)).to(dtype).to(path)
+    dy[valid:] = float("nan")
+    grads = []
+    for zero_tail in (True, False):
+        leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        moetron.gmm(leaves[0], leaves[1], torch.tensor(sizes), trans_w=trans_w, zero_tail=zero_tail).backward(dy)
+        grads.append((leaves[0].grad[:valid], leaves[1].grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert not torch.isnan(grads[1][1].float()).any()
+    with pytest.raises(TypeError, match="zero_tail must be a bool"):
+        moetron.gmm(x, w, torch.tensor(sizes), trans_w=trans_w, zero_tail=None)
+
+
 def _check_backward(path, sizes, M, K, N, dtype, trans_w, with_bias, seed):
     G = len(sizes)
     x, w, b = _make(M, K, N, G, dtype, path, trans_w, with_bias, seed=seed)
