@@ -262,6 +262,34 @@ def test_sigterm_stops_after_a_checkpointed_step(tmp_path, corpus_file):
     assert [r["step"] for r in _records(out["run_dir"], "train")] == list(range(1, 11))
 
 
+def test_out_of_memory_says_how_to_split_the_step(tmp_path, corpus_file, monkeypatch, capsys):
+    # A training step that runs out of GPU memory (simulated: the forward raises what the CUDA allocator raises)
+    # ends with a clear error naming the micro-batch and the next --grad-accum that divides the batch, and the
+    # CLI turns it into "error: ..." and exit status 2, not a traceback.
+    from moetron.models import MoETransformer
+    from moetron.train import GPUMemoryError
+
+    real_forward = MoETransformer.forward
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MoETransformer, "forward", forward)
+    with pytest.raises(GPUMemoryError, match=r"in step 1.* micro-batches of 9 sequences x 32 bytes .*"
+                                             r"--grad-accum 3 .*--resume continues") as info:
+        train(_cfg(tmp_path, corpus_file, batch_size=9, name="oom"), log=_quiet)  # 2 does not divide 9
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    rc = cli.main(["train", "--data", corpus_file, "--runs-dir", str(tmp_path / "runs"), "--name", "oom2",
+                   "--steps", "2", "--no-progress", "--batch-size", "4", "--grad-accum", "2", "--seq-len", "32",
+                   "--set", "hidden_size=32", "--set", "num_layers=1", "--set", "num_heads=2",
+                   "--set", "num_kv_heads=2", "--set", "num_experts=4", "--set", "moe_ffn_hidden_size=16",
+                   "--set", "max_seq_len=32"])
+    assert rc == 2
+    assert "--grad-accum 4" in capsys.readouterr().err
+
+
 def test_generate(tmp_path, corpus_file, capsys):
     run = train(_cfg(tmp_path, corpus_file, steps=3), log=_quiet)["run_dir"]
     capsys.readouterr()

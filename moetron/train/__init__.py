@@ -3,7 +3,7 @@
 from .checkpoint import CheckpointError
 from .config import PRESET_TRAIN, TrainConfig
 from .data import ByteDataset, DataError, load_corpus
-from .loop import ResumeError, train
+from .loop import GPUMemoryError, ResumeError, train
 
-__all__ = ["TrainConfig", "PRESET_TRAIN", "train", "ResumeError", "CheckpointError", "DataError", "ByteDataset",
-           "load_corpus"]
+__all__ = ["TrainConfig", "PRESET_TRAIN", "train", "ResumeError", "GPUMemoryError", "CheckpointError", "DataError",
+           "ByteDataset", "load_corpus"]

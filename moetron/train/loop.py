@@ -36,7 +36,8 @@ from .data import ByteDataset, load_corpus
 from .master import MasterWeights
 from . import distributed as D
 
-__all__ = ["train", "ResumeError", "WarmupCosine", "build_model_config", "resolve_run_dir", "peak_flops"]
+__all__ = ["train", "ResumeError", "GPUMemoryError", "WarmupCosine", "build_model_config", "resolve_run_dir",
+           "peak_flops"]
 
 # Dense bf16 peak of one GPU (spec sheet, without sparsity), for MFU. DESIGN.md measured 709 TFLOP/s of real matmul on
 # the H100; MFU conventionally divides by the spec peak.
@@ -50,6 +51,25 @@ _MASTER_DTYPE_ON_CPU: torch.dtype | None = None
 
 class ResumeError(ValueError):
     """--resume asked for something the checkpoint cannot continue (another model, data or update rule)."""
+
+
+class GPUMemoryError(ValueError):
+    """A training step ran out of GPU memory; the message says how to split the step (the run resumes from its
+    last checkpoint)."""
+
+
+def _out_of_memory_message(cfg: TrainConfig, rows: int, world: int, device: torch.device, step: int) -> str:
+    accum = next(a for a in range(cfg.grad_accum + 1, cfg.batch_size + 1)
+                 if cfg.batch_size % (a * world) == 0) if rows > 1 else None
+    used = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        used = f" ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} of {total:.1f} GiB allocated at the peak)"
+    fix = (f"pass --grad-accum {accum} to split each step into more micro-batches (the same batch and update, "
+           "less activation memory), " if accum else "")
+    return (f"out of GPU memory on {device} in step {step + 1}{used}, with micro-batches of {rows} sequences x "
+            f"{cfg.seq_len} bytes per process; {fix}or lower --batch-size or --seq-len. Checkpoints written so far "
+            "are complete: --resume continues from the last one.")
 
 
 class WarmupCosine:
@@ -664,6 +684,9 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
                 by = stop_signal.name or "a signal to another rank"
                 say(f"stopped by {by} after step {step}; checkpoint written, continue with --resume")
                 break
+    except torch.OutOfMemoryError as e:  # a clear way out instead of an allocator traceback
+        bar.close()
+        raise GPUMemoryError(_out_of_memory_message(cfg, rows, ctx.world, device, step)) from e
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once; the last complete checkpoint stays the latest
         bar.close()
         log(f"interrupted during step {step + 1}; resume continues from {last_ckpt or 'the last checkpoint'}")
