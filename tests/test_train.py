@@ -358,3 +358,18 @@ def test_cuda_graphs_setting(tmp_path, corpus_file):
     x = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="x must be on a CUDA device"):
         GraphedMicroStep(model, x, x, loss_div=1.0, autocast_dtype=None, moe_layers=model.moe_layers())
+
+
+def test_cpu_warns_about_gpu_sized_steps():
+    from moetron.models import preset
+    from moetron.train.config import PRESET_TRAIN
+    from moetron.train.loop import _cpu_step_warning
+
+    def step_flops(name):
+        t = PRESET_TRAIN[name]
+        return preset(name).flops_per_token(t["seq_len"]) * t["batch_size"] * t["seq_len"]
+
+    assert _cpu_step_warning(step_flops("tiny"), torch.device("cpu")) is None
+    msg = _cpu_step_warning(step_flops("small"), torch.device("cpu"))
+    assert msg is not None and "77 TFLOP" in msg and "--device cuda" in msg
+    assert _cpu_step_warning(step_flops("small"), torch.device("cuda")) is None

@@ -53,6 +53,20 @@ class ResumeError(ValueError):
     """--resume asked for something the checkpoint cannot continue (another model, data or update rule)."""
 
 
+# FLOPs per training step above which a CPU run gets a warning: the tiny preset's step is ~9 GFLOP, the small one's
+# ~77 TFLOP (hours per step on a few cores).
+_CPU_WARN_STEP_FLOPS = 1e12
+
+
+def _cpu_step_warning(step_flops: float, device: torch.device) -> str | None:
+    """A warning for a run whose steps are far too large for the CPU it runs on, else None."""
+    if device.type != "cpu" or step_flops < _CPU_WARN_STEP_FLOPS:
+        return None
+    return (f"warning: each step is {step_flops / 1e12:,.0f} TFLOP on the CPU: at the ~0.1-1 TFLOP/s of a few cores "
+            "that is minutes to hours per step. This model is meant for a GPU (--device cuda); on the CPU use "
+            "--preset tiny, or a smaller --batch-size / --seq-len")
+
+
 class GPUMemoryError(ValueError):
     """A training step ran out of GPU memory; the message says how to split the step (the run resumes from its
     last checkpoint)."""
@@ -483,6 +497,9 @@ def _train(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, ctx: "D.Di
         f"device {device}{' bf16' if use_bf16 else ' fp32'}{par}")
     log(f"data: {corpus.source}: {data_info['train_bytes']:,} train / {data_info['val_bytes']:,} val bytes; "
         f"{cfg.batch_size} x {cfg.seq_len} bytes per step, {end_step - start_step} steps to go")
+    slow = _cpu_step_warning(flops_tok * tokens_per_step / ctx.world, device)
+    if slow:
+        log(slow)
 
     def evaluate() -> float:
         model.eval()
