@@ -158,11 +158,13 @@ def host_and_wall_ms(step, steps: int, warmup: int = 3) -> tuple[float, float]:
     return host, (time.perf_counter() - t) / steps * 1e3
 
 
-def print_kernel_table(step, steps: int, rows: int, name_width: int = 70) -> None:
-    """GPU kernels of ``steps`` calls of ``step``, sorted by total time (torch.profiler)."""
+def print_kernel_table(step, steps: int, rows: int, name_width: int = 70, show: bool = True) -> None:
+    """GPU kernels of ``steps`` calls of ``step``, sorted by total time (torch.profiler). ``show=False`` runs the
+    same steps without printing (the other ranks of a multi-process profile)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=name_width))
+    if show:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=name_width))
 

@@ -5,6 +5,10 @@ bounds tokens/s (the forward and the optimizer; autograd runs the backward on it
 run_backward's total).
 
     python benchmarks/profile_train.py --preset small --batch-size 16 --seq-len 1024 [--host-profile]
+    torchrun --nproc-per-node=2 benchmarks/profile_train.py --batch-size 64   # expert parallel, EP = processes
+
+Under torchrun every rank holds 1/EP of the experts (``--dispatcher``, allgather by default), takes its own batch,
+and reduces the gradients as ``moetron train --ep N`` does; rank 0 prints.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import host_and_wall_ms, print_kernel_table  # noqa: E402
 from moetron.models import MoETransformer, preset  # noqa: E402
+from moetron.train import distributed as D  # noqa: E402
 from moetron.train.master import MasterWeights  # noqa: E402
 
 
@@ -32,21 +37,29 @@ def main(argv=None):
     parser.add_argument("--host-profile", action="store_true", help="also cProfile two steps (host time)")
     parser.add_argument("--no-master-weights", dest="master", action="store_false",
                         help="fp32 weights cast by autocast (as `moetron train --no-master-weights`)")
+    parser.add_argument("--dispatcher", default="allgather", help="under torchrun: the EP dispatcher")
     args = parser.parse_args(argv)
+    world = D.env_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    ctx = D.init_distributed(world, device)  # one process: no group
+    show = ctx.is_main
     torch.manual_seed(0)
-    cfg = preset(args.preset)
-    model = MoETransformer(cfg, device="cuda").train()
+    cfg = preset(args.preset, **({"dispatcher": args.dispatcher} if ctx.distributed else {}))
+    model = MoETransformer(cfg, device=device, parallel=ctx.groups if ctx.distributed else None).train()
     master = MasterWeights(model) if args.master else None
     opt = torch.optim.AdamW(master.params if master else model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, 256, (args.batch_size, args.seq_len), device="cuda")
-    y = torch.randint(0, 256, (args.batch_size, args.seq_len), device="cuda")
+    g = torch.Generator(device=device).manual_seed(ctx.rank)
+    x = torch.randint(0, 256, (args.batch_size, args.seq_len), device=device, generator=g)
+    y = torch.randint(0, 256, (args.batch_size, args.seq_len), device=device, generator=g)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(x, y)
-        loss.backward()
+        (loss / world).backward()
         if master is not None:
             master.accumulate()
+        D.reduce_grads(model, ctx, master)
         opt.step()
         if master is not None:
             master.publish()
@@ -57,11 +70,13 @@ def main(argv=None):
     host, wall = host_and_wall_ms(step, args.steps)
     tokens = args.batch_size * args.seq_len
     flops = cfg.flops_per_token(args.seq_len) * tokens
-    print(f"{args.preset} B={args.batch_size} S={args.seq_len}: host {host:.1f} ms/step issued, wall {wall:.1f} "
-          f"ms/step, {tokens / wall * 1e3:,.0f} tokens/s, {flops / wall / 1e9:.0f} TFLOP/s model FLOPs")
+    if show:
+        ep = f" EP={world} ({args.dispatcher}), per GPU:" if ctx.distributed else ":"
+        print(f"{args.preset} B={args.batch_size} S={args.seq_len}{ep} host {host:.1f} ms/step issued, wall "
+              f"{wall:.1f} ms/step, {tokens / wall * 1e3:,.0f} tokens/s, {flops / wall / 1e9:.0f} TFLOP/s model FLOPs")
     if not args.no_profile:
-        print_kernel_table(step, 2, args.rows, name_width=60)
-    if args.host_profile:
+        print_kernel_table(step, 2, args.rows, name_width=60, show=show)
+    if args.host_profile and not ctx.distributed:
         import cProfile
         import pstats
 
@@ -75,6 +90,7 @@ def main(argv=None):
         stats = pstats.Stats(prof)
         stats.sort_stats("tottime").print_stats(args.rows)
         stats.sort_stats("cumulative").print_stats(args.rows)
+    ctx.close()
 
 
 if __name__ == "__main__":
