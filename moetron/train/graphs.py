@@ -1,7 +1,7 @@
 """One training micro-step (forward under autocast, then the backward into the gradients) captured in a CUDA graph.
 
-Why: on the small preset the Python that issues a micro-step (16 layers of router, permutation, grouped GEMMs,
-norms and their autograd nodes) takes longer on the host than the GPU takes to run it (125 ms of host time for
+Why: on the earlier small preset the Python that issues a micro-step (16 layers of router, permutation, grouped
+GEMMs, norms and their autograd nodes) took longer on the host than the GPU took to run it (125 ms of host time for
 87 ms of kernels on an H100, benchmarks/NOTES.md). A replay issues the whole micro-step in one call.
 
 It works because nothing in the model syncs with the host and no shape depends on the routing: the dropless MoE

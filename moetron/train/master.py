@@ -1,7 +1,8 @@
 """bf16 model weights with fp32 master copies: mixed-precision training without a weight cast per micro-step.
 
 Under plain autocast every fp32 weight is cast to bf16 in every micro-step, and every bf16 weight gradient cast
-back to fp32; on the small preset those casts took ~9 ms of a ~80 ms micro-step on the H100 (benchmarks/NOTES.md).
+back to fp32; on the earlier small preset (16 layers of 64 experts) those casts took ~9 ms of a ~80 ms micro-step
+on the H100 (benchmarks/NOTES.md).
 Here, as in Megatron-Core's mixed-precision optimizer:
 
 - the model's matrices (embeddings, attention, dense MLPs, experts) are stored in bf16 and used as they are;
