@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
-from ..ops.gmm import _Groups, gmm, gmm_gated
+from ..ops.gated_gmm import gated_gmm
+from ..ops.gmm import gmm
 from ..ops.permute import _route, permute, unpermute
 from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
 
@@ -233,7 +234,6 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
 
     # inference with the default gate: the activation in the first GEMM's epilogue (no [R, 2F] h in memory)
     gated = _default_gate_kind(experts) if trans_w and b1 is None and not records_grad(x, w1, w2, b2, probs) else None
-    h = None
     if folds(x, w1, probs, w2, b1, b2):
         # inference: the first GEMM reads each row's token of x itself, same layout as permute's, no copy
         K = ids.shape[1]
@@ -241,15 +241,15 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
         offsets, row_map = layout.offsets[:E], layout.row_map_R.view(T, K)
         row_token = row_tokens(layout.src_slot, K)
         if gated is not None:
-            h = gmm_gated(x, w1, _Groups(offsets, True, T * K), gated, gather=row_token)
-        if h is None:
+            h = gated_gmm(x, w1, offsets, gated, gather=row_token)
+        else:
             h = _apply_gate(experts, gathered_gemm(x, w1, row_token, offsets, trans_w, _bias_in(b1, dtype)))
     else:
         p = permute(x, ids, E + 1)
         offsets, row_map = p.offsets[:E], p.row_map  # group E (the sentinels) lies past the last group
         if gated is not None:
-            h = gmm_gated(p.x_permuted, w1, _Groups(offsets, True, p.x_permuted.shape[0]), gated)
-        if h is None:
+            h = gated_gmm(p.x_permuted, w1, offsets, gated)
+        else:
             h = gmm(p.x_permuted, w1, offsets=offsets, trans_w=trans_w, bias=_bias_in(b1, dtype))
             h = _apply_gate(experts, h)
     if h.dtype != dtype:

@@ -13,10 +13,11 @@ permuted copy of x is never written:
     h = gmm(x[row_token], w1)      a = gated_act(h, row_probs)      y_R = gmm(a, w2)      y = unpermute(y_R)
 
 ``row_token[r]`` is the token of row r (``src_slot // K``), -1 for padding and tail rows, which read zeros. At
-Qwen3-30B shapes (T=8192, K=8, H=2048, bf16) the copy is 268 MB. In interleaved scratch A/B runs on the H100
-(benchmarks/NOTES.md, session 7; no committed JSON yet: benchmarks/infer_fusions.py re-measures) the fold sped up
-the Qwen3-30B and OLMoE layers' inference and slowed Mixtral's, whose large-expert GEMMs lose more to pointer
-loads than the copy costs, so only experts with a small per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``).
+Qwen3-30B shapes (T=8192, K=8, H=2048, bf16) the copy is 268 MB. The fold sped up the Qwen3-30B and OLMoE
+layers' inference (benchmarks/results/infer_fusions_h100.json: T=32768 -12%, T=8192 -4%, the latter within that
+run's noise) and slowed Mixtral's in scratch A/B runs (benchmarks/NOTES.md, session 7), whose large-expert GEMMs
+lose more to pointer loads than the copy costs, so only experts with a small per-expert weight fold
+(``FOLD_MAX_WEIGHT``, ``folds``). The first GEMM with the activation in its epilogue is ``gated_gmm``'s.
 ``gathered_gemm`` is the folded first GEMM alone (the transformers backend uses it with its own gates).
 
 Inference only: a training step needs the gathered rows again for a weight gradient, and there the GEMM that
@@ -29,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from .._env import fold_permute_enabled, use_triton
-from .gated_act import _forward as _gated_forward
-from .gmm import _Groups, _run_gmm, gmm_gated
+from .gated_gmm import gated_gmm
+from .gmm import _Groups, _run_gmm
 from .permute import _gather_slots, _run_unpermute
 
 # Fold only below this many elements per expert in the first projection: Qwen3-30B and OLMoE (3-4M) gained,
@@ -88,14 +89,10 @@ def routed_gated_experts(x: torch.Tensor, probs: torch.Tensor | None, w1: torch.
     T, K = row_map.shape
     R = src_slot.shape[0]
     row_probs = None if probs is None else _gather_slots(probs.reshape(T * K).float(), src_slot)
-    row_token = row_tokens(src_slot, K)
-    groups = _Groups(offsets, True, R)
     # the activation in the first GEMM's epilogue where it applies: h never goes to memory
-    a = gmm_gated(x, w1, groups, activation, row_probs, gather=row_token)
-    if a is None:
-        a = _gated_forward(gathered_gemm(x, w1, row_token, offsets), row_probs, activation)
+    a = gated_gmm(x, w1, offsets, activation, row_probs, gather=row_tokens(src_slot, K))
     y_R = torch.empty(R, w2.shape[1], dtype=x.dtype, device=x.device)
-    _run_gmm(a, w2, None, groups, y_R, True)
+    _run_gmm(a, w2, None, _Groups(offsets, True, R), y_R, True)
     y = torch.empty(T, w2.shape[1], dtype=x.dtype, device=x.device)
     _run_unpermute(y_R, row_map.reshape(T * K), None, K, y)
     return y

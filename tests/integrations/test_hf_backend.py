@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import subprocess
 import sys
@@ -344,9 +345,23 @@ def test_inference_folds_the_permute_into_the_first_gemm(case, tma, monkeypatch,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m, x, idx, wts = m.to(device), x.to(device), idx.to(device), wts.to(device)
     calls = []
-    for name in ("gathered_gemm", "gmm_gated"):
-        monkeypatch.setattr(hf, name, lambda *a, _real=getattr(hf, name), _name=name, **k:
-                            calls.append(_name) or _real(*a, **k))
+    # the GEMMs that gather their rows (the fold), and the first GEMM with the gate in its epilogue (fused when the
+    # kernel applies, else gated_gmm's two-step fallback)
+    monkeypatch.setattr(hf, "gathered_gemm", lambda *a, _real=hf.gathered_gemm, **k:
+                        calls.append("gathered_gemm") or _real(*a, **k))
+    monkeypatch.setattr(hf, "gated_gmm", lambda *a, _real=hf.gated_gmm, **k:
+                        calls.append("gated_gmm_gathering" if k.get("gather") is not None else "gated_gmm")
+                        or _real(*a, **k))
+    gated_gmm_module = importlib.import_module("moetron.ops.gated_gmm")
+    real_gmm_gated = gated_gmm_module.gmm_gated
+
+    def gmm_gated(*a, **k):
+        out = real_gmm_gated(*a, **k)
+        if out is not None:
+            calls.append("fused")
+        return out
+
+    monkeypatch.setattr(gated_gmm_module, "gmm_gated", gmm_gated)
     outs = {}
     for fold in ("1", "0"):
         monkeypatch.setenv("MOETRON_FOLD_PERMUTE", fold)
@@ -354,13 +369,14 @@ def test_inference_folds_the_permute_into_the_first_gemm(case, tma, monkeypatch,
             outs[fold] = hf.experts_forward(m, x, idx, wts)
     # the default gate goes into the first GEMM's epilogue where the Triton TMA kernels run (CUDA, or the
     # interpreter with MOETRON_TMA=1); the other gates take the gathering GEMM
-    assert calls.count("gathered_gemm") + calls.count("gmm_gated") >= 1
+    assert calls.count("gathered_gemm") + calls.count("gated_gmm_gathering") >= 1
     if case == "concat_swiglu_bf16" and (tma == "1" or torch.cuda.is_available()):
-        assert calls == ["gmm_gated", "gmm_gated"]  # fused both times, with and without the fold
+        # fused both times, with and without the fold
+        assert calls == ["gated_gmm_gathering", "fused", "gated_gmm", "fused"]
     assert torch.equal(outs["1"], outs["0"])
     calls.clear()
     with_grad = hf.experts_forward(m, x, idx, wts.requires_grad_())  # recording autograd: the plain path
-    assert "gathered_gemm" not in calls and with_grad.requires_grad
+    assert not calls and with_grad.requires_grad
     assert torch.equal(with_grad.detach(), outs["0"])
 
 
