@@ -183,6 +183,8 @@ class GroupedExperts(_ExpertWeights):
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, row_scale: torch.Tensor | None = None,
                 zero_tail: bool = True) -> torch.Tensor:
         self._check_inputs(x, offsets, row_scale)
+        if not isinstance(zero_tail, bool):
+            raise TypeError(f"zero_tail must be a bool, got {type(zero_tail).__name__}")
         dtype = self._compute_dtype(x)
         w1, b1, w2, b2 = self.w1, self.w1_bias, self.down_proj, self._down_bias()
         # zero_tail=False: rows past offsets[-1] are neither computed nor written, here and in the backward

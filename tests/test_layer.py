@@ -713,6 +713,14 @@ def test_forward_routed_bad_input():
         experts.forward_routed(torch.randn(4), torch.ones(4, 1), src_slot, row_map, offsets)
 
 
+def test_grouped_experts_zero_tail_must_be_a_bool():
+    experts = GroupedExperts(3, H, FF)
+    with pytest.raises(TypeError, match="zero_tail must be a bool, got NoneType"):
+        experts(torch.randn(4, H), torch.tensor([1, 2, 4]), zero_tail=None)
+    with torch.no_grad(), pytest.raises(TypeError, match="zero_tail must be a bool, got int"):
+        experts(torch.randn(4, H), torch.tensor([1, 2, 4]), zero_tail=0)
+
+
 def test_wrong_dtype():
     layer = MoELayer(make_cfg())
     with pytest.raises(TypeError, match="x must have the experts' dtype"):
