@@ -7,6 +7,13 @@
 
 Writes benchmarks/results/<out-name>_<gpu>.json in the DESIGN.md format and prints a table.
 FLOPs: 2*M*K*N forward; forward+backward counts 3x that (dgrad and wgrad each cost one forward).
+
+Modes: ``fwd``; ``fwd_bwd`` (x.grad and w.grad set to None before every timed call, so each backward writes
+fresh gradients); ``fwd_bwd_accum`` (gradients kept, so autograd adds each new x.grad and w.grad into the old
+ones: one more elementwise pass over x and w per call, as in a gradient-accumulation micro-step; this is how
+shared/anchors/anchors_gmm.py timed torch._grouped_mm). Provider ``moetron_main_grad`` runs only in
+``fwd_bwd_accum``: w carries an fp32 ``main_grad`` that the weight-gradient kernel adds into (Megatron's
+gradient-accumulation fusion), so w.grad is never formed; it is not in the moetron/torch ratio.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ CASES = [
     ("qwen3_30b_down", 65536, 768, 2048, 128, "random"),
     ("qwen3_30b_up_uniform", 65536, 2048, 1536, 128, "uniform"),
 ]
-PROVIDERS = ["moetron", "torch_grouped_mm", "loop", "loop_4streams", "dense"]
+PROVIDERS = ["moetron", "torch_grouped_mm", "loop", "loop_4streams", "dense", "moetron_main_grad"]
+MODES = ["fwd", "fwd_bwd", "fwd_bwd_accum"]
+ACCUM_ONLY = {"moetron_main_grad"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -80,11 +89,24 @@ def _providers(x, w, sizes, offsets, streams):
     w0 = w[0]
     return {
         "moetron": lambda x, w: moetron.gmm(x, w, offsets=offsets),
+        "moetron_main_grad": lambda x, w: moetron.gmm(x, w, offsets=offsets),  # w.main_grad set by the caller
         "torch_grouped_mm": lambda x, w: torch._grouped_mm(x, w, offs=offsets),
         "loop": lambda x, w: loop_gmm(x, w, sizes_list),
         "loop_4streams": lambda x, w: loop_gmm(x, w, sizes_list, streams),
         "dense": lambda x, w: x @ (w0 if not w.requires_grad else w[0]),
     }
+
+
+def _time_accumulating(fn, x, w, dy, provider) -> float:
+    """fwd+bwd into gradients that already exist (bench_ms's warm-up call creates them; nothing clears them)."""
+    xg = x.clone().requires_grad_(True)
+    wg = w.clone().requires_grad_(True)
+    if provider == "moetron_main_grad":
+        wg.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    ms = bench_ms(lambda: fn(xg, wg).backward(dy))
+    if provider == "moetron_main_grad" and wg.grad is not None:
+        raise RuntimeError("moetron_main_grad: w.grad was formed; the gradient should have gone to w.main_grad")
+    return ms
 
 
 def run(dtype_names, case_names, modes, providers, out_name, rounds=3):
@@ -109,6 +131,8 @@ def run(dtype_names, case_names, modes, providers, out_name, rounds=3):
             for mode in modes:
                 rows_here = {}
                 for provider in providers:
+                    if provider in ACCUM_ONLY and mode != "fwd_bwd_accum":
+                        continue
                     row = {"case": name, "provider": provider, "mode": mode, "dtype": dtype_name,
                            "M": M, "K": K, "N": N, "G": G, "ms_rounds": []}
                     rows_here[provider] = row
@@ -131,6 +155,8 @@ def run(dtype_names, case_names, modes, providers, out_name, rounds=3):
                         try:
                             if mode == "fwd":
                                 row["ms_rounds"].append(bench_ms(lambda x=x, w=w: fn(x, w)))
+                            elif mode == "fwd_bwd_accum":
+                                row["ms_rounds"].append(_time_accumulating(fn, x, w, dy, provider))
                             else:
                                 xg = x.clone().requires_grad_(True)
                                 wg = w.clone().requires_grad_(True)
@@ -213,7 +239,7 @@ def main(argv=None):
     parser.add_argument("--self-check", action="store_true", help="CPU correctness check, no timing")
     parser.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=list(DTYPES))
     parser.add_argument("--cases", nargs="*", default=None, help="subset of case names")
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=MODES)
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--out-name", default="gmm", help="results file stem (benchmarks/results/<stem>_<gpu>.json)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timings per provider; the median is kept")

@@ -1,4 +1,8 @@
-"""Top-k MoE router and load-balancing losses, in plain PyTorch.
+"""Top-k MoE router and load-balancing losses.
+
+Plain PyTorch, except on Triton's path (CUDA tensors) for the common softmax case (no groups, expert bias or
+sinkhorn, fp32 gate maths, one process, at most the "aux_loss" type plus z-loss): there selection, combine
+weights, counts and both losses run in moetron/ops/routing.py's kernels, with the same formulas.
 
 Legend: T tokens, H hidden, E experts, K top-k, B sequences in a batch, S sequence length (B·S = T),
 G expert groups.
@@ -65,6 +69,7 @@ from typing import NamedTuple
 import torch
 
 from . import _env
+from .ops import routing
 from ._checks import check_tensor, config_error, is_int, is_real
 
 __all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler"]
@@ -385,6 +390,10 @@ class AuxLossAutoScaler(torch.autograd.Function):
         AuxLossAutoScaler.loss_scale = scale
 
 
+def _aux_loss_scale():
+    return AuxLossAutoScaler.loss_scale
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Routing maths (pure functions on [T, E] tensors)
 # ---------------------------------------------------------------------------------------------------------
@@ -591,6 +600,9 @@ class TopKRouter(torch.nn.Module):
             if not bool(torch.isfinite(logits_TE).all()):
                 raise ValueError("router logits contain NaN or inf (check the router input x and weight)")
 
+        if self._fusable(logits_TE, sinkhorn):
+            return self._fused_forward(logits_TE, train)
+
         # -- selection and combine weights
         if sinkhorn:
             weights_TE = torch.sigmoid(logits_TE) if K == 1 else torch.softmax(logits_TE, dim=-1)
@@ -646,6 +658,25 @@ class TopKRouter(torch.nn.Module):
             if self.local_tokens_per_expert is not None:
                 self.local_tokens_per_expert += tokens_per_expert.float()
 
+        return RouterOutput(probs_TK, ids_TK, logits_TE, tokens_per_expert, losses)
+
+    def _fusable(self, logits_TE: torch.Tensor, sinkhorn: bool) -> bool:
+        """Whether ``_fused_forward`` (ops/routing.py's kernels) computes exactly what the code below would."""
+        cfg = self.config
+        T, E = logits_TE.shape
+        return (not sinkhorn and cfg.score_function == "softmax" and cfg.num_groups is None
+                and self.expert_bias is None and self._token_group is None and set(self._aux_coeffs) <= {"aux_loss"}
+                and logits_TE.dtype == torch.float32 and T > 0 and E <= routing.MAX_EXPERTS
+                and cfg.top_k <= routing.MAX_TOP_K and _env.use_triton(logits_TE))
+
+    def _fused_forward(self, logits_TE: torch.Tensor, train: bool) -> RouterOutput:
+        cfg = self.config
+        probs_TK, ids_TK, tokens_per_expert, losses = routing.softmax_topk(
+            logits_TE.contiguous(), cfg.top_k, pre_softmax=cfg.pre_softmax, norm_topk_prob=cfg.norm_topk_prob,
+            scaling_factor=cfg.scaling_factor, aux_loss_coeff=self._aux_coeffs.get("aux_loss") if train else None,
+            z_loss_coeff=cfg.z_loss_coeff if train else None, loss_scale=_aux_loss_scale)
+        if train and self.local_tokens_per_expert is not None:
+            self.local_tokens_per_expert += tokens_per_expert.float()
         return RouterOutput(probs_TK, ids_TK, logits_TE, tokens_per_expert, losses)
 
     def _aux_scores(self, logits_TE: torch.Tensor, routed_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

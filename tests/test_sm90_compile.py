@@ -6,7 +6,7 @@ MOETRON_RECORD_KERNELS set (every kernel specialization it launches is written d
 warps, stages), and a second process without the interpreter compiles each one with ``triton.compile`` for
 GPUTarget("cuda", 90, 32). The workload covers gmm (pointer and TMA kernels, every epilogue, trans_w, bias,
 counts and offsets, fp32/bf16/fp16, rows gathered by index), gmm_k (overwrite, accumulate, TMA store), the
-gated activations, rotary,
+gated activations, rotary, the fused router,
 rms_norm (interpreter and GPU tile shapes, mixed x/weight/output dtypes), permute and unpermute (dropless, padded,
 capacity) with their backward, and the fused dispatch/combine kernels (the CPU tests of
 tests/test_fused_dispatch.py, symmetric-memory emulation included).
@@ -86,6 +86,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for kw in (dict(), dict(pad_to=8), dict(capacity=3, drop_policy="position")):
         r = permute(x, ids, 4, probs=probs, **kw)
         unpermute(r.x_permuted * 2, r.row_map, probs).sum().backward()
+ro = importlib.import_module("moetron.ops.routing")
+for E, k, kw in ((8, 2, dict(aux_loss_coeff=0.1, z_loss_coeff=0.01)), (128, 8, dict(pre_softmax=True,
+                 norm_topk_prob=True, aux_loss_coeff=0.01, loss_scale=torch.tensor(0.5))), (7, 3, dict())):
+    lg = torch.randn(50, E, requires_grad=True)
+    ro.softmax_topk(lg, k, **kw)[0].sum().backward()
 """
 
 COMPILE = r"""
@@ -145,6 +150,6 @@ def test_kernels_compile_for_sm90(tmp_path):
                 "_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel",
                 "_gated_bwd_kernel", "_expert_count_kernel", "_chunk_prefix_kernel", "_place_kernel",
                 "_permute_kernel", "_unpermute_kernel", "_unpermute_bwd_kernel", "_count_kernel", "_push_kernel",
-                "_recv_kernel"}
+                "_recv_kernel", "_route_fwd_kernel", "_route_losses_kernel", "_route_bwd_kernel"}
     assert expected <= names, f"the workload did not launch {sorted(expected - names)}"
     assert not result["failures"], "\n\n".join(result["failures"])
