@@ -512,15 +512,21 @@ def test_prime_number_of_experts():
     compare(cfg(num_experts=7, top_k=3, pre_softmax=True, load_balancing="aux_loss"), T=14, seed=19)
 
 
-def test_every_token_to_one_expert():
-    # the most unbalanced routing: aux loss far above 1, counts all on expert 3
-    c = cfg(top_k=1, **ALL_LOSSES)
+def one_expert_setup(c):
+    """A router and 12 tokens that all route to expert 3 (top-1), for the most unbalanced case."""
     router = make_router(c, seed=20, w_scale=0.1)
     torch.manual_seed(20)
     x = torch.randn(12, 16) * 0.1
     x[:, 0] += 5.0
     with torch.no_grad():
         router.weight[3, 0] = 3.0
+    return router, x
+
+
+def test_every_token_to_one_expert():
+    # the most unbalanced routing: aux loss far above 1, counts all on expert 3
+    c = cfg(top_k=1, **ALL_LOSSES)
+    router, x = one_expert_setup(c)
     out, _ = compare(c, T=12, seed=20, seq_len=4, router=router, x=x)
     assert out.tokens_per_expert.tolist() == [0, 0, 0, 12, 0, 0, 0, 0]
     assert out.losses["aux_loss"].item() > 7.5

@@ -1,4 +1,4 @@
-"""Fused softmax top-k routing: selection, combine weights, counts and the aux / z losses in two kernels.
+"""Fused softmax top-k routing: selection, combine weights, counts and the aux / z losses in three small kernels.
 
 Legend: T tokens, E experts, K top-k, P programs of the forward kernel.
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moetron.router import AuxLossAutoScaler, RouterConfig, TopKRouter
-from tests.test_router import cfg, compare, make_router
+from tests.test_router import cfg, compare, make_router, one_expert_setup
 
 routing = importlib.import_module("moetron.ops.routing")
 
@@ -70,12 +70,7 @@ def test_fused_router_matches_reference(kw, T, training, fused_calls):
 
 def test_every_token_to_one_expert(fused_calls):
     c = cfg(top_k=1, load_balancing="aux_loss", aux_loss_coeff=0.1, z_loss_coeff=0.01)
-    router = make_router(c, seed=20, w_scale=0.1)
-    torch.manual_seed(20)
-    x = torch.randn(12, 16) * 0.1
-    x[:, 0] += 5.0
-    with torch.no_grad():
-        router.weight[3, 0] = 3.0
+    router, x = one_expert_setup(c)
     out, _ = compare(c, T=12, seed=20, router=router, x=x)
     assert out.tokens_per_expert.tolist() == [0, 0, 0, 12, 0, 0, 0, 0]
     assert fused_calls
