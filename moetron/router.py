@@ -675,8 +675,6 @@ class TopKRouter(torch.nn.Module):
             logits_TE.contiguous(), cfg.top_k, pre_softmax=cfg.pre_softmax, norm_topk_prob=cfg.norm_topk_prob,
             scaling_factor=cfg.scaling_factor, aux_loss_coeff=self._aux_coeffs.get("aux_loss") if train else None,
             z_loss_coeff=cfg.z_loss_coeff if train else None, loss_scale=_aux_loss_scale)
-        if train and self.local_tokens_per_expert is not None:
-            self.local_tokens_per_expert += tokens_per_expert.float()
         return RouterOutput(probs_TK, ids_TK, logits_TE, tokens_per_expert, losses)
 
     def _aux_scores(self, logits_TE: torch.Tensor, routed_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,6 +118,15 @@ def _route_losses_kernel(score_sums_ptr, lse2_sums_ptr, counts_ptr, out_ptr, P, 
 
 
 @triton.jit
+def _kth_slot(ids_ptr, logits_ptr, dprobs_ptr, rows, row_ok, E, K: tl.constexpr, k: tl.constexpr):
+    """Slot k of each row: (expert id, its logit, the incoming gradient of its combine weight)."""
+    at = rows.to(tl.int64) * K + k
+    idk = tl.load(ids_ptr + at, mask=row_ok, other=0)
+    logit = tl.load(logits_ptr + rows.to(tl.int64) * E + idk, mask=row_ok, other=0.0)
+    return idk, logit, tl.load(dprobs_ptr + at, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def _route_bwd_kernel(logits_ptr, ids_ptr, dprobs_ptr, counts_ptr, loss_scale_ptr, dlogits_ptr, T, E, scale,
                       aux_grad, z_grad, loss_scale,
                       K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PRE_SOFTMAX: tl.constexpr,
@@ -138,22 +147,21 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, dprobs_ptr, counts_ptr, loss_scale_pt
     if ZLOSS:  # d/dlogits of lse² / T is 2·lse·S / T
         dl += S * (2.0 * z_grad * ls * lse)[:, None]
     if HAS_DPROBS:
-        base = rows.to(tl.int64) * K
         if PRE_SOFTMAX:
             p_sum = tl.zeros((BT,), dtype=tl.float32)
             dot_q = tl.zeros((BT,), dtype=tl.float32)
             for k in tl.static_range(K):
-                idk = tl.load(ids_ptr + base + k, mask=row_ok, other=0)
-                pk = tl.exp(tl.load(logits_ptr + rows.to(tl.int64) * E + idk, mask=row_ok, other=0.0) - m) / z
+                _, lk, dk = _kth_slot(ids_ptr, logits_ptr, dprobs_ptr, rows, row_ok, E, K, k)
+                pk = tl.exp(lk - m) / z
                 p_sum += pk
-                dot_q += pk * tl.load(dprobs_ptr + base + k, mask=row_ok, other=0.0)
+                dot_q += pk * dk
             denom = p_sum + 1e-20
             dS = tl.zeros((BT, BE), dtype=tl.float32)
             dot_s = tl.zeros((BT,), dtype=tl.float32)
             for k in tl.static_range(K):
-                idk = tl.load(ids_ptr + base + k, mask=row_ok, other=0)
-                pk = tl.exp(tl.load(logits_ptr + rows.to(tl.int64) * E + idk, mask=row_ok, other=0.0) - m) / z
-                dk = tl.load(dprobs_ptr + base + k, mask=row_ok, other=0.0) * scale
+                idk, lk, dk = _kth_slot(ids_ptr, logits_ptr, dprobs_ptr, rows, row_ok, E, K, k)
+                pk = tl.exp(lk - m) / z
+                dk = dk * scale
                 if NORM:  # q = p / (Σp + 1e-20): dp = (dq - Σ q·dq) / (Σp + 1e-20)
                     dk = (dk - dot_q * scale / denom) / denom
                 dS = tl.where(cols[None, :] == idk[:, None], dk[:, None], dS)
@@ -162,21 +170,20 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, dprobs_ptr, counts_ptr, loss_scale_pt
         else:  # p = softmax over the K selected logits
             top = tl.zeros((BT,), dtype=tl.float32) + float("-inf")
             for k in tl.static_range(K):
-                idk = tl.load(ids_ptr + base + k, mask=row_ok, other=0)
-                top = tl.maximum(top, tl.load(logits_ptr + rows.to(tl.int64) * E + idk, mask=row_ok, other=0.0))
+                _, lk, _ = _kth_slot(ids_ptr, logits_ptr, dprobs_ptr, rows, row_ok, E, K, k)
+                top = tl.maximum(top, lk)
             e_sum = tl.zeros((BT,), dtype=tl.float32)
             e_dot = tl.zeros((BT,), dtype=tl.float32)
             for k in tl.static_range(K):
-                idk = tl.load(ids_ptr + base + k, mask=row_ok, other=0)
-                ek = tl.exp(tl.load(logits_ptr + rows.to(tl.int64) * E + idk, mask=row_ok, other=0.0) - top)
+                _, lk, dk = _kth_slot(ids_ptr, logits_ptr, dprobs_ptr, rows, row_ok, E, K, k)
+                ek = tl.exp(lk - top)
                 e_sum += ek
-                e_dot += ek * tl.load(dprobs_ptr + base + k, mask=row_ok, other=0.0)
+                e_dot += ek * dk
             dot = e_dot / e_sum * scale
             for k in tl.static_range(K):
-                idk = tl.load(ids_ptr + base + k, mask=row_ok, other=0)
-                pk = tl.exp(tl.load(logits_ptr + rows.to(tl.int64) * E + idk, mask=row_ok, other=0.0) - top) / e_sum
-                dk = tl.load(dprobs_ptr + base + k, mask=row_ok, other=0.0) * scale
-                dl = tl.where(cols[None, :] == idk[:, None], dl + (pk * (dk - dot))[:, None], dl)
+                idk, lk, dk = _kth_slot(ids_ptr, logits_ptr, dprobs_ptr, rows, row_ok, E, K, k)
+                pk = tl.exp(lk - top) / e_sum
+                dl = tl.where(cols[None, :] == idk[:, None], dl + (pk * (dk * scale - dot))[:, None], dl)
     tl.store(dlogits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], dl, mask=ok)
 
 
