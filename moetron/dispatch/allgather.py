@@ -71,9 +71,9 @@ class AllGatherDispatcher(TokenDispatcher):
             cap = self.group_size * capacity
         rows = permuted_rows(x_all.shape[0], K, E_l, pad_to=c.pad_to, capacity=cap)
         perm = _permute(x_all, local, E_l, None, c.pad_to, cap, "position", rows, None)
-        return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, probs_all))
+        return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, probs_all, perm.src_slot))
 
     def combine(self, h, handle):
-        row_map, probs_all = handle
-        y_all = unpermute(h, row_map, probs_all)
+        row_map, probs_all, src_slot = handle
+        y_all = unpermute(h, row_map, probs_all, src_slot=src_slot)
         return y_all if self.group is None else reduce_scatter(y_all, self.group)

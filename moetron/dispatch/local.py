@@ -89,9 +89,9 @@ class LocalDispatcher(TokenDispatcher):
             perm = _permute(x_TH, ids, c.num_experts, probs, c.pad_to, None, c.drop_policy, rows, None)
         kept = perm.tokens_per_expert
         if in_experts:
-            return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, None),
+            return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, None, perm.src_slot),
                               perm.probs_permuted)
-        return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, probs_TK))
+        return Dispatched(perm.x_permuted, perm.offsets, kept, num_dropped, (perm.row_map, probs_TK, perm.src_slot))
 
     def layout(self, x_TH, probs_TK, ids_TK) -> Layout:
         """The layout ``dispatch`` would build, without the permuted copy of x: for experts that gather their
@@ -105,5 +105,5 @@ class LocalDispatcher(TokenDispatcher):
         return Layout(r.src_slot, r.row_map_R.view(T, K), r.offsets, r.tokens_per_expert, num_dropped)
 
     def combine(self, h, handle):
-        row_map, probs_TK = handle
-        return unpermute(h, row_map, probs_TK)
+        row_map, probs_TK, src_slot = handle
+        return unpermute(h, row_map, probs_TK, src_slot=src_slot)

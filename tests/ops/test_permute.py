@@ -394,6 +394,29 @@ def test_end_to_end_grad_through_experts(path):
     assert_close_to_ref("dprobs", p_leaf.grad, p64.grad, p64.grad.float())
 
 
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_unpermute_with_src_slot(path, capacity):
+    """src_slot (row_map's inverse, from the same permute) spares the unpermute backward its inversion: it must be
+    the inverse the reference builds, and give bitwise the same output and gradients as inverting row_map."""
+    ref, x, ids, probs = _setup(CASES[1], path, dtype=torch.float32, pad_to=1 if capacity else 4,
+                                capacity=capacity, seed=21)
+    res = permute(x, ids, 6, probs=probs, pad_to=1 if capacity else 4, capacity=capacity)
+    want = torch.full((ref.rows,), -1, dtype=torch.int64)
+    for row, (t, k) in ref.src.items():
+        want[row] = t * ref.K + k
+    assert torch.equal(res.src_slot.cpu(), want)
+    y_perm = _randn((ref.rows, H), torch.float32, path, 22)
+    dy = _randn((ref.T, H), torch.float32, path, 23)
+    grads = []
+    for src_slot in (None, res.src_slot):
+        y_leaf, p_leaf = y_perm.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+        out = unpermute(y_leaf, res.row_map, p_leaf, src_slot=src_slot)
+        out.backward(dy)
+        grads.append((out.detach(), y_leaf.grad, p_leaf.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Host syncs, safety on bad device data, module references
 # ---------------------------------------------------------------------------------------------------------
@@ -531,6 +554,10 @@ def _ok():
     (lambda x, i, p: unpermute(x, i + 5, p), ValueError, "row_map must hold rows of y_permuted in \\[0, 6\\)"),
     (lambda x, i, p: unpermute(x, i - 2, p), ValueError, "row_map must hold rows"),
     (lambda x, i, p: unpermute(x, i, p, out=torch.empty(6, 7)), ValueError, "out must have shape"),
+    (lambda x, i, p: unpermute(x, i, p, src_slot=torch.zeros(5, dtype=torch.int64)), ValueError,
+     "src_slot must have shape \\(6,\\)"),
+    (lambda x, i, p: unpermute(x, i, p, src_slot=torch.zeros(6, dtype=torch.int32)), TypeError,
+     "src_slot must have dtype"),
     (lambda x, i, p: unpermute(x, i, p.requires_grad_(True), out=torch.empty(6, 8)), ValueError,
      "out= is not supported while autograd records"),
 ], ids=lambda v: v if isinstance(v, str) else None)
