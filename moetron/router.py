@@ -19,8 +19,10 @@ The formulas follow Megatron-Core (megatron/core/transformer/moe/router.py and m
 
 - gating: ``logits = x @ weight.T`` computed in the router dtype whatever the activation dtype
   (``RouterGatingLinearFunction``), saving x and weight in their own dtypes for backward. For bf16 x with an
-  fp32 router on CUDA, the fp32 GEMMs run on bf16 tensor cores over an exact three-part bf16 split of the fp32
-  operand (``_router_gemm_split``): fp32 accuracy without fp32's SIMT speed.
+  fp32 router, the fp32 GEMMs run on bf16 tensor cores over an exact three-part bf16 split of the fp32
+  operands: fp32 accuracy without fp32's SIMT speed. On Triton's path that is ops/router_gemm.py (the split done
+  in the kernels' registers, one launch forward, two backward); with MOETRON_BACKEND=torch on CUDA,
+  ``_router_gemm_split`` (PyTorch ops around one cuBLAS GEMM).
 - selection (``topk_routing_with_score_function``):
     softmax, pre_softmax=False: top-k on the logits, then softmax over the k selected logits;
     softmax, pre_softmax=True:  softmax over all E, then top-k (optionally renormalised, HF ``norm_topk_prob``);
@@ -69,7 +71,7 @@ from typing import NamedTuple
 import torch
 
 from . import _env
-from .ops import routing
+from .ops import router_gemm, routing
 from ._checks import check_tensor, config_error, is_int, is_real
 
 __all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler"]
@@ -593,8 +595,11 @@ class TopKRouter(torch.nn.Module):
             eps = cfg.input_jitter
             x_TH = x_TH * torch.empty_like(x_TH).uniform_(1.0 - eps, 1.0 + eps)
 
-        split = _use_split_gemm(x_TH, self.weight, self._router_dtype)
-        logits_TE = _RouterGemm.apply(x_TH, self.weight, self._router_dtype, split)
+        if self._router_dtype == torch.float32 and _env.use_triton(x_TH) and router_gemm.applies(x_TH, self.weight):
+            logits_TE = router_gemm.router_logits(x_TH, self.weight)  # fp32 GEMMs on bf16 tensor cores, 3 kernels
+        else:
+            split = _use_split_gemm(x_TH, self.weight, self._router_dtype)
+            logits_TE = _RouterGemm.apply(x_TH, self.weight, self._router_dtype, split)
         if cfg.debug_nan_check or _env.debug_checks_enabled():
             # host sync: debug mode only
             if not bool(torch.isfinite(logits_TE).all()):

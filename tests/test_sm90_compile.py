@@ -6,7 +6,7 @@ MOETRON_RECORD_KERNELS set (every kernel specialization it launches is written d
 warps, stages), and a second process without the interpreter compiles each one with ``triton.compile`` for
 GPUTarget("cuda", 90, 32). The workload covers gmm (pointer and TMA kernels, every epilogue, trans_w, bias,
 counts and offsets, fp32/bf16/fp16, rows gathered by index), gmm_k (overwrite, accumulate, TMA store), the
-gated activations, rotary, the fused router,
+gated activations, rotary, the fused router and the router's GEMMs (interpreter and GPU tiles),
 rms_norm (interpreter and GPU tile shapes, mixed x/weight/output dtypes), permute and unpermute (dropless, padded,
 capacity) with their backward, and the fused dispatch/combine kernels (the CPU tests of
 tests/test_fused_dispatch.py, symmetric-memory emulation included).
@@ -86,6 +86,14 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for kw in (dict(), dict(pad_to=8), dict(capacity=3, drop_policy="position")):
         r = permute(x, ids, 4, probs=probs, **kw)
         unpermute(r.x_permuted * 2, r.row_map, probs).sum().backward()
+rg = importlib.import_module("moetron.ops.router_gemm")
+for gpu_tiles in (False, True):  # the router's GEMMs: interpreter tiles, then the GPU's tiles and bf16 dots
+    rg._GPU_TILES_ON_CPU = gpu_tiles
+    for w_dtype in (torch.float32, torch.bfloat16):
+        xr = torch.randn(70, 96).bfloat16().requires_grad_(True)
+        wr = torch.randn(20, 96).to(w_dtype).requires_grad_(True)
+        rg.router_logits(xr, wr).sum().backward()
+rg._GPU_TILES_ON_CPU = False
 ro = importlib.import_module("moetron.ops.routing")
 for E, k, kw in ((8, 2, dict(aux_loss_coeff=0.1, z_loss_coeff=0.01)), (128, 8, dict(pre_softmax=True,
                  norm_topk_prob=True, aux_loss_coeff=0.01, loss_scale=torch.tensor(0.5))), (7, 3, dict())):

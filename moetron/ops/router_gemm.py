@@ -1,0 +1,270 @@
+"""The router's GEMMs in fp32 accuracy on bf16 tensor cores: one kernel forward, two backward.
+
+Legend: T tokens, H hidden, E experts, S chunks of tokens in the weight gradient.
+
+    router_logits(x [T, H] bf16, w [E, H] fp32 or bf16) -> logits [T, E] fp32        (autograd: dx, dw)
+
+Why: the gate maths runs in fp32 (Megatron's default), but an fp32 GEMM runs on the H100's SIMT units at a
+fraction of tensor-core speed. An fp32 value is exactly the sum of three bf16 values (each the rounding of what the
+previous ones left), and x is exact in bf16, so ``x @ w.T`` is a sum of bf16 products with fp32 accumulation:
+as accurate as one fp32 GEMM. moetron/router.py did this with PyTorch ops (split, concatenate, one cuBLAS GEMM,
+sum; ~10 ops forward and ~16 backward); at a Qwen3-30B layer with T=8192 those took ~0.9 ms of host time per
+training step, and that step is close to host-bound (benchmarks/NOTES.md). Here each kernel splits its tiles in
+registers:
+
+- forward: ``logits = Σ_j x @ w_j.T`` (j over the three parts of w; one part for a bf16 w);
+- ``dx = Σ g_i @ w_j`` over the pairs (i, j) with i + j <= 2 (part i is ~2^-8i of the whole, so the other
+  products fall below fp32's precision), rounded once to x's dtype;
+- ``dw = Σ_i g_i.T @ x``: S programs per output tile each reduce a chunk of tokens into an fp32 partial
+  [S, E, H], summed in a fixed order afterwards (deterministic, no atomics).
+
+Under Triton's CPU interpreter (tests) bf16 dots and fp32 -> bf16 rounding are wrong (_triton_utils), so there the
+parts are rounded on their bits and multiplied in fp32: the same exact products.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import CachedLauncher
+from ._triton_utils import cdiv, next_power_of_2, num_sms, to_output_dtype
+
+
+@triton.jit
+def _bf16(v, FIXUPS: tl.constexpr):
+    """fp32 -> bf16, round to nearest even (on the bits under the interpreter)."""
+    if FIXUPS:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(tl.bfloat16)
+
+
+@triton.jit
+def _split3(v, FIXUPS: tl.constexpr):
+    """An fp32 tile as three bf16 tiles, largest first, whose sum is exactly v (fp32's 24 significand bits)."""
+    p0 = _bf16(v, FIXUPS)
+    rest = v - p0.to(tl.float32)
+    p1 = _bf16(rest, FIXUPS)
+    p2 = _bf16(rest - p1.to(tl.float32), FIXUPS)
+    return p0, p1, p2
+
+
+@triton.jit
+def _dot(a, b, acc, FIXUPS: tl.constexpr):
+    """acc + a @ b for bf16 tiles with fp32 accumulation (fp32 products under the interpreter: exact too)."""
+    if FIXUPS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _router_logits_kernel(
+    x_ptr,  # [T, H] bf16
+    w_ptr,  # [E, H] fp32 (SPLIT_W) or bf16
+    out_ptr,  # out [T, E] fp32
+    T, E, H,
+    stride_xt, stride_we, stride_ot,
+    SPLIT_W: tl.constexpr,
+    FIXUPS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One [BM, BN] tile of logits per program, reducing over H."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    experts = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok, expert_ok = rows < T, experts < E
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < H
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + experts[None, :] * stride_we + ks[:, None], mask=expert_ok[None, :] & k_ok[:, None],
+                    other=0.0)  # [BK, BN]: w transposed
+        if SPLIT_W:
+            w0, w1, w2 = _split3(w, FIXUPS)
+            acc = _dot(x, w2, acc, FIXUPS)
+            acc = _dot(x, w1, acc, FIXUPS)
+            acc = _dot(x, w0, acc, FIXUPS)
+        else:
+            acc = _dot(x, w, acc, FIXUPS)
+    tl.store(out_ptr + rows[:, None] * stride_ot + experts[None, :], acc, mask=row_ok[:, None] & expert_ok[None, :])
+
+
+@triton.jit
+def _router_dx_kernel(
+    g_ptr,  # [T, E] fp32 gradient of the logits
+    w_ptr,  # [E, H] fp32 (SPLIT_W) or bf16
+    dx_ptr,  # out [T, H] x's dtype
+    T, E, H,
+    stride_gt, stride_we, stride_dxt,
+    SPLIT_W: tl.constexpr,
+    FIXUPS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One [BM, BN] tile of dx = g @ w per program, reducing over E; the six part products that reach fp32."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok, col_ok = rows < T, cols < H
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for e0 in range(0, E, BK):
+        es = e0 + tl.arange(0, BK)
+        e_ok = es < E
+        g = tl.load(g_ptr + rows[:, None] * stride_gt + es[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + es[:, None] * stride_we + cols[None, :], mask=e_ok[:, None] & col_ok[None, :], other=0.0)
+        g0, g1, g2 = _split3(g, FIXUPS)
+        if SPLIT_W:
+            w0, w1, w2 = _split3(w, FIXUPS)
+            # smallest products first
+            acc = _dot(g0, w2, acc, FIXUPS)
+            acc = _dot(g1, w1, acc, FIXUPS)
+            acc = _dot(g2, w0, acc, FIXUPS)
+            acc = _dot(g0, w1, acc, FIXUPS)
+            acc = _dot(g1, w0, acc, FIXUPS)
+            acc = _dot(g0, w0, acc, FIXUPS)
+        else:
+            acc = _dot(g2, w, acc, FIXUPS)
+            acc = _dot(g1, w, acc, FIXUPS)
+            acc = _dot(g0, w, acc, FIXUPS)
+    tl.store(dx_ptr + rows[:, None] * stride_dxt + cols[None, :], to_output_dtype(acc, dx_ptr, FIXUPS),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _router_dw_kernel(
+    g_ptr,  # [T, E] fp32
+    x_ptr,  # [T, H] bf16
+    partial_ptr,  # out [S, E, H] fp32: chunk s's sum of g.T @ x over its tokens
+    T, E, H, CHUNK,
+    stride_gt, stride_xt,
+    FIXUPS: tl.constexpr,
+    BE: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+):
+    """Program (e-tile, h-tile, chunk s): partial[s] tile = Σ over tokens [s·CHUNK, (s+1)·CHUNK) of g.T @ x."""
+    experts = tl.program_id(0) * BE + tl.arange(0, BE)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    chunk = tl.program_id(2)
+    expert_ok, col_ok = experts < E, cols < H
+    t_begin = chunk.to(tl.int64) * CHUNK
+    t_end = tl.minimum(t_begin + CHUNK, T)
+    acc = tl.zeros((BE, BN), dtype=tl.float32)
+    for t0 in range(t_begin, t_end, BT):
+        ts = t0 + tl.arange(0, BT)
+        t_ok = ts < t_end
+        g = tl.load(g_ptr + ts[None, :] * stride_gt + experts[:, None], mask=t_ok[None, :] & expert_ok[:, None],
+                    other=0.0)  # [BE, BT]: g transposed
+        x = tl.load(x_ptr + ts[:, None] * stride_xt + cols[None, :], mask=t_ok[:, None] & col_ok[None, :], other=0.0)
+        g0, g1, g2 = _split3(g, FIXUPS)
+        acc = _dot(g2, x, acc, FIXUPS)
+        acc = _dot(g1, x, acc, FIXUPS)
+        acc = _dot(g0, x, acc, FIXUPS)
+    out = partial_ptr + chunk.to(tl.int64) * E * H + experts[:, None].to(tl.int64) * H + cols[None, :]
+    tl.store(out, acc, mask=expert_ok[:, None] & col_ok[None, :])
+
+
+_launch_logits = CachedLauncher(_router_logits_kernel)
+_launch_dx = CachedLauncher(_router_dx_kernel)
+_launch_dw = CachedLauncher(_router_dw_kernel)
+
+# Tiles per kernel on the GPU, and under the interpreter (small, so the tests' unaligned shapes span several tiles
+# and ragged edges). tests/test_sm90_compile.py sets _GPU_TILES_ON_CPU to record the GPU specializations
+# (tiles and real bf16 dots) from an interpreter run.
+_GPU_TILES_ON_CPU = False
+_CPU_TILES = dict(BM=16, BN=16, BK=16, BE=16, BT=16, num_warps=1, num_stages=1)
+
+
+def _expert_tile(E: int) -> int:
+    return min(128, max(16, next_power_of_2(E)))
+
+
+def _config(kind: str, t: torch.Tensor, E: int) -> tuple[dict, bool]:
+    """(tiles and launch options, FIXUPS) of kernel ``kind`` for operands on t's device."""
+    if not (t.is_cuda or _GPU_TILES_ON_CPU):
+        return _CPU_TILES, True
+    if kind == "logits":
+        return dict(BM=64, BN=_expert_tile(E), BK=64, num_warps=4, num_stages=3), False
+    if kind == "dx":
+        return dict(BM=128, BN=64, BK=min(64, _expert_tile(E)), num_warps=8, num_stages=2), False
+    return dict(BE=_expert_tile(E), BN=64, BT=64, num_warps=4, num_stages=3), False
+
+
+def _launch(launcher, grid, args, constexprs, cfg):
+    launcher(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    T, H = x.shape
+    E = w.shape[0]
+    out = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    cfg, fixups = _config("logits", x, E)
+    _launch(_launch_logits, (cdiv(T, cfg["BM"]), cdiv(E, cfg["BN"])),
+            (x, w, out, T, E, H, x.stride(0), w.stride(0), out.stride(0)),
+            dict(SPLIT_W=w.dtype == torch.float32, FIXUPS=fixups, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"]), cfg)
+    return out
+
+
+def _dx(g: torch.Tensor, w: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    T, E = g.shape
+    H = w.shape[1]
+    dx = torch.empty(T, H, dtype=x_dtype, device=g.device)
+    cfg, fixups = _config("dx", g, E)
+    _launch(_launch_dx, (cdiv(T, cfg["BM"]), cdiv(H, cfg["BN"])),
+            (g, w, dx, T, E, H, g.stride(0), w.stride(0), dx.stride(0)),
+            dict(SPLIT_W=w.dtype == torch.float32, FIXUPS=fixups, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"]), cfg)
+    return dx
+
+
+def _dw(g: torch.Tensor, x: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
+    T, E = g.shape
+    H = x.shape[1]
+    cfg, fixups = _config("dw", g, E)
+    if g.is_cuda:
+        tiles = cdiv(E, cfg["BE"]) * cdiv(H, cfg["BN"])
+        # enough token chunks for ~2 programs per SM, each chunk at least 4 steps of BT tokens
+        chunks = max(1, min(cdiv(2 * num_sms(g.device.index or 0), tiles), cdiv(T, 4 * cfg["BT"])))
+    else:
+        chunks = min(3, cdiv(T, cfg["BT"]))  # several chunks, so the tests cover the final sum
+    chunk = cdiv(cdiv(T, chunks), cfg["BT"]) * cfg["BT"]
+    chunks = cdiv(T, chunk)
+    partial = torch.empty(chunks, E, H, dtype=torch.float32, device=g.device)
+    _launch(_launch_dw, (cdiv(E, cfg["BE"]), cdiv(H, cfg["BN"]), chunks),
+            (g, x, partial, T, E, H, chunk, g.stride(0), x.stride(0)),
+            dict(FIXUPS=fixups, BE=cfg["BE"], BN=cfg["BN"], BT=cfg["BT"]), cfg)
+    dw = partial[0] if chunks == 1 else partial.sum(dim=0)
+    return dw if w_dtype == torch.float32 else dw.to(w_dtype)
+
+
+class _RouterLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _logits(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = g.float().contiguous()
+        dx = _dx(g, w, x.dtype) if ctx.needs_input_grad[0] else None
+        dw = _dw(g, x, w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``router_logits`` takes these operands: bf16 x and an fp32 or bf16 weight, both row-major and
+    non-empty (the router's training case; everything else runs one GEMM in the router dtype)."""
+    return (x.dtype == torch.bfloat16 and w.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2
+            and w.dim() == 2 and x.shape[1] == w.shape[1] and x.numel() > 0 and w.numel() > 0
+            and x.stride(1) == 1 and w.stride(1) == 1 and x.device == w.device)
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x @ w.T`` for bf16 ``x [T, H]`` and fp32 (or bf16) ``w [E, H]``, as accurate as an fp32 GEMM, with
+    autograd (dx in x's dtype, dw in w's). Triton kernels; the caller checks ``applies(x, w)`` first."""
+    if not applies(x, w):
+        raise ValueError(f"router_logits takes bf16 x [T, H] and an fp32/bf16 w [E, H] with the same H, row-major "
+                         f"and non-empty, on one device; got x {x.dtype} {tuple(x.shape)} on {x.device}, "
+                         f"w {w.dtype} {tuple(w.shape)} on {w.device}")
+    return _RouterLogits.apply(x, w)
