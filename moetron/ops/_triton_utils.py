@@ -16,17 +16,25 @@ def interpreter_bf16_fixups(t: torch.Tensor) -> bool:
 
 
 @triton.jit
-def to_output_dtype(acc, out_ptr, BF16_FIXUPS: tl.constexpr):
-    """fp32 -> the element type of out_ptr, rounding to nearest even as the GPU does. Triton 3.9's CPU
-    interpreter rounds fp32 -> bf16 incorrectly (toward zero / half-up without carry), so under it
-    (BF16_FIXUPS) the rounding is done on the bit pattern: add half an ulp (minus one when the kept lsb is even)
-    and drop the low 16 bits."""
-    if out_ptr.dtype.element_ty == tl.float32:
-        return acc
-    elif BF16_FIXUPS and out_ptr.dtype.element_ty == tl.bfloat16:
-        bits = acc.to(tl.uint32, bitcast=True)
+def to_bf16(v, BF16_FIXUPS: tl.constexpr):
+    """fp32 -> bf16, rounding to nearest even as the GPU does. Triton 3.9's CPU interpreter rounds fp32 -> bf16
+    incorrectly (toward zero / half-up without carry), so under it (BF16_FIXUPS) the rounding is done on the bit
+    pattern: add half an ulp (minus one when the kept lsb is even) and drop the low 16 bits."""
+    if BF16_FIXUPS:
+        bits = v.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(tl.bfloat16)
+
+
+@triton.jit
+def to_output_dtype(acc, out_ptr, BF16_FIXUPS: tl.constexpr):
+    """fp32 -> the element type of out_ptr, rounding to nearest even (``to_bf16`` for bf16)."""
+    if out_ptr.dtype.element_ty == tl.float32:
+        return acc
+    elif out_ptr.dtype.element_ty == tl.bfloat16:
+        return to_bf16(acc, BF16_FIXUPS)
     else:
         return acc.to(out_ptr.dtype.element_ty)
 

@@ -29,27 +29,16 @@ import triton
 import triton.language as tl
 
 from ._launch import CachedLauncher
-from ._triton_utils import cdiv, next_power_of_2, num_sms, to_output_dtype
-
-
-@triton.jit
-def _bf16(v, FIXUPS: tl.constexpr):
-    """fp32 -> bf16, round to nearest even (on the bits under the interpreter)."""
-    if FIXUPS:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(tl.bfloat16)
+from ._triton_utils import cdiv, next_power_of_2, num_sms, to_bf16, to_output_dtype
 
 
 @triton.jit
 def _split3(v, FIXUPS: tl.constexpr):
     """An fp32 tile as three bf16 tiles, largest first, whose sum is exactly v (fp32's 24 significand bits)."""
-    p0 = _bf16(v, FIXUPS)
+    p0 = to_bf16(v, FIXUPS)
     rest = v - p0.to(tl.float32)
-    p1 = _bf16(rest, FIXUPS)
-    p2 = _bf16(rest - p1.to(tl.float32), FIXUPS)
+    p1 = to_bf16(rest, FIXUPS)
+    p2 = to_bf16(rest - p1.to(tl.float32), FIXUPS)
     return p0, p1, p2
 
 
