@@ -129,6 +129,57 @@ def _permute_kernel(
 
 
 @triton.jit
+def _permute_scatter_kernel(
+    x_ptr,  # [T, H]
+    row_map_ptr,  # [R] int32/int64: destination row of each slot, -1 if dropped
+    src_slot_ptr,  # [R_out] int64: slot of each row, -1 for rows no slot fills (zeroed here)
+    probs_ptr,  # [R] flat probs (read only if HAS_PROBS)
+    out_ptr,  # out [R_out, H]
+    probs_out_ptr,  # out [R_out] (written only if HAS_PROBS)
+    T, R_out, H, K,
+    stride_xt, stride_or,
+    HAS_PROBS: tl.constexpr,
+    ZERO_ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Programs [0, T): token t reads its row of x once and writes it to each of its K destination rows (with its
+    prob). Programs past T: ZERO_ROWS rows each, writing zeros (and prob 0) to the rows no slot fills. Every row
+    is written exactly once. Against a program per destination row (``_permute_kernel``) x is read once instead
+    of K times."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    if pid < T:
+        t = pid.to(tl.int64)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + cols
+            in_row = h < H
+            v = tl.load(x_ptr + t * stride_xt + h, mask=in_row, other=0.0)
+            for k in range(0, K):
+                row = tl.load(row_map_ptr + t * K + k).to(tl.int64)
+                row_h = _splat(row, BLOCK_H)
+                keep_h = (row_h >= 0) & (row_h < R_out)
+                tl.store(out_ptr + tl.where(keep_h, row_h, 0) * stride_or + h, v, mask=in_row & keep_h)
+        if HAS_PROBS:
+            for k in range(0, K):
+                row = tl.load(row_map_ptr + t * K + k).to(tl.int64)
+                keep = (row >= 0) & (row < R_out)
+                p = tl.load(probs_ptr + t * K + k)
+                tl.store(probs_out_ptr + tl.where(keep, row, 0), p, mask=keep)
+    else:
+        zeros = tl.zeros((BLOCK_H,), dtype=out_ptr.dtype.element_ty)
+        for i in range(0, ZERO_ROWS):
+            row = (pid - T).to(tl.int64) * ZERO_ROWS + i
+            slot = tl.load(src_slot_ptr + row, mask=row < R_out, other=0)
+            empty_h = (_splat(slot, BLOCK_H) < 0) & (_splat(row, BLOCK_H) < R_out)
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + cols
+                tl.store(out_ptr + tl.where(empty_h, row, 0) * stride_or + h, zeros, mask=(h < H) & empty_h)
+            if HAS_PROBS:
+                tl.store(probs_out_ptr + row, tl.zeros((), dtype=probs_out_ptr.dtype.element_ty),
+                         mask=(slot < 0) & (row < R_out))
+
+
+@triton.jit
 def _unpermute_kernel(
     y_ptr,  # [R_out, H]
     row_map_ptr,  # [R] int32/int64: row of each slot, -1 if dropped
@@ -459,20 +510,37 @@ _launch_count = CachedLauncher(_expert_count_kernel)
 _launch_prefix = CachedLauncher(_chunk_prefix_kernel)
 _launch_place = CachedLauncher(_place_kernel)
 _launch_permute = CachedLauncher(_permute_kernel)
+_launch_permute_scatter = CachedLauncher(_permute_scatter_kernel)
 _launch_unpermute = CachedLauncher(_unpermute_kernel)
 _launch_unpermute_bwd = CachedLauncher(_unpermute_bwd_kernel)
 
 
 
 
-def _run_permute(x, src_slot, K, probs_R, out, probs_out):
-    """out[row] = x[src_slot[row] // K] (zeros where src_slot = -1); probs_out[row] = probs_R[src_slot[row]]."""
+# Benchmarks switch the token-scatter permute off here, to time it against a program per destination row.
+PERMUTE_SCATTER = True
+_ZERO_ROWS = 16  # rows per zeroing program of _permute_scatter_kernel
+
+
+def _run_permute(x, src_slot, K, probs_R, out, probs_out, row_map_R=None):
+    """out[row] = x[src_slot[row] // K] (zeros where src_slot = -1); probs_out[row] = probs_R[src_slot[row]].
+    ``row_map_R`` (the inverse of src_slot) lets the Triton path read each token's row once."""
     R_out, H = out.shape
     if R_out == 0:
         return
     if _env.use_triton(x):
         cfg = _block_config(H, x.element_size(), on_cpu=not x.is_cuda)
         has_probs = probs_out is not None
+        T = x.shape[0]
+        if PERMUTE_SCATTER and row_map_R is not None and T > 0:
+            zero_rows = 2 if not x.is_cuda else _ZERO_ROWS  # several zeroing programs in the tests' small buffers
+            _launch_permute_scatter(
+                (T + cdiv(R_out, zero_rows),),
+                (x, row_map_R, src_slot, probs_R if has_probs else src_slot, out,
+                 probs_out if has_probs else src_slot, T, R_out, H, K, x.stride(0), out.stride(0)),
+                dict(HAS_PROBS=has_probs, ZERO_ROWS=zero_rows, BLOCK_H=cfg["BLOCK_H"]), num_warps=cfg["num_warps"],
+            )
+            return
         _launch_permute(
             (R_out,),
             (x, src_slot, probs_R if has_probs else src_slot, out, probs_out if has_probs else src_slot,
@@ -578,19 +646,20 @@ def _gather_slots(values_rows: torch.Tensor, row_map_R: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _permute_forward(x, probs, K, src_slot, num_rows, out):
+def _permute_forward(x, probs, row_map_R, K, src_slot, num_rows, out):
     """(x_permuted, probs_permuted or None), into ``out`` when given."""
     x_perm = out if out is not None else torch.empty(num_rows, x.shape[1], dtype=x.dtype, device=x.device)
     probs_R = None if probs is None else probs.reshape(-1).contiguous()
     probs_perm = None if probs is None else torch.empty(num_rows, dtype=probs.dtype, device=x.device)
-    _run_permute(x, src_slot, K, probs_R, x_perm, probs_perm)
+    _run_permute(x, src_slot, K, probs_R, x_perm, probs_perm, row_map_R)
     return x_perm, probs_perm
 
 
 class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, row_map_TK, src_slot, num_rows):
-        x_perm, probs_perm = _permute_forward(x, probs, row_map_TK.shape[1], src_slot, num_rows, None)
+        x_perm, probs_perm = _permute_forward(x, probs, row_map_TK.reshape(-1), row_map_TK.shape[1], src_slot,
+                                              num_rows, None)
         ctx.save_for_backward(row_map_TK)
         ctx.x_shape = x.shape
         return x_perm, probs_perm
@@ -772,7 +841,8 @@ def _permute(x, expert_ids, num_experts, probs, pad_to, capacity, drop_policy, n
     if torch.is_grad_enabled() and (x.requires_grad or (probs is not None and probs.requires_grad)):
         x_perm, probs_perm = _Permute.apply(x, probs, row_map_TK, routing.src_slot, num_rows)
     else:
-        x_perm, probs_perm = _permute_forward(x, probs, expert_ids.shape[1], routing.src_slot, num_rows, out)
+        x_perm, probs_perm = _permute_forward(x, probs, routing.row_map_R, expert_ids.shape[1], routing.src_slot,
+                                              num_rows, out)
     return PermuteResult(
         x_permuted=x_perm,
         tokens_per_expert=routing.tokens_per_expert,
