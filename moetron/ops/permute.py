@@ -11,9 +11,10 @@ appear in increasing r, i.e. (token, k) order. No atomics decide any order, so t
 the routing, and nothing is read back on the host. The indices come from a two-pass counting sort in Triton
 (per-chunk expert histograms, a prefix scan over chunks, then ranks from a cumsum down a one-hot tile); the torch
 backend, E > 1024 and the probs drop competition use stable sorts and binary searches in torch instead. The
-data movement is Triton: one program per destination row (permute, and the backward of unpermute) or per token
-(unpermute, and the backward of permute), each sweeping H in blocks. Every output row is written by exactly one
-program, padding rows included, so no output is memset first.
+data movement is Triton: one program per token (permute, which scatters the token's row to its K rows while
+extra programs zero the rows no slot fills; unpermute, and the backward of permute) or per destination row (the
+backward of unpermute), each sweeping H in blocks. Every output row is written by exactly one program, padding
+rows included, so no output is memset first.
 
 Three layouts, all with a size R_out the host knows without looking at the routing (``permuted_rows``):
 
