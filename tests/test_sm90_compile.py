@@ -83,9 +83,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x = torch.randn(6, 32, dtype=dtype, requires_grad=True)
     ids = torch.randint(0, 4, (6, 2))
     probs = torch.rand(6, 2, requires_grad=True)
-    for kw in (dict(), dict(pad_to=8), dict(capacity=3, drop_policy="position")):
-        r = permute(x, ids, 4, probs=probs, **kw)
-        unpermute(r.x_permuted * 2, r.row_map, probs).sum().backward()
+    for scatter in (True, False):  # the token-scatter permute, and the row-program one (empty batches)
+        pm.PERMUTE_SCATTER = scatter
+        for kw in (dict(), dict(pad_to=8), dict(capacity=3, drop_policy="position")):
+            r = permute(x, ids, 4, probs=probs, **kw)
+            unpermute(r.x_permuted * 2, r.row_map, probs).sum().backward()
+    pm.PERMUTE_SCATTER = True
 rg = importlib.import_module("moetron.ops.router_gemm")
 for gpu_tiles in (False, True):  # the router's GEMMs: interpreter tiles, then the GPU's tiles and bf16 dots
     rg._GPU_TILES_ON_CPU = gpu_tiles
@@ -157,7 +160,9 @@ def test_kernels_compile_for_sm90(tmp_path):
                 "_gmm_k_tma_persistent_kernel", "_gated_fwd_kernel", "_rotary_kernel",
                 "_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel",
                 "_gated_bwd_kernel", "_expert_count_kernel", "_chunk_prefix_kernel", "_place_kernel",
-                "_permute_kernel", "_unpermute_kernel", "_unpermute_bwd_kernel", "_count_kernel", "_push_kernel",
-                "_recv_kernel", "_route_fwd_kernel", "_route_losses_kernel", "_route_bwd_kernel"}
+                "_permute_kernel", "_permute_scatter_kernel", "_unpermute_kernel", "_unpermute_bwd_kernel",
+                "_count_kernel", "_push_kernel",
+                "_recv_kernel", "_route_fwd_kernel", "_route_losses_kernel", "_route_bwd_kernel",
+                "_router_logits_kernel", "_router_dx_kernel", "_router_dw_kernel"}
     assert expected <= names, f"the workload did not launch {sorted(expected - names)}"
     assert not result["failures"], "\n\n".join(result["failures"])
