@@ -523,7 +523,7 @@ PERMUTE_SCATTER = True
 _ZERO_ROWS = 16  # rows per zeroing program of _permute_scatter_kernel
 
 
-def _run_permute(x, src_slot, K, probs_R, out, probs_out, row_map_R=None):
+def _run_permute(x, src_slot, K, probs_R, out, probs_out, row_map_R):
     """out[row] = x[src_slot[row] // K] (zeros where src_slot = -1); probs_out[row] = probs_R[src_slot[row]].
     ``row_map_R`` (the inverse of src_slot) lets the Triton path read each token's row once."""
     R_out, H = out.shape
@@ -533,7 +533,7 @@ def _run_permute(x, src_slot, K, probs_R, out, probs_out, row_map_R=None):
         cfg = _block_config(H, x.element_size(), on_cpu=not x.is_cuda)
         has_probs = probs_out is not None
         T = x.shape[0]
-        if PERMUTE_SCATTER and row_map_R is not None and T > 0:
+        if PERMUTE_SCATTER:  # with T = 0 only the zeroing programs run
             zero_rows = 2 if not x.is_cuda else _ZERO_ROWS  # several zeroing programs in the tests' small buffers
             _launch_permute_scatter(
                 (T + cdiv(R_out, zero_rows),),
@@ -713,6 +713,11 @@ class _Unpermute(torch.autograd.Function):
             # valid row_maps (from permute) are injective, so inverting them is a plain scatter
             src_slot = _invert(row_map_R.long(), torch.arange(row_map_R.numel(), device=dy.device), R_out)
         dy_perm = torch.empty(ctx.y_shape, dtype=dy.dtype, device=dy.device)
+        if probs_R is None:
+            # the adjoint of an unweighted sum is a copy of each token's gradient to its rows: permute's token
+            # scatter, which reads dy once per token where a program per row reads it K times
+            _run_permute(dy, src_slot, K, None, dy_perm, None, row_map_R)
+            return dy_perm, None, None, None
         dprobs_R = torch.zeros(row_map_R.numel(), dtype=torch.float32, device=dy.device) if need_dprobs else None
         _run_unpermute_bwd(dy, y_perm, src_slot, probs_R, K, dy_perm, dprobs_R)
         dprobs = None
