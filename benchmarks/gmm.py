@@ -114,66 +114,70 @@ def run(dtype_names, case_names, modes, providers, out_name, rounds=3):
     streams = [torch.cuda.Stream() for _ in range(4)]
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows: every provider under the same TF32 setting
     rows = []
-    for dtype_name in dtype_names:
-        dtype = DTYPES[dtype_name]
-        gen = torch.Generator().manual_seed(1)
-        for name, M, K, N, G, kind in CASES:
-            sizes = make_sizes(M, G, kind, gen)
-            if case_names and name not in case_names:
-                continue
-            offsets = torch.cumsum(sizes, 0).to(torch.int32).to(dev)
-            x = torch.randn(M, K, device=dev, dtype=dtype)
-            w = torch.randn(G, K, N, device=dev, dtype=dtype) / math.sqrt(K)
-            dy = torch.randn(M, N, device=dev, dtype=dtype)
-            fns = _providers(x, w, sizes, offsets, streams)
-            flops = 2 * M * K * N
-            ref = None
-            for mode in modes:
-                rows_here = {}
+    gen = torch.Generator().manual_seed(1)
+    for name, M, K, N, G, kind in CASES:
+        sizes = make_sizes(M, G, kind, gen)
+        if case_names and name not in case_names:
+            continue
+        offsets = torch.cumsum(sizes, 0).to(torch.int32).to(dev)
+        # one set of values, rounded to each dtype: the dtypes of a case differ only in their storage
+        base = (torch.randn(M, K, device=dev), torch.randn(G, K, N, device=dev) / math.sqrt(K),
+                torch.randn(M, N, device=dev))
+        data = {d: tuple(t.to(DTYPES[d]) for t in base) for d in dtype_names}
+        del base
+        fns = {d: _providers(*data[d][:2], sizes, offsets, streams) for d in dtype_names}
+        flops = 2 * M * K * N
+        for mode in modes:
+            rows_here = {}
+            for dtype_name in dtype_names:
+                x, w, _ = data[dtype_name]
+                ref = None
                 for provider in providers:
                     if provider in ACCUM_ONLY and mode != "fwd_bwd_accum":
                         continue
                     row = {"case": name, "provider": provider, "mode": mode, "dtype": dtype_name,
                            "M": M, "K": K, "N": N, "G": G, "ms_rounds": []}
-                    rows_here[provider] = row
+                    rows_here[dtype_name, provider] = row
                     if mode == "fwd":
                         try:
-                            out = fns[provider](x, w)
+                            out = fns[dtype_name][provider](x, w)
                             if provider == "loop":
                                 ref = out.float()
                             if provider != "dense" and ref is not None:
                                 row["rel_err_vs_loop"] = ((out.float() - ref).norm() / ref.norm()).item()
                         except Exception as e:  # a provider that cannot run a case is recorded, not fatal
                             row["error"] = repr(e)[:300]
-                # the providers take turns, `rounds` times: this machine's clocks drift by ~10% within a minute
-                # (benchmarks/NOTES.md), so one back-to-back pair of timings can mislead
-                for _ in range(rounds):
-                    for provider, row in rows_here.items():
-                        if "error" in row:
-                            continue
-                        fn = fns[provider]
-                        try:
-                            if mode == "fwd":
-                                row["ms_rounds"].append(bench_ms(lambda x=x, w=w: fn(x, w)))
-                            elif mode == "fwd_bwd_accum":
-                                row["ms_rounds"].append(_time_accumulating(fn, x, w, dy, provider))
-                            else:
-                                xg = x.clone().requires_grad_(True)
-                                wg = w.clone().requires_grad_(True)
-                                row["ms_rounds"].append(bench_ms(lambda dy=dy: fn(xg, wg).backward(dy),
-                                                                 grad_to_none=[xg, wg]))
-                                del xg, wg
-                        except Exception as e:
-                            row["error"] = repr(e)[:300]
-                for row in rows_here.values():
-                    if row["ms_rounds"] and "error" not in row:
-                        row["ms"] = statistics.median(row["ms_rounds"])
-                        row["tflops"] = (flops if mode == "fwd" else 3 * flops) / row["ms"] / 1e9
-                    rows.append(row)
-                    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                           if k != "ms_rounds"}, flush=True)
-            del x, w, dy, ref, fns
-            torch.cuda.empty_cache()
+            # the providers (and the dtypes of a case) take turns, `rounds` times: this GPU's clocks drift by
+            # ~10% within a minute and sink under its power cap on long GEMMs (benchmarks/NOTES.md), so one
+            # back-to-back pair of timings can mislead
+            for _ in range(rounds):
+                for (dtype_name, provider), row in rows_here.items():
+                    if "error" in row:
+                        continue
+                    x, w, dy = data[dtype_name]
+                    fn = fns[dtype_name][provider]
+                    try:
+                        if mode == "fwd":
+                            row["ms_rounds"].append(bench_ms(lambda x=x, w=w: fn(x, w)))
+                        elif mode == "fwd_bwd_accum":
+                            row["ms_rounds"].append(_time_accumulating(fn, x, w, dy, provider))
+                        else:
+                            xg = x.clone().requires_grad_(True)
+                            wg = w.clone().requires_grad_(True)
+                            row["ms_rounds"].append(bench_ms(lambda dy=dy: fn(xg, wg).backward(dy),
+                                                             grad_to_none=[xg, wg]))
+                            del xg, wg
+                    except Exception as e:
+                        row["error"] = repr(e)[:300]
+            for row in rows_here.values():
+                if row["ms_rounds"] and "error" not in row:
+                    row["ms"] = statistics.median(row["ms_rounds"])
+                    row["tflops"] = (flops if mode == "fwd" else 3 * flops) / row["ms"] / 1e9
+                rows.append(row)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                       if k != "ms_rounds"}, flush=True)
+        del data, fns
+        torch.cuda.empty_cache()
     path = write_results(out_name, rows)
     print_table(rows)
     print(f"wrote {path}")
