@@ -92,8 +92,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 rg = importlib.import_module("moetron.ops.router_gemm")
 for gpu_tiles in (False, True):  # the router's GEMMs: interpreter tiles, then the GPU's tiles and bf16 dots
     rg._GPU_TILES_ON_CPU = gpu_tiles
-    for w_dtype in (torch.float32, torch.bfloat16):
-        xr = torch.randn(70, 96).bfloat16().requires_grad_(True)
+    for w_dtype, rows in ((torch.float32, 70), (torch.bfloat16, 70), (torch.float32, 130)):  # 130: big-batch tiles
+        xr = torch.randn(rows, 96).bfloat16().requires_grad_(True)
         wr = torch.randn(20, 96).to(w_dtype).requires_grad_(True)
         rg.router_logits(xr, wr).sum().backward()
 rg._GPU_TILES_ON_CPU = False

@@ -173,11 +173,17 @@ def _config(kind: str, t: torch.Tensor, E: int) -> tuple[dict, bool]:
     """(tiles and launch options, FIXUPS) of kernel ``kind`` for operands on t's device."""
     if not (t.is_cuda or _GPU_TILES_ON_CPU):
         return _CPU_TILES, True
+    # H100 sweep at Qwen3-30B's router (E=128, H=2048; benchmarks/NOTES.md, session 11), us per call at T=32768:
+    # logits 64-row tiles 252 -> 128-row tiles 145 (but 128-row tiles leave SMs idle below ~128 tiles' worth
+    # of tokens, so small batches keep 64); dx 128x64 434 -> 128x256 262 (each g tile is split once per 256
+    # columns of H instead of per 64); dw 128x64 264 -> 128x128 with 8 warps 136.
     if kind == "logits":
+        if t.shape[0] >= 128 * (num_sms(t.device.index or 0) if t.is_cuda else 1):  # CPU: the compile test
+            return dict(BM=128, BN=_expert_tile(E), BK=64, num_warps=8, num_stages=3), False
         return dict(BM=64, BN=_expert_tile(E), BK=64, num_warps=4, num_stages=3), False
     if kind == "dx":
-        return dict(BM=128, BN=64, BK=min(64, _expert_tile(E)), num_warps=8, num_stages=2), False
-    return dict(BE=_expert_tile(E), BN=64, BT=64, num_warps=4, num_stages=3), False
+        return dict(BM=128, BN=256, BK=min(64, _expert_tile(E)), num_warps=8, num_stages=2), False
+    return dict(BE=_expert_tile(E), BN=128, BT=64, num_warps=8, num_stages=3), False
 
 
 def _launch(launcher, grid, args, constexprs, cfg):
