@@ -48,8 +48,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         main = torch.zeros(5, 32, 48)
         moetron.gmm_k(torch.randn(M, 32, dtype=dtype), torch.randn(M, 48, dtype=dtype), sizes, out=main,
                       accumulate=True)
-        if tma:  # the persistent wgrad kernel (opt-in), plain and flattened
-            gm._CONFIG_OVERRIDES["wgrad"].update(persistent=True, flatten=store)
+        if tma:  # the persistent wgrad kernel: plain, and flattened with the prefetched tail (the GPU default)
+            gm._CONFIG_OVERRIDES["wgrad"].update(persistent=True, flatten=store, prefetch_tail=store)
             moetron.gmm_k(torch.randn(M, 32, dtype=dtype), torch.randn(M, 48, dtype=dtype), sizes)
         if tma and dtype != torch.float32:  # the first expert GEMM with its activation in the epilogue
             gg.gated_gmm(torch.randn(M, 32, dtype=dtype), torch.randn(5, 48, 32, dtype=dtype), sizes.cumsum(0),

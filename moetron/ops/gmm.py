@@ -102,7 +102,11 @@ def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
     if ka * nb >= _LARGE_OUTPUT:
         return dict(BK=128, BN=256, BM=64, num_warps=8, num_stages=3, persistent=True, flatten=True,
                     tma_store=True)
-    return dict(BK=128, BN=128, BM=32, num_warps=4, num_stages=5, persistent=True, flatten=True, programs_per_sm=2)
+    # Small outputs also prefetch each group's last partial row chunk (session 11, scratch H100 sweep, TFLOP/s):
+    # Qwen3-30B-shaped groups of random sizes 414-445 -> 433-462, balanced top-8 routing 430-462 -> 423-482,
+    # blog_g128 236-241 -> 254-255; groups that are multiples of 32 rows lost 0-5% (nothing to prefetch).
+    return dict(BK=128, BN=128, BM=32, num_warps=4, num_stages=4, persistent=True, flatten=True, programs_per_sm=2,
+                prefetch_tail=True)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -496,17 +500,18 @@ def _gmm_k_tma_persistent_kernel(
     TMA_STORE: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    PREFETCH_TAIL: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_FIXUPS: tl.constexpr,
     BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, GROUP_K: tl.constexpr,
 ):
-    """Persistent variant of _gmm_k_tma_kernel, opt-in (``persistent`` in a wgrad config) until the H100 sweep
-    decides. With 128 groups a tile reduces only ~512 rows, so its prologue and epilogue weigh as much as its
-    MMAs; one long-lived program per SM walking the tiles (FLATTEN: the next tile's loads overlap this tile's
-    store) is the standard cure. The descriptors span all M rows (built once per program), so the chunk that
-    crosses the group's end is masked on both operands after the loop, as 0 * inf would be NaN."""
+    """Persistent variant of _gmm_k_tma_kernel (``persistent`` in a wgrad config; the GPU default). With 128 groups
+    a tile reduces only ~512 rows, so its prologue and epilogue weigh as much as its MMAs; one long-lived program
+    per SM walking the tiles (FLATTEN: the next tile's loads overlap this tile's store) is the standard cure. The
+    descriptors span all M rows (built once per program), so the chunk that crosses the group's end is masked on
+    both operands after the loop, as 0 * inf would be NaN; PREFETCH_TAIL loads that chunk before the loop."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, KA], strides=[stride_am, 1], block_shape=[BM, BK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[M, NB], strides=[stride_bm, 1], block_shape=[BM, BN])
     total_tiles = G * tl.cdiv(KA, BK) * tl.cdiv(NB, BN)
@@ -516,13 +521,30 @@ def _gmm_k_tma_persistent_kernel(
         row_start, row_end = _group_rows(sizes_ptr, g, M, G, SIZES_ARE_ENDS, BLOCK_G)
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         full_end = row_start + (row_end - row_start) // BM * BM
+        if PREFETCH_TAIL:
+            # the last partial chunk through masked pointer loads issued before the loop, so their latency hides
+            # behind it (after the loop, a TMA load would wait out its full latency once per tile); rows past
+            # the group's end read as zeros, never the next group's values
+            tail_rows = (full_end + tl.arange(0, BM)).to(tl.int64)
+            tail_ok = tail_rows < row_end
+            ks = k_tile * BK + tl.arange(0, BK)
+            ns = n_tile * BN + tl.arange(0, BN)
+            a_tail = tl.load(a_ptr + tail_rows[:, None] * stride_am + ks[None, :],
+                             mask=tail_ok[:, None] & (ks < KA)[None, :], other=0.0)
+            b_tail = tl.load(b_ptr + tail_rows[:, None] * stride_bm + ns[None, :],
+                             mask=tail_ok[:, None] & (ns < NB)[None, :], other=0.0)
         for r0 in range(row_start, full_end, BM):
             a = a_desc.load([r0, k_tile * BK])
             b = b_desc.load([r0, n_tile * BN])
             if BF16_FIXUPS:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-        if full_end < row_end:
+        if PREFETCH_TAIL:
+            if full_end < row_end:
+                if BF16_FIXUPS:
+                    a_tail, b_tail = a_tail.to(tl.float32), b_tail.to(tl.float32)
+                acc = tl.dot(tl.trans(a_tail), b_tail, acc, input_precision=INPUT_PRECISION)
+        elif full_end < row_end:
             row_ok = (full_end + tl.arange(0, BM)) < row_end
             a = tl.where(row_ok[:, None], a_desc.load([full_end, k_tile * BK]), 0.0)
             b = tl.where(row_ok[:, None], b_desc.load([full_end, n_tile * BN]), 0.0)
@@ -807,7 +829,8 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
             grid = (max(1, min(programs, grid[0])),)
             launcher = _launch_gmm_k_tma_persistent
             args = (a, b, out, groups.sizes, a.shape[0], KA, NB, G, grid[0], *strides)
-            constexprs.update(FLATTEN=cfg.get("flatten", False), WARP_SPECIALIZE=cfg.get("warp_specialize", False))
+            constexprs.update(FLATTEN=cfg.get("flatten", False), WARP_SPECIALIZE=cfg.get("warp_specialize", False),
+                              PREFETCH_TAIL=cfg.get("prefetch_tail", False))
         else:
             launcher = _launch_gmm_k_tma
             args = (a, b, out, groups.sizes, a.shape[0], KA, NB, G, *strides)

@@ -264,6 +264,7 @@ WGRAD_VARIANTS = {
     "tma_store": dict(tma_store=True),
     "persistent": dict(persistent=True),
     "persistent_flatten_store": dict(persistent=True, flatten=True, tma_store=True),
+    "persistent_prefetch_tail": dict(persistent=True, flatten=True, prefetch_tail=True),
 }
 
 
@@ -274,12 +275,32 @@ WGRAD_VARIANTS = {
 def test_gmm_k_variants(monkeypatch, variant, dtype, accumulate):
     # tma_store: the output tile written (and, accumulating, read) through a TMA descriptor; K = 24 and N = 40 are
     # not multiples of the 16-wide tile, so the descriptor clips the edge tiles. persistent: 4 programs walk all
-    # the tiles, so one program crosses groups (empty ones included) and masks each group's last row chunk.
+    # the tiles, so one program crosses groups (empty ones included) and masks each group's last row chunk (after
+    # the loop, or with prefetch_tail by pointer loads issued before it).
     monkeypatch.setenv("MOETRON_BACKEND", "triton")
     monkeypatch.setenv("MOETRON_TMA", "1")
     monkeypatch.setitem(gmm_module._CONFIG_OVERRIDES, "wgrad",
                         dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1, **WGRAD_VARIANTS[variant]))
     _check_gmm_k("cpu", dtype, accumulate, K=24, N=40)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the default configs choose the variant")
+@pytest.mark.parametrize("variant", list(WGRAD_VARIANTS))
+def test_gmm_k_variants_keep_groups_apart(monkeypatch, variant):
+    # the row chunk that crosses group 0's end also holds group 1's rows, which are inf here: whatever a variant
+    # does with that chunk, they must not reach group 0's result (0 * inf would be NaN)
+    monkeypatch.setenv("MOETRON_BACKEND", "triton")
+    monkeypatch.setenv("MOETRON_TMA", "1")
+    monkeypatch.setitem(gmm_module._CONFIG_OVERRIDES, "wgrad",
+                        dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1, **WGRAD_VARIANTS[variant]))
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 16, generator=gen)
+    dy = torch.randn(12, 16, generator=gen)
+    x[5:], dy[5:] = float("inf"), float("inf")
+    out = moetron.gmm_k(x, dy, torch.tensor([5, 7]))
+    ref = x[:5].double().t() @ dy[:5].double()
+    assert torch.isfinite(out[0]).all()
+    torch.testing.assert_close(out[0].double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def _check_gmm_k(path, dtype, accumulate, K, N):
