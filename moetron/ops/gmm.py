@@ -542,8 +542,10 @@ def _gmm_k_tma_persistent_kernel(
         if PREFETCH_TAIL:
             if full_end < row_end:
                 if BF16_FIXUPS:
-                    a_tail, b_tail = a_tail.to(tl.float32), b_tail.to(tl.float32)
-                acc = tl.dot(tl.trans(a_tail), b_tail, acc, input_precision=INPUT_PRECISION)
+                    acc = tl.dot(tl.trans(a_tail.to(tl.float32)), b_tail.to(tl.float32), acc,
+                                 input_precision=INPUT_PRECISION)
+                else:
+                    acc = tl.dot(tl.trans(a_tail), b_tail, acc, input_precision=INPUT_PRECISION)
         elif full_end < row_end:
             row_ok = (full_end + tl.arange(0, BM)) < row_end
             a = tl.where(row_ok[:, None], a_desc.load([full_end, k_tile * BK]), 0.0)
