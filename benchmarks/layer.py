@@ -7,8 +7,9 @@ dispatcher, softmax top-k with aux loss, fp32 router), in one run, with the same
     python benchmarks/layer.py --inference               # eval-mode forward under no_grad (a prefill), mode "infer"
 
 bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for forward+backward.
-Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with peak_mem_gb per row: the peak allocated
-during that provider's timing, with only its own module on the device.
+Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with ms the median of --rounds timings taken with
+the providers in turns, and peak_mem_gb per row: the peak allocated in one call, counting that provider's own
+module, gradients and activations and the shared inputs (as if it were alone on the device).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -126,52 +128,99 @@ def build_megatron(W, H, F, E, K, device, dtype):
     return layer.train(), run
 
 
-def time_provider(name, build, x, dy, flops, device, rep_ms, rows, case, inference=False):
-    module, run = build()
-    params = [p for p in module.parameters() if p.requires_grad]
-    xg = x.detach().clone().requires_grad_(True)
+class Prepared:
+    """One provider built and warmed up for one case: its timed functions and its peak memory per mode."""
 
-    def fwd():
-        return run(xg)
+    def __init__(self, build, x, dy, device, inference):
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+        self.module, run = build()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.xg = x.detach().clone().requires_grad_(True)
 
-    def fwd_bwd():
-        run(xg).backward(dy)
+        def fwd():
+            return run(self.xg)
 
-    @torch.no_grad()
-    def infer():  # eval mode, no autograd: a prefill
-        return run(x)
+        def fwd_bwd():
+            run(self.xg).backward(dy)
 
-    if inference:
-        module.eval()
-        out = infer()
-        modes = (("infer", infer),)
-    else:
-        out = fwd()
-        fwd_bwd()  # warm-up: compiles kernels
-        modes = (("fwd", fwd), ("fwd_bwd", fwd_bwd))
-    result = {"out": out.detach().float()}
-    for mode, fn in modes:
-        row = {"case": case, "provider": name, "mode": mode}
-        try:
-            if device == "cuda":
+        @torch.no_grad()
+        def infer():  # eval mode, no autograd: a prefill
+            return run(x)
+
+        if inference:
+            self.module.eval()
+            self.out = infer().detach().float()
+            self.modes = {"infer": infer}
+        else:
+            self.out = fwd().detach().float()
+            fwd_bwd()  # warm-up: compiles kernels
+            self.modes = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+        # peak memory of one call per mode: this provider's weights, gradients and activations (allocated past
+        # `base`, so not the other providers' modules), plus the shared x and dy, as if it ran alone
+        self.peak_gb = {}
+        if device == "cuda":
+            for mode, fn in self.modes.items():
+                self.clear_grads()
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                row["ms"] = bench_ms(fn, grad_to_none=params + [xg], rep_ms=rep_ms)
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            else:
-                t = time.perf_counter()
                 fn()
-                row["ms"] = (time.perf_counter() - t) * 1e3
+                torch.cuda.synchronize()
+                inputs = x.numel() * x.element_size() + dy.numel() * dy.element_size()
+                self.peak_gb[mode] = (torch.cuda.max_memory_allocated() - base + inputs) / 1e9
+
+    def clear_grads(self):
+        for t in self.params + [self.xg]:
+            t.grad = None
+
+    def time_ms(self, mode, device, rep_ms):
+        fn = self.modes[mode]
+        if device == "cuda":
+            return bench_ms(fn, grad_to_none=self.params + [self.xg], rep_ms=rep_ms)
+        self.clear_grads()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+
+def time_case(case, builders, x, dy, flops, device, rep_ms, rounds, inference, rows):
+    """Build every provider, then time them in turns, ``rounds`` times (median kept): this H100 holds its clock
+    only until its 700 W cap, so a provider timed first on a cool GPU would run at a higher clock than the next
+    (benchmarks/NOTES.md, session 11). Returns each provider's output (fp32) for the cross-check."""
+    prepared, rows_here = {}, {}
+    for provider, build in builders.items():
+        try:
+            prepared[provider] = Prepared(build, x, dy, device, inference)
+        except Exception as e:  # a provider that cannot build or run is recorded, not fatal
+            rows_here[provider, None] = {"case": case, "provider": provider, "mode": "infer" if inference else "fwd",
+                                         "error": repr(e)[:300]}
+            print(case, provider, "failed:", repr(e)[:300], flush=True)
+            continue
+        for mode in prepared[provider].modes:
+            rows_here[provider, mode] = {"case": case, "provider": provider, "mode": mode, "ms_rounds": []}
+    for _ in range(rounds):
+        for (provider, mode), row in rows_here.items():
+            if "error" in row:
+                continue
+            try:
+                row["ms_rounds"].append(prepared[provider].time_ms(mode, device, rep_ms))
+            except Exception as e:
+                row["error"] = repr(e)[:300]
+    for (provider, mode), row in rows_here.items():
+        if "error" not in row and row["ms_rounds"]:
+            row["ms"] = statistics.median(row["ms_rounds"])
+            if mode in prepared[provider].peak_gb:
+                row["peak_mem_gb"] = prepared[provider].peak_gb[mode]
             row["tflops"] = (3 * flops if mode == "fwd_bwd" else flops) / row["ms"] / 1e9
-        except Exception as e:
-            row["error"] = repr(e)[:300]
         rows.append(row)
-        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    del module, run, params, xg, out
+        if mode is not None:
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "ms_rounds"},
+                  flush=True)
+    outs = {name: prep.out for name, prep in prepared.items()}
+    del prepared
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return result
+    return outs
 
 
 def main(argv=None):
@@ -183,6 +232,7 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--eager-max-tokens", type=int, default=8192, help="skip hf_eager above this T")
     parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="timings per provider, taken in turns; median kept")
     parser.add_argument("--inference", action="store_true",
                         help="time the eval-mode forward under torch.no_grad() (mode 'infer') instead of training; "
                              "writes layer_infer_<gpu>.json")
@@ -200,23 +250,15 @@ def main(argv=None):
             g = torch.Generator().manual_seed(T)
             x = torch.randn(1, T, H, generator=g).to(device, dtype)
             dy = torch.randn(1, T, H, generator=g).to(device, dtype)
-            outs = {}
             builders = {
                 "moetron": lambda: build_moetron(W, H, F, E, K, device, dtype),
                 "hf_grouped_mm": lambda: build_hf(W, H, F, E, K, device, dtype, "grouped_mm"),
                 "hf_eager": lambda: build_hf(W, H, F, E, K, device, dtype, "eager"),
                 "megatron": lambda: build_megatron(W, H, F, E, K, device, dtype),
             }
-            for provider in args.providers:
-                if provider == "hf_eager" and T > args.eager_max_tokens:
-                    continue
-                try:
-                    outs[provider] = time_provider(provider, builders[provider], x, dy, flops, device,
-                                                   args.rep_ms, rows, case, args.inference)["out"]
-                except Exception as e:  # a provider that cannot build or run is recorded, not fatal
-                    rows.append({"case": case, "provider": provider, "mode": "infer" if args.inference else "fwd",
-                                 "error": repr(e)[:300]})
-                    print(case, provider, "failed:", repr(e)[:300], flush=True)
+            builders = {p: builders[p] for p in args.providers
+                        if not (p == "hf_eager" and T > args.eager_max_tokens)}
+            outs = time_case(case, builders, x, dy, flops, device, args.rep_ms, args.rounds, args.inference, rows)
             ref = outs.get("hf_grouped_mm")
             for provider, out in outs.items():
                 if ref is not None and provider != "hf_grouped_mm":
