@@ -30,10 +30,10 @@ def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True, ws=False, flatten=False
 
 
 def _wgrad(bk, bn, bm, warps, stages, tma=True, tma_store=False, group_k=8, persistent=False, flatten=False,
-           per_sm=1, ws=False):
+           per_sm=1, ws=False, prefetch_tail=False):
     return dict(BK=bk, BN=bn, BM=bm, num_warps=warps, num_stages=stages, tma=tma, tma_store=tma_store,
                 GROUP_K=group_k, persistent=persistent, flatten=flatten, programs_per_sm=per_sm,
-                warp_specialize=ws)
+                warp_specialize=ws, prefetch_tail=prefetch_tail)
 
 
 FWD_VARIANTS = {  # the first two are the defaults for N >= 256 ([G, K, N] and [G, N, K] weights)
@@ -46,7 +46,9 @@ FWD_VARIANTS = {  # the first two are the defaults for N >= 256 ([G, K, N] and [
     "64x256x64_w4_s4_fl_st": _fwd(64, 256, 64, 4, 4, flatten=True, tma_store=True),
     "256x128x64_w8_s3_fl_st": _fwd(256, 128, 64, 8, 3, flatten=True, tma_store=True),
 }
-WGRAD_VARIANTS = {  # the first two are the defaults (small and large per-group outputs)
+WGRAD_VARIANTS = {  # the first is the default for small per-group outputs; large ones: "..._pers_fl_st" below
+    "128x128x32_w4_s4_pers2_fl_pt": _wgrad(128, 128, 32, 4, 4, persistent=True, flatten=True, per_sm=2,
+                                           prefetch_tail=True),
     "128x128x32_w4_s5_pers2_fl": _wgrad(128, 128, 32, 4, 5, persistent=True, flatten=True, per_sm=2),
     "128x256x64_w8_s3": _wgrad(128, 256, 64, 8, 3),
     "128x256x64_w8_s3_pers_fl": _wgrad(128, 256, 64, 8, 3, persistent=True, flatten=True),
