@@ -106,6 +106,10 @@ class CachedLauncher:
         self.names = list(kernel.arg_names)
         self._compiled: dict = {}
 
+    # torch.compiler.disable here and on LaunchPlans: Dynamo does not trace into launches (Triton internals, calls
+    # of compiled kernels, data pointers in cache keys), so a model compiled around moetron's ops runs them as
+    # they run eagerly, behind a graph break (tests/test_compile.py). It costs ~0.3 us per call.
+    @torch.compiler.disable
     def __call__(self, grid, runtime_args, constexprs: dict, **options):
         if not hasattr(self.kernel, "device_caches"):  # Triton's CPU interpreter
             return self._launch(grid, runtime_args, constexprs, options)
@@ -175,6 +179,7 @@ class LaunchPlans:
         self._plans: dict = {}
         self.max_entries = max_entries
 
+    @torch.compiler.disable
     def run(self, key, tensors) -> bool:
         """Launch the plan of ``key`` with ``tensors``; False if there is none yet."""
         plan = self._plans.get(key)
@@ -183,6 +188,7 @@ class LaunchPlans:
         plan(tensors)
         return True
 
+    @torch.compiler.disable
     def add(self, key, launcher: CachedLauncher, grid, runtime_args, constexprs: dict, options: dict) -> None:
         """Remember the launch just made through ``launcher`` with these arguments under ``key``."""
         relaunch = launcher.relauncher(grid, runtime_args, constexprs, options)
