@@ -504,8 +504,15 @@ class TopKRouter(torch.nn.Module):
             self.register_buffer("global_aux_steps", None, persistent=False)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
+        """A fresh router: random weight, zero expert bias and counters. The buffers matter after building on the
+        meta device and ``to_empty()``, which leaves them uninitialised (a garbage bias would steer routing)."""
         torch.nn.init.normal_(self.weight, std=_INIT_STD)
+        for buf in (self.expert_bias, self.local_tokens_per_expert, self.global_tokens_per_expert,
+                    self.global_aux_steps):
+            if buf is not None:
+                buf.zero_()
 
     def set_process_groups(self, tokens=None, sequences=None) -> None:
         """Compute the losses over a global batch spread across ranks.

@@ -906,3 +906,29 @@ def test_row_scale_of_the_wrong_length_raises():
     experts = GroupedExperts(3, H, FF)
     with pytest.raises(ValueError, match=r"row_scale must have one entry per row of x \(5\), got 4"):
         experts(torch.randn(5, H), torch.tensor([2, 4, 5]), row_scale=torch.ones(4))
+
+
+def test_meta_device_build_then_to_empty_and_reset():
+    # the large-model init flow (FSDP2, torchtitan): build on the meta device, allocate with to_empty (which leaves
+    # every tensor uninitialised), then reset_parameters. The expert bias and the counters must come back as zeros:
+    # a garbage bias would steer the routing, garbage counters the global aux loss.
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=6, top_k=2, score_function="sigmoid",
+                    expert_bias=True, load_balancing=("global_aux_loss",), shared_expert_ffn_hidden_size=12,
+                    shared_expert_gate=True)
+    with torch.device("meta"):
+        layer = MoELayer(cfg)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            t.fill_(float("nan"))  # what to_empty may hand back
+    torch.manual_seed(5)
+    layer.reset_parameters()
+    for name, buf in layer.named_buffers():
+        assert torch.equal(buf, torch.zeros_like(buf)), name
+    for name, p in layer.named_parameters():
+        assert torch.isfinite(p).all(), name
+    fresh = MoELayer(cfg)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(10, 16)
+    torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
+    assert torch.equal(layer.router.global_tokens_per_expert, fresh.router.global_tokens_per_expert)
