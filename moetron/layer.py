@@ -46,7 +46,7 @@ from .dispatch import LocalDispatcher, make_dispatcher
 from .dispatch._comm import all_gather_flat
 from .experts import ACTIVATIONS, GroupedExperts, SharedExperts
 from .parallel import GRAD_GROUP_ATTR, ParallelGroups, check_same_on_all_ranks
-from .router import RouterConfig, RouterOutput, TopKRouter
+from .router import RouterConfig, RouterOutput, TopKRouter, exclude_router_counters_from_ddp
 from ._checks import config_error, is_int
 
 __all__ = ["MoEConfig", "MoELayer"]
@@ -319,6 +319,7 @@ class MoELayer(nn.Module):
         for name, p in self.experts.named_parameters():
             setattr(p, GRAD_GROUP_ATTR, "etp_edp" if _ETP_SPLIT[name] is None else "edp")
         self.last_stats: dict | None = None
+        exclude_router_counters_from_ddp(self)  # for DistributedDataParallel(layer)
         if parallel.world_size > 1:
             self.sync_replicas()
         if ep * etp > 1:

@@ -77,7 +77,7 @@ from . import _env
 from .ops import router_gemm, routing
 from ._checks import check_tensor, config_error, is_int, is_real
 
-__all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler"]
+__all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler", "exclude_router_counters_from_ddp"]
 
 # ---------------------------------------------------------------------------------------------------------
 # Constants
@@ -461,6 +461,28 @@ def _switch_aux_loss(scores_sum_BE: torch.Tensor, counts_BE: torch.Tensor, token
 # buffers kept in fp32 when the module is cast to bf16/fp16: +-1e-3 bias steps vanish in bf16 near |bias| ~ 1,
 # and token counts above 256 stop being exact.
 _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert", "global_aux_steps")
+# each rank's own counts since the last update or reset (buffers, so .to(), CUDA-graph warm-ups and checkpoints
+# of the trainer carry them)
+_COUNTERS = ("local_tokens_per_expert", "global_tokens_per_expert", "global_aux_steps")
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # read by DistributedDataParallel on the module it wraps
+
+
+def exclude_router_counters_from_ddp(model: torch.nn.Module) -> list[str]:
+    """Keep torch's DistributedDataParallel from broadcasting the routers' counters. Call it on the module you are
+    about to wrap in DDP (``MoELayer`` and ``MoETransformer`` do it for themselves, for when they are the module
+    wrapped); it adds the counters' names to the list DDP reads and returns them.
+
+    Why: DDP copies rank 0's buffers into every rank at each forward (``broadcast_buffers=True``, its default). The
+    counters are each rank's own token counts, summed over the ranks only when ``update_expert_bias(group)`` runs
+    (or in the forward, with ``set_process_groups``); overwritten with rank 0's, the expert-bias update and the
+    global aux loss would use rank 0's tokens several times over, with no error. ``broadcast_buffers=False`` avoids
+    it too."""
+    names = [f"{prefix}.{name}" if prefix else name
+             for prefix, module in model.named_modules() if isinstance(module, TopKRouter)
+             for name in _COUNTERS if getattr(module, name, None) is not None]
+    ignored = list(getattr(model, _DDP_IGNORE, []))
+    object.__setattr__(model, _DDP_IGNORE, ignored + [n for n in names if n not in ignored])
+    return names
 
 
 class TopKRouter(torch.nn.Module):
@@ -502,6 +524,7 @@ class TopKRouter(torch.nn.Module):
         else:
             self.register_buffer("global_tokens_per_expert", None, persistent=False)
             self.register_buffer("global_aux_steps", None, persistent=False)
+        exclude_router_counters_from_ddp(self)
         self.reset_parameters()
 
     @torch.no_grad()

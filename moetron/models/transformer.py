@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoEConfig, MoELayer
+from ..router import exclude_router_counters_from_ddp
 from ..ops.rmsnorm import add_rms_norm, rms_norm
 from ..ops.rotary import apply_rotary
 from .._checks import config_error, config_from_dict, is_int
@@ -447,6 +448,7 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        exclude_router_counters_from_ddp(self)  # for DistributedDataParallel(model)
         self.reset_parameters()
 
     @torch.no_grad()
