@@ -482,4 +482,6 @@ class MoELayer(nn.Module):
             "num_dropped": d.num_dropped.detach(),
             "losses": route.losses,
         }
-        return y_TH.reshape(shape)
+        # a [T, H] input gets the combined tensor itself, not a view of it (FSDP2 warns about views: an in-place
+        # op on one would skip its backward hook)
+        return y_TH if y_TH.shape == shape else y_TH.reshape(shape)

@@ -62,8 +62,10 @@ Losses, jitter and count accumulation happen only in training mode with grad ena
 ``torch.no_grad()``, for example in activation recomputation). Non-reentrant activation checkpointing runs the
 forward twice with grad enabled, so the counters then hold each micro-batch twice: the global aux loss (a mean
 over calls) and the bias update (a sign against the mean) are unchanged when each micro-batch's backward follows
-its forward (tests/test_checkpointing.py), not when several forwards run before their backwards. Nothing in ``forward`` reads routing data on the
-host, except the NaN/inf check of debug mode (``RouterConfig.debug_nan_check`` or ``MOETRON_DEBUG=1``), which syncs.
+its forward (tests/test_checkpointing.py), not when several forwards run before their backwards.
+
+Nothing in ``forward`` reads routing data on the host, except the NaN/inf check of debug mode
+(``RouterConfig.debug_nan_check`` or ``MOETRON_DEBUG=1``), which syncs.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""MoELayer inside torch's DistributedDataParallel (gloo, 2 ranks), the way a plain data-parallel script wraps a
-model: gradients equal one process's over the global batch, and the router's counters (summed over the ranks) and
-the expert bias updated from them equal what one process gets from all the tokens.
+"""MoELayer inside torch's DistributedDataParallel and FSDP2 (gloo, 2 ranks), the way a data-parallel script wraps
+a model: gradients equal one process's over the global batch, and under DDP the router's counters (summed over the
+ranks) and the expert bias updated from them equal what one process gets from all the tokens.
 
 DDP copies rank 0's buffers into every rank at each forward by default; the counters are buffers, so without
 ``exclude_router_counters_from_ddp`` (which MoELayer applies to itself) rank 1's counts of its first micro-batch
-were replaced by rank 0's (checked by hand: counts [11, 4, 9, 8, 7, 9] where its own tokens gave [7, 7, 9, 7, 8, 10])."""
+were replaced by rank 0's (checked by hand: counts [11, 4, 9, 8, 7, 9] where its own tokens gave
+[7, 7, 9, 7, 8, 10])."""
 
 import copy
 
@@ -77,5 +78,27 @@ def test_ddp_counts_bias_and_gradients_match_one_process(wrapped):
         assert torch.equal(got_counts, counts)
         assert torch.equal(bias, _router(single).expert_bias)
         # DDP averages over the 2 ranks; one process summed both ranks' micro-batches
+        for got, want in zip(grads, (p.grad for p in single.parameters())):
+            torch.testing.assert_close(got * 2, want, rtol=1e-5, atol=1e-6)
+
+
+def _fsdp_rank(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _build("layer")
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))  # expert weights sharded along the expert dim
+    _steps(model, _inputs()[rank])
+    return [p.grad.full_tensor() for p in model.parameters()]
+
+
+def test_fsdp2_gradients_match_one_process():
+    """FSDP2 (fully_shard): each rank holds a shard of every weight; the gathered gradients equal one process's."""
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed.fsdp.fully_shard")
+    results = run_world(2, _fsdp_rank)
+    single = _build("layer")
+    inputs = _inputs()
+    _steps(single, inputs[0] + inputs[1])
+    for grads in results:
         for got, want in zip(grads, (p.grad for p in single.parameters())):
             torch.testing.assert_close(got * 2, want, rtol=1e-5, atol=1e-6)
