@@ -12,9 +12,9 @@ the routing, and nothing is read back on the host. The indices come from a two-p
 (per-chunk expert histograms, a prefix scan over chunks, then ranks from a cumsum down a one-hot tile); the torch
 backend, E > 1024 and the probs drop competition use stable sorts and binary searches in torch instead. The
 data movement is Triton: one program per token (permute, which scatters the token's row to its K rows while
-extra programs zero the rows no slot fills; unpermute, and the backward of permute) or per destination row (the
-backward of unpermute), each sweeping H in blocks. Every output row is written by exactly one program, padding
-rows included, so no output is memset first.
+extra programs zero the rows no slot fills; unpermute, and the backward of permute; and the backward of an
+unweighted unpermute, a copy) or per destination row (the backward of a weighted unpermute), each sweeping H in
+blocks. Every output row is written by exactly one program, padding rows included, so no output is memset first.
 
 Three layouts, all with a size R_out the host knows without looking at the routing (``permuted_rows``):
 
@@ -231,25 +231,24 @@ def _unpermute_bwd_kernel(
     dy_ptr,  # [T, H] gradient of unpermute's output
     y_ptr,  # [R_out, H] unpermute's input (read only if NEED_DPROBS)
     src_slot_ptr,  # [R_out] int64: slot of each row, or -1
-    probs_ptr,  # [R] flat probs (read only if HAS_PROBS)
+    probs_ptr,  # [R] flat probs
     dy_perm_ptr,  # out [R_out, H]
     dprobs_ptr,  # out [R] fp32, zero-filled by the caller; written at kept slots only if NEED_DPROBS
     H, K,
     stride_dyt, stride_yr, stride_dpr,
-    HAS_PROBS: tl.constexpr,
     NEED_DPROBS: tl.constexpr,
     ROUND_BF16_BITS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """One program per row of y_permuted: dy_perm[row] = probs[slot] * dy[token] (0 for rows no slot fills), and
-    dprobs[slot] = <dy[token], y[row]>. A kept slot has exactly one row, so each dot product is one program's."""
+    """Weighted unpermute's backward, one program per row of y_permuted: dy_perm[row] = probs[slot] * dy[token] (0
+    for rows no slot fills), and dprobs[slot] = <dy[token], y[row]>. A kept slot has exactly one row, so each dot
+    product is one program's. (Without probs the backward is a copy: permute's token scatter.)"""
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(src_slot_ptr + row)
     keep = slot >= 0
     safe_slot = tl.where(keep, slot, 0)
     token = safe_slot // K
-    if HAS_PROBS:
-        p = tl.load(probs_ptr + safe_slot, mask=keep, other=0.0).to(tl.float32)
+    p = tl.load(probs_ptr + safe_slot, mask=keep, other=0.0).to(tl.float32)
     cols = tl.arange(0, BLOCK_H)
     keep_h = _splat(slot, BLOCK_H) >= 0
     dot = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -257,10 +256,7 @@ def _unpermute_bwd_kernel(
         h = h0 + cols
         in_row = h < H
         d = tl.load(dy_ptr + token * stride_dyt + h, mask=in_row & keep_h, other=0.0).to(tl.float32)
-        if HAS_PROBS:
-            g = tl.where(keep_h, d * p, 0.0)
-        else:
-            g = d
+        g = tl.where(keep_h, d * p, 0.0)
         tl.store(dy_perm_ptr + row * stride_dpr + h, to_output_dtype(g, dy_perm_ptr, ROUND_BF16_BITS), mask=in_row)
         if NEED_DPROBS:
             v = tl.load(y_ptr + row * stride_yr + h, mask=in_row & keep_h, other=0.0).to(tl.float32)
@@ -600,20 +596,18 @@ def _run_unpermute(y, row_map_R, probs_R, K, out, values=None, values_out=None):
 
 def _run_unpermute_bwd(dy, y, src_slot, probs_R, K, dy_perm, dprobs_R):
     """dy_perm[row] = probs[slot] * dy[slot // K] (zeros where src_slot = -1); if dprobs_R (fp32, zero-filled)
-    is given, dprobs_R[slot] = <dy[slot // K], y[row]> for each kept slot."""
+    is given, dprobs_R[slot] = <dy[slot // K], y[row]> for each kept slot. Without probs, use ``_run_permute``."""
     R_out, H = dy_perm.shape
     if R_out == 0:
         return
     need_dprobs = dprobs_R is not None
     if _env.use_triton(dy):
         cfg = _block_config(H, dy.element_size(), on_cpu=not dy.is_cuda)
-        has_probs = probs_R is not None
         _launch_unpermute_bwd(
             (R_out,),
-            (dy, y if need_dprobs else dy, src_slot, probs_R if has_probs else src_slot, dy_perm,
-             dprobs_R if need_dprobs else src_slot, H, K, dy.stride(0), y.stride(0) if need_dprobs else 0,
-             dy_perm.stride(0)),
-            dict(HAS_PROBS=has_probs, NEED_DPROBS=need_dprobs, ROUND_BF16_BITS=not dy.is_cuda,
+            (dy, y if need_dprobs else dy, src_slot, probs_R, dy_perm, dprobs_R if need_dprobs else src_slot, H, K,
+             dy.stride(0), y.stride(0) if need_dprobs else 0, dy_perm.stride(0)),
+            dict(NEED_DPROBS=need_dprobs, ROUND_BF16_BITS=not dy.is_cuda,
                  BLOCK_H=cfg["BLOCK_H"]),
             num_warps=cfg["num_warps"],
         )
@@ -624,7 +618,7 @@ def _run_unpermute_bwd(dy, y, src_slot, probs_R, K, dy_perm, dprobs_R):
     keep = src_slot >= 0
     slot = torch.where(keep, src_slot, 0)
     d = dy.index_select(0, slot // K).float()
-    g = d if probs_R is None else d * probs_R[slot].float()[:, None]
+    g = d * probs_R[slot].float()[:, None]
     dy_perm.copy_(torch.where(keep[:, None], g, 0.0))
     if need_dprobs:
         dots = torch.where(keep, (d * y.float()).sum(1), 0.0)
