@@ -479,6 +479,9 @@ def exclude_router_counters_from_ddp(model: torch.nn.Module) -> list[str]:
     (or in the forward, with ``set_process_groups``); overwritten with rank 0's, the expert-bias update and the
     global aux loss would use rank 0's tokens several times over, with no error. ``broadcast_buffers=False`` avoids
     it too."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (the module to be wrapped in DDP), got "
+                        f"{type(model).__name__}")
     names = [f"{prefix}.{name}" if prefix else name
              for prefix, module in model.named_modules() if isinstance(module, TopKRouter)
              for name in _COUNTERS if getattr(module, name, None) is not None]

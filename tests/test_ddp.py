@@ -102,3 +102,13 @@ def test_fsdp2_gradients_match_one_process():
     for grads in results:
         for got, want in zip(grads, (p.grad for p in single.parameters())):
             torch.testing.assert_close(got * 2, want, rtol=1e-5, atol=1e-6)
+
+
+def test_exclude_router_counters_from_ddp_names_and_bad_input():
+    model = _Model()
+    names = exclude_router_counters_from_ddp(model)
+    assert names == ["moe.router.local_tokens_per_expert"]  # no global aux loss here: one counter
+    assert exclude_router_counters_from_ddp(model) == names  # a second call adds nothing
+    assert model._ddp_params_and_buffers_to_ignore == names
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        exclude_router_counters_from_ddp(model.state_dict())
