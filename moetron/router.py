@@ -78,6 +78,7 @@ import torch
 from . import _env
 from .ops import router_gemm, routing
 from ._checks import check_tensor, config_error, is_int, is_real
+from ._compile import eager_function
 
 __all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler", "exclude_router_counters_from_ddp"]
 
@@ -341,6 +342,7 @@ def _use_split_gemm(x_TH: torch.Tensor, w_EH: torch.Tensor, dtype: torch.dtype) 
             and w_EH.dtype in (torch.float32, torch.bfloat16) and x_TH.shape[0] > 0)
 
 
+@eager_function
 class _RouterGemm(torch.autograd.Function):
     """logits = x @ w.T in the router dtype. Saving x and w in their own dtypes (bf16 in training) instead of the
     upcast copies halves the memory the router keeps for backward, as Megatron's RouterGatingLinearFunction.
@@ -371,6 +373,7 @@ class _RouterGemm(torch.autograd.Function):
         return gx, gw, None, None
 
 
+@eager_function
 class AuxLossAutoScaler(torch.autograd.Function):
     """Identity on ``probs`` whose backward also back-propagates ``loss`` with gradient ``loss_scale``.
 

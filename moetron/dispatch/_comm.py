@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+from .._compile import eager_function
+
 
 def _all_gather_flat(out, x, group):
     # torch 2.13 renames the flat-tensor collectives (the old names warn); torch 2.9 has only the old ones
@@ -49,6 +51,7 @@ def _a2a(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
     return out
 
 
+@eager_function
 class _AllToAll(Function):
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group):
@@ -81,6 +84,7 @@ def _scatter_sum(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+@eager_function
 class _AllGather(Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -92,6 +96,7 @@ class _AllGather(Function):
         return _scatter_sum(grad, ctx.group), None
 
 
+@eager_function
 class _ReduceScatter(Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -135,6 +140,7 @@ def _scatter_v(x, sizes, rank, group):
     return _scatter_sum(buf, group)[:sizes[rank]]
 
 
+@eager_function
 class _AllGatherV(Function):
     @staticmethod
     def forward(ctx, x, sizes, rank, group):
@@ -146,6 +152,7 @@ class _AllGatherV(Function):
         return _scatter_v(grad, *ctx.args), None, None, None
 
 
+@eager_function
 class _ReduceScatterV(Function):
     @staticmethod
     def forward(ctx, x, sizes, rank, group):
@@ -170,6 +177,7 @@ def reduce_scatter_v(x: torch.Tensor, sizes: list[int], rank: int, group) -> tor
     return _ReduceScatterV.apply(x, sizes, rank, group)
 
 
+@eager_function
 class _GatherTokens(Function):
     @staticmethod
     def forward(ctx, x, probs, group):

@@ -67,6 +67,7 @@ from .. import _env
 from .._checks import FLOAT_DTYPES, check_tensor
 from ..ops._launch import CachedLauncher
 from ..ops.permute import unpermute
+from .._compile import eager_function
 
 __all__ = ["dispatch", "combine", "DispatchResult", "FusedHandle", "select_transport"]
 
@@ -777,6 +778,7 @@ def _get_transport(name: str, num_sms: int):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@eager_function
 class _Dispatch(Function):
     """x [T, H] -> expand_x [R, H] (exchange + expert-major gather); adjoint: per-slot sums of the row gradients
     (unpermute with row_of), sent back and summed per token (reduce_back)."""
@@ -801,6 +803,7 @@ class _Dispatch(Function):
         return tr.reduce_back(d, tctx), None, None, None, None, None, None, None, None
 
 
+@eager_function
 class _Scatter(Function):
     """x [T, W] -> [N, W] slot rows (replaying dispatch's plan); adjoint: _Return's forward."""
 
@@ -815,6 +818,7 @@ class _Scatter(Function):
         return transport.reduce_back(grad_recv, tctx), None, None
 
 
+@eager_function
 class _Return(Function):
     """out [N, W] slot rows -> y [T, W] = sum over destinations; adjoint: _Scatter's forward."""
 

@@ -53,6 +53,7 @@ from ..ops.gated_gmm import gated_gmm
 from ..ops.gmm import gmm
 from ..ops.permute import _route, permute, unpermute
 from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
+from .._compile import eager_function
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch",
            "MoetronExperts", "MoetronRouter"]
@@ -72,6 +73,7 @@ except ImportError:  # pragma: no cover - older tree without moetron/ops/gated_a
     _fused_gated_act = None
 
 
+@eager_function
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up over the two halves of h [R, 2F], the fallback without the fused kernel. Saves only h
     (autograd through chunk/silu/mul would also keep silu(gate), another R·F activation)."""

@@ -31,6 +31,7 @@ from ..router import exclude_router_counters_from_ddp
 from ..ops.rmsnorm import add_rms_norm, rms_norm
 from ..ops.rotary import apply_rotary
 from .._checks import config_error, config_from_dict, is_int
+from .._compile import eager_function
 
 __all__ = ["ModelConfig", "MoETransformer", "PRESETS", "preset"]
 
@@ -287,6 +288,7 @@ def _autocast_dtype():
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
+@eager_function
 class _SharedInputLinears(torch.autograd.Function):
     """``(x @ w_1^T, ..., x @ w_n^T)``, bias-free, for projections that read one input (q/k/v, gate/up). Autograd
     would compute each input gradient on its own and add them with n - 1 extra passes over [T, H]; here they

@@ -26,6 +26,7 @@ from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_row_major, check_tensor
+from .._compile import eager_function
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 _MAX_BLOCK_F = 1024  # columns per program; F=768 (Qwen3) is one block per row
@@ -150,6 +151,7 @@ def _backward(h, scale, da, activation: str, need_scale_grad: bool, limit=None):
     return dh, (ds[:, 0] if grid[1] == 1 else ds.sum(1)).to(scale.dtype)
 
 
+@eager_function
 class _GatedAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, scale, activation, limit):

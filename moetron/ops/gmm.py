@@ -29,6 +29,7 @@ from ._launch import CachedLauncher, LaunchPlans
 from .gated_act import _gate_and_slope
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
                        check_tensor)
+from .._compile import eager_function
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -909,6 +910,7 @@ def _run_gmm_k(a, b, groups, out, accumulate):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@eager_function
 class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad):

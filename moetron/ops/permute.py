@@ -42,6 +42,7 @@ from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_shape, check_tensor
+from .._compile import eager_function
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -650,6 +651,7 @@ def _permute_forward(x, probs, row_map_R, K, src_slot, num_rows, out):
     return x_perm, probs_perm
 
 
+@eager_function
 class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, row_map_TK, src_slot, num_rows):
@@ -680,6 +682,7 @@ class _Permute(torch.autograd.Function):
         return dx, None if dprobs is None else dprobs.view(T, K), None, None, None
 
 
+@eager_function
 class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_perm, probs, row_map_TK, src_slot=None):

@@ -40,6 +40,7 @@ from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, num_sms, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_row_major, check_same_device, check_shape, check_tensor, is_real
+from .._compile import eager_function
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -232,6 +233,7 @@ def _torch_backward(x, weight, rstd, dy, dx_extra=None, branch_dtype=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@eager_function
 class _RMSNorm(torch.autograd.Function):
     """x [R, H] (unit last stride), weight [H] contiguous -> y [R, H] in out_dtype."""
 
@@ -248,6 +250,7 @@ class _RMSNorm(torch.autograd.Function):
         return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None, None
 
 
+@eager_function
 class _AddRMSNorm(torch.autograd.Function):
     """x, branch [R, H] (unit last stride), weight [H] -> (y [R, H] in out_dtype, x_new = x + branch in x's dtype)."""
 

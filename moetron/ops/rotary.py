@@ -36,6 +36,7 @@ from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_row_major, check_same_device, check_same_dtype, check_tensor
+from .._compile import eager_function
 
 MAX_HEAD_DIM = 256
 _TILE_ELEMS = 4096  # rows x half-columns per program: with D=128, 64 rows (16 KiB of bf16 in and out)
@@ -97,6 +98,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     return y
 
 
+@eager_function
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):

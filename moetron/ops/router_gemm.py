@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, num_sms, to_bf16, to_output_dtype
+from .._compile import eager_function
 
 
 @triton.jit
@@ -232,6 +233,7 @@ def _dw(g: torch.Tensor, x: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
     return dw if w_dtype == torch.float32 else dw.to(w_dtype)
 
 
+@eager_function
 class _RouterLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2
+from .._compile import eager_function
 
 MAX_EXPERTS = 1024  # one row of logits per program row in registers
 MAX_TOP_K = 16  # the selection loop is unrolled K times
@@ -197,6 +198,7 @@ def _tile(E: int) -> tuple[int, int]:
     return max(1, _TILE // BE), BE
 
 
+@eager_function
 class _SoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale):
