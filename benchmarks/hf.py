@@ -6,10 +6,13 @@
 One ``Qwen3MoeForCausalLM`` (transformers' own model: attention, norms, router, aux-loss hooks and LM head unchanged)
 is built once; ``model.set_experts_implementation(...)`` switches its experts between "grouped_mm" (transformers'
 default, torch._grouped_mm), "eager" (the per-expert loop in the modeling file) and "moetron" (registered by
-``import moetron.integrations.hf``), so every provider runs the same weights on the same batch. A step is the forward
-with labels (mean cross-entropy) and its backward, no optimizer. "grouped_mm" and "moetron" are timed with
-``triton.testing.do_bench`` (median, gradients reset between calls); "eager" is slow on 128 experts, so it runs a few
-steps timed with CUDA events (``--eager-iters``; 0 skips it). Each provider's loss is recorded against grouped_mm's.
+``import moetron.integrations.hf``), so every provider runs the same weights on the same batch. "moetron_fused_loss"
+is "moetron" plus ``moetron.integrations.hf.fuse_lm_loss(model)``: the LM head's GEMM and the cross-entropy without
+fp32 logits. A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
+are timed with ``triton.testing.do_bench`` (median, gradients reset between calls), in turns over ``--rounds`` rounds
+(median kept: the H100 drops its clock at its power cap, so a provider timed alone first would get a cooler GPU);
+"eager" is slow on 128 experts, so it runs a few steps timed with CUDA events once (``--eager-iters``; 0 skips it).
+Each provider's loss is recorded against grouped_mm's.
 
 Model defaults follow Qwen3-30B-A3B apart from the depth: hidden 2048, 32 query / 4 key-value heads of 128,
 128 experts, top-8, moe_intermediate_size 768, vocab 151936. The attention and the LM head are the same for every
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -32,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import bench_ms, write_results  # noqa: E402
 
-PROVIDERS = ("grouped_mm", "moetron", "eager")
+PROVIDERS = ("grouped_mm", "moetron", "moetron_fused_loss", "eager")
 FULL = dict(layers=4, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, top_k=8, moe_ffn=768,
             vocab=151936, batch=2, seq=4096)
 QUICK = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8, top_k=2, moe_ffn=32, vocab=128,
@@ -60,8 +64,19 @@ def experts_flops(s: dict) -> float:
     return 3 * s["layers"] * 2 * T * s["top_k"] * s["hidden"] * s["moe_ffn"] * 3  # fwd + 2x bwd, three matrices
 
 
+def use_provider(model, provider: str) -> None:
+    """Switch the model's experts implementation (and the fused loss) to ``provider``'s."""
+    from moetron.integrations.hf import fuse_lm_loss, unfuse_lm_loss
+
+    model.set_experts_implementation("moetron" if provider == "moetron_fused_loss" else provider)
+    if provider == "moetron_fused_loss":
+        fuse_lm_loss(model)
+    else:
+        unfuse_lm_loss(model)
+
+
 def time_provider(model, provider, ids, labels, device, args) -> dict:
-    model.set_experts_implementation(provider)
+    use_provider(model, provider)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
@@ -107,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--eager-iters", type=int, default=3, help="timed eager steps (slow on 128 experts); 0 skips")
     parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (LM head width)")
     parser.add_argument("--seq", type=int, default=None, help="override the sequence length")
+    parser.add_argument("--rounds", type=int, default=3, help="timings per provider, taken in turns; median kept")
     parser.add_argument("--warmup-ms", type=int, default=100)
     parser.add_argument("--rep-ms", type=int, default=500)
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
@@ -123,20 +139,32 @@ def main(argv=None):
     ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(device)
     labels = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(device)
     flops = experts_flops(s)
-    rows = []
-    for provider in args.providers:
-        if provider == "eager" and args.eager_iters <= 0:
-            continue
-        try:
-            row = time_provider(model, provider, ids, labels, device, args)
-            row["tflops"] = flops / row["ms"] / 1e9
-        except Exception as e:  # a provider that cannot run is recorded, not fatal
-            row = {"provider": provider, "mode": "train_step", "error": repr(e)[:300]}
-        rows.append({"case": case, **row})
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    by_provider: dict[str, dict] = {}
+    for round_index in range(args.rounds if device == "cuda" else 1):
+        for provider in args.providers:
+            if provider == "eager" and (args.eager_iters <= 0 or round_index > 0):
+                continue
+            if "error" in by_provider.get(provider, {}):
+                continue
+            try:
+                row = time_provider(model, provider, ids, labels, device, args)
+            except Exception as e:  # a provider that cannot run is recorded, not fatal
+                row = {"provider": provider, "mode": "train_step", "error": repr(e)[:300]}
+            first = by_provider.setdefault(provider, {"case": case, **row, "ms_rounds": []})
+            if "ms" in row:
+                first["ms_rounds"].append(row["ms"])
+                if "peak_mem_gb" in row:
+                    first["peak_mem_gb"] = max(first["peak_mem_gb"], row["peak_mem_gb"])
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    use_provider(model, "grouped_mm")
+    rows = list(by_provider.values())
+    for r in rows:
+        if r["ms_rounds"]:
+            r["ms"] = statistics.median(r["ms_rounds"])
+            r["tflops"] = flops / r["ms"] / 1e9
     ref = next((r for r in rows if r["provider"] == "grouped_mm" and "loss" in r), None)
     for r in rows:
         if ref is not None and "loss" in r and r is not ref:

@@ -640,7 +640,7 @@ class TopKRouter(torch.nn.Module):
             logits_TE = router_gemm.router_logits(x_TH, self.weight)  # fp32 GEMMs on bf16 tensor cores, 3 kernels
         else:
             split = _use_split_gemm(x_TH, self.weight, self._router_dtype)
-            logits_TE = _RouterGemm.apply(x_TH, self.weight, self._router_dtype, split)
+            logits_TE = _RouterGemm.eager_apply(x_TH, self.weight, self._router_dtype, split)
         if cfg.debug_nan_check or _env.debug_checks_enabled():
             # host sync: debug mode only
             if not bool(torch.isfinite(logits_TE).all()):
@@ -699,7 +699,7 @@ class TopKRouter(torch.nn.Module):
                 if coeff:
                     total = coeff * loss if total is None else total + coeff * loss
             if total is not None:
-                probs_TK = AuxLossAutoScaler.apply(probs_TK, total)
+                probs_TK = AuxLossAutoScaler.eager_apply(probs_TK, total)
             losses = reported
             if self.local_tokens_per_expert is not None:
                 self.local_tokens_per_expert += tokens_per_expert.float()

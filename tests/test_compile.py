@@ -91,11 +91,22 @@ def _moetron_autograd_functions():
 def test_every_autograd_function_is_opaque_to_dynamo():
     """Dynamo must not trace into moetron's autograd Functions (moetron/_compile.py): torch 2.11 traces a Function
     that writes into its returned tensor with wrong gradients (pytorch/pytorch#180642; seen as zero expert
-    gradients on an H100). CI's torch traces it correctly, so the rule itself is what this checks."""
+    gradients on an H100). CI's torch traces it correctly, so the rule itself is what this checks: every Function
+    has a disabled ``eager_apply``, and moetron never calls ``.apply`` (which Dynamo traces whatever it holds)."""
+    import pathlib
+    import re
+
+    import moetron
+
     functions = _moetron_autograd_functions()
     assert len(functions) >= 20, sorted(functions)  # the walk found the ops, the router, dispatch and comm
-    traced = [name for name, cls in functions.items() if not getattr(cls.apply, "_torchdynamo_disable", False)]
+    traced = [name for name, cls in functions.items()
+              if not getattr(getattr(cls, "eager_apply", None), "_torchdynamo_disable", False)]
     assert not traced, f"autograd Functions without @eager_function: {traced}"
+    names = {cls.__name__ for cls in functions.values()}
+    calls = [f"{path.name}: {m.group(0)}" for path in pathlib.Path(moetron.__file__).parent.rglob("*.py")
+             for m in re.finditer(r"\b(\w+)\.apply\(", path.read_text()) if m.group(1) in names]
+    assert not calls, f"call eager_apply, not apply: {calls}"
 
 
 def test_eager_function_rejects_non_functions():

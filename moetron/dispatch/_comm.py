@@ -67,7 +67,7 @@ class _AllToAll(Function):
 def all_to_all(x: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group) -> torch.Tensor:
     """Rows ``x[sum(in_splits[:j]) : ...]`` go to group rank j; the result holds ``out_splits[j]`` rows from rank
     j, in rank order. Both None: equal splits."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+    return _AllToAll.eager_apply(x, out_splits, in_splits, group)
 
 
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
@@ -110,12 +110,12 @@ class _ReduceScatter(Function):
 
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's ``x`` (same shape on all ranks) in rank order."""
-    return _AllGather.apply(x, group)
+    return _AllGather.eager_apply(x, group)
 
 
 def reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     """Sum ``x [P·N, ...]`` over the ranks and keep this rank's block of N rows."""
-    return _ReduceScatter.apply(x, group)
+    return _ReduceScatter.eager_apply(x, group)
 
 
 def _gather_v(x, sizes, group):
@@ -168,13 +168,13 @@ class _ReduceScatterV(Function):
 def all_gather_v(x: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
     """AllGatherV: rank j contributes ``sizes[j]`` rows (``x`` here has ``sizes[rank]``); the result is their
     concatenation in rank order. Gathers max(sizes) rows from every rank (padding), then compacts."""
-    return _AllGatherV.apply(x, sizes, rank, group)
+    return _AllGatherV.eager_apply(x, sizes, rank, group)
 
 
 def reduce_scatter_v(x: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
     """ReduceScatterV: ``x`` holds ``sum(sizes)`` rows in blocks of ``sizes[j]``; block j is summed over the ranks
     and kept by rank j."""
-    return _ReduceScatterV.apply(x, sizes, rank, group)
+    return _ReduceScatterV.eager_apply(x, sizes, rank, group)
 
 
 @eager_function
@@ -194,7 +194,7 @@ class _GatherTokens(Function):
 def gather_tokens(x: torch.Tensor, probs: torch.Tensor, group):
     """(all_gather(x), all_gather(probs)) as one autograd node, so the backward's two reduce-scatters run in a
     fixed order on every rank."""
-    return _GatherTokens.apply(x, probs, group)
+    return _GatherTokens.eager_apply(x, probs, group)
 
 
 @torch.no_grad()

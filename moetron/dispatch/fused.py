@@ -946,7 +946,7 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, *, group, num_experts: i
     if expert_scales is not None:
         scales_TJ = _extend_scales(expert_scales.detach(), topo).contiguous()
     x_send, dyn = (x, None) if quant is None else _quant_int8(x.detach())
-    expand_x, expand_scales, dynamic_scales, tpe, tctx = _Dispatch.apply(
+    expand_x, expand_scales, dynamic_scales, tpe, tctx = _Dispatch.eager_apply(
         x_send.contiguous(), expert_ids, scales_TJ, dyn, topo, tr, num_sms, tokens_per_expert_type == "cumsum",
         zero_padding)
     handle = FusedHandle(topo, tctx, tr, T, H, x.dtype, expert_scales, tokens_per_expert_type)
@@ -1004,9 +1004,9 @@ def combine(expand_x: torch.Tensor, handle: FusedHandle, expert_scales: torch.Te
         if expert_scales is handle.scales_src and handle.recv_scales_NJ is not None and not wants_grad:
             scales_NJ = handle.recv_scales_NJ
         else:  # send the (possibly new) scales to the destinations; differentiable
-            scales_NJ = _Scatter.apply(_extend_scales(expert_scales, topo).contiguous(), tctx, tr)
+            scales_NJ = _Scatter.eager_apply(_extend_scales(expert_scales, topo).contiguous(), tctx, tr)
     out = unpermute(expand_x, handle.row_of_NJ, scales_NJ)  # [N, H] per-slot weighted sums, all SMs
-    y = _Return.apply(out, tctx, tr, comm_quant)  # each slot's sum back to its source, summed there
+    y = _Return.eager_apply(out, tctx, tr, comm_quant)  # each slot's sum back to its source, summed there
     if shared_expert_x is not None:
         y = y + shared_expert_x.to(y.dtype)
     return y

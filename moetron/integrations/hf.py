@@ -55,8 +55,8 @@ from ..ops.permute import _route, permute, unpermute
 from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
 from .._compile import eager_function
 
-__all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch",
-           "MoetronExperts", "MoetronRouter"]
+__all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch", "fuse_lm_loss",
+           "unfuse_lm_loss", "MoetronExperts", "MoetronRouter"]
 
 IMPLEMENTATION_NAME = "moetron"
 
@@ -98,7 +98,7 @@ def _fused_gate(h: torch.Tensor, activation: str) -> torch.Tensor:
     if _fused_gated_act is not None:
         return _fused_gated_act(h.contiguous(), activation)
     if activation == "swiglu":
-        return _SwiGLU.apply(h)
+        return _SwiGLU.eager_apply(h)
     gate, up = h.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
 
@@ -512,3 +512,84 @@ def unpatch(model: nn.Module) -> list[str]:
                 setattr(parent, child_name, original)
                 restored.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     return restored
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The language-model loss: the head's GEMM and cross-entropy without fp32 logits
+# ---------------------------------------------------------------------------------------------------------
+
+def fuse_lm_loss(model: nn.Module) -> None:
+    """Compute a causal LM's training loss with ``moetron.ops.linear_cross_entropy`` instead of
+    ``lm_head`` + transformers' ``ForCausalLMLoss`` (which upcasts the [B·S, V] logits to fp32: ~5 GB and
+    several passes over them at 8192 tokens and a 152k vocabulary). Same loss and gradients within rounding,
+    no change to any parameter.
+
+    It applies to forwards in train mode with ``labels`` given (and ``logits_to_keep`` left at 0): the base model
+    runs as usual, the head's GEMM and the loss run fused on its last hidden state (labels shifted as
+    transformers shifts them; ``ignore_index``, ``num_items_in_batch`` and ``shift_labels`` honoured), and the
+    router aux loss is added as transformers adds it. Those forwards return ``logits`` with no positions
+    (shape [B, 0, V]): nothing is computed that the loss does not need. Eval mode, or no labels, runs the
+    original forward. ``unfuse_lm_loss(model)`` undoes it; calling it twice is harmless.
+
+    Raises ValueError for a model this cannot reproduce exactly: no ``lm_head`` linear without bias, no base
+    model, final logit soft-capping (Gemma 2/3), or a custom loss function set on the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if "_moetron_original_forward" in model.__dict__:
+        return
+    head = getattr(model, "lm_head", None)
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"fuse_lm_loss needs a causal LM with an `lm_head` nn.Linear without bias, got "
+                         f"{type(head).__name__ if head is not None else 'no lm_head'} in {type(model).__name__}")
+    if not isinstance(base, nn.Module) or base is model:
+        raise ValueError(f"fuse_lm_loss needs a causal LM wrapping a base model (model.base_model), "
+                         f"got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError("fuse_lm_loss does not apply final logit soft-capping (config.final_logit_softcapping="
+                         f"{config.final_logit_softcapping}); leave this model's loss unfused")
+    if "_loss_function" in model.__dict__:
+        raise ValueError("fuse_lm_loss reproduces transformers' default causal-LM loss; this model has a custom "
+                         "loss_function set, so it stays unfused")
+    model._moetron_original_forward = model.forward
+    model.forward = _fused_loss_forward.__get__(model)
+
+
+def unfuse_lm_loss(model: nn.Module) -> bool:
+    """Undo ``fuse_lm_loss``; returns whether it was fused."""
+    original = model.__dict__.pop("_moetron_original_forward", None)
+    if original is None:
+        return False
+    del model.forward
+    return True
+
+
+def _fused_loss_forward(self, *args, **kwargs):
+    original = self._moetron_original_forward
+    labels = kwargs.get("labels")
+    keep = kwargs.get("logits_to_keep", 0)
+    if (labels is None or args or not self.training or not (isinstance(keep, int) and keep == 0)
+            or kwargs.get("return_dict") is False):
+        return original(*args, **kwargs)  # positional arguments: leave the signature to transformers
+    from ..ops.cross_entropy import linear_cross_entropy
+
+    captured = []
+    hook = self.base_model.register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
+    try:
+        kwargs = dict(kwargs, labels=None, logits_to_keep=torch.zeros(0, dtype=torch.long, device=labels.device))
+        out = original(**kwargs)
+    finally:
+        hook.remove()
+    hidden = captured[-1]  # [B, S, H], after the final norm: what lm_head reads
+    ignore_index = kwargs.get("ignore_index", -100)
+    shift_labels = kwargs.get("shift_labels")
+    if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss shifts them
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
+                                ignore_index=ignore_index, num_items=kwargs.get("num_items_in_batch"))
+    aux_loss = getattr(out, "aux_loss", None)
+    if aux_loss is not None:
+        loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+    out.loss = loss
+    return out

@@ -325,7 +325,7 @@ def _shared_input_linears(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.T
     """``tuple(lin(x) for lin in linears)`` (bias-free); on CUDA with one backward node (``_SharedInputLinears``).
     The CPU keeps the plain ops: the same function, and the CPU main job's numbers unchanged."""
     if _fused(x) and torch.is_grad_enabled():
-        return _SharedInputLinears.apply(x, *(lin.weight for lin in linears))
+        return _SharedInputLinears.eager_apply(x, *(lin.weight for lin in linears))
     return tuple(lin(x) for lin in linears)
 
 

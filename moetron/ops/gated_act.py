@@ -198,7 +198,7 @@ def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tens
             raise ValueError(f"num_rows must be a one-element integer tensor on {h.device}, got shape "
                              f"{tuple(num_rows.shape)} on {num_rows.device}")
         num_rows = num_rows.reshape(1)
-    return _GatedAct.apply(h, row_scale, activation, num_rows)
+    return _GatedAct.eager_apply(h, row_scale, activation, num_rows)
 
 
 def _torch_gated(h: torch.Tensor, activation: str, scale: torch.Tensor | None = None) -> torch.Tensor:

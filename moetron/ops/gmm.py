@@ -1072,7 +1072,7 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
         check_tensor("w.main_grad", main_grad, dtypes=(torch.float32,))
         check_shape("w.main_grad", main_grad, tuple(w.shape), "the shape of w")
         check_same_device("w.main_grad", main_grad, "w", w)
-    return _GroupedMatmul.apply(x, w, bias, groups, trans_w, main_grad)
+    return _GroupedMatmul.eager_apply(x, w, bias, groups, trans_w, main_grad)
 
 
 def gmm_k(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Tensor | None = None, *,

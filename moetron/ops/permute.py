@@ -842,7 +842,7 @@ def _permute(x, expert_ids, num_experts, probs, pad_to, capacity, drop_policy, n
                      drop_policy, num_rows)
     row_map_TK = routing.row_map_R.view(expert_ids.shape)
     if torch.is_grad_enabled() and (x.requires_grad or (probs is not None and probs.requires_grad)):
-        x_perm, probs_perm = _Permute.apply(x, probs, row_map_TK, routing.src_slot, num_rows)
+        x_perm, probs_perm = _Permute.eager_apply(x, probs, row_map_TK, routing.src_slot, num_rows)
     else:
         x_perm, probs_perm = _permute_forward(x, probs, routing.row_map_R, expert_ids.shape[1], routing.src_slot,
                                               num_rows, out)
@@ -914,7 +914,7 @@ def unpermute(y_permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tens
         probs_R = None if probs is None else probs.reshape(T * K).contiguous()
         _run_unpermute(y_permuted, row_map.reshape(T * K).contiguous(), probs_R, K, out)
         return out
-    return _Unpermute.apply(y_permuted, probs, row_map, src_slot)
+    return _Unpermute.eager_apply(y_permuted, probs, row_map, src_slot)
 
 
 # ---------------------------------------------------------------------------------------------------------

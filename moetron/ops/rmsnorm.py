@@ -305,7 +305,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     out_dtype = _check_norm_args(x, weight, eps, out_dtype)
     lead, h = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), h)  # a view unless the leading dims cannot be merged
-    y = _RMSNorm.apply(x2, weight.contiguous(), float(eps), out_dtype)
+    y = _RMSNorm.eager_apply(x2, weight.contiguous(), float(eps), out_dtype)
     return y.view(*lead, h)
 
 
@@ -331,7 +331,7 @@ def add_rms_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, ep
     check_row_major("branch", branch)
     lead, h = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    y, x_new = _AddRMSNorm.apply(x.reshape(rows, h), branch.reshape(rows, h), weight.contiguous(), float(eps),
+    y, x_new = _AddRMSNorm.eager_apply(x.reshape(rows, h), branch.reshape(rows, h), weight.contiguous(), float(eps),
                                  out_dtype)
     return y.view(*lead, h), x_new.view(*lead, h)
 

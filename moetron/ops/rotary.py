@@ -139,7 +139,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("cos and sin must not require grad: apply_rotary gives the tables no gradient (pass "
                          "detached tables, or compute the rotation with apply_rotary_ref)")
-    return _Rotary.apply(x, cos, sin)
+    return _Rotary.eager_apply(x, cos, sin)
 
 
 def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

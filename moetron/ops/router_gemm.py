@@ -264,4 +264,4 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"router_logits takes bf16 x [T, H] and an fp32/bf16 w [E, H] with the same H, row-major "
                          f"and non-empty, on one device; got x {x.dtype} {tuple(x.shape)} on {x.device}, "
                          f"w {w.dtype} {tuple(w.shape)} on {w.device}")
-    return _RouterLogits.apply(x, w)
+    return _RouterLogits.eager_apply(x, w)

@@ -1,0 +1,99 @@
+"""moetron.integrations.hf.fuse_lm_loss on tiny random transformers models (CPU, no network): the fused head and
+cross-entropy give the unfused model's loss and every parameter's gradient (fp32), with ignored labels, the router
+aux loss, num_items_in_batch and shift_labels; eval mode and unlabelled forwards are untouched; unfuse restores;
+models it cannot reproduce are refused with a clear error."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from moetron.integrations.hf import fuse_lm_loss, unfuse_lm_loss  # noqa: E402
+from tests.integrations._hf_models import ARCHS, VOCAB, tiny_model  # noqa: E402
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt that is not trained on
+    labels[1, 7] = -100
+    return ids, labels
+
+
+def _loss_and_grads(model, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_loss_matches_transformers(arch):
+    aux = arch != "deepseek_v3"  # DeepSeek-V3's CausalLM has no router aux loss
+    overrides = dict(output_router_logits=True, router_aux_loss_coef=0.05) if aux else {}
+    plain = tiny_model(arch, **overrides)
+    fused = tiny_model(arch, **overrides)
+    fuse_lm_loss(fused)
+    ids, labels = _batch()
+    want, want_grads = _loss_and_grads(plain, input_ids=ids, labels=labels)
+    got, got_grads = _loss_and_grads(fused, input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    assert got.logits.shape == (2, 0, VOCAB)  # the fused forward computes no logits
+    if aux:
+        torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=0, atol=0)
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) > 10
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_num_items_in_batch_and_shift_labels():
+    plain, fused = tiny_model("qwen3_moe"), tiny_model("qwen3_moe")
+    fuse_lm_loss(fused)
+    ids, labels = _batch(1)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    for kwargs in (dict(num_items_in_batch=torch.tensor(37)), dict(shift_labels=shifted.flip(0))):
+        want, want_grads = _loss_and_grads(plain, input_ids=ids, labels=labels, **kwargs)
+        got, got_grads = _loss_and_grads(fused, input_ids=ids, labels=labels, **kwargs)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+        for name, g in want_grads.items():
+            torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_and_unlabelled_forwards_are_untouched():
+    plain, fused = tiny_model("mixtral"), tiny_model("mixtral")
+    fuse_lm_loss(fused)
+    fuse_lm_loss(fused)  # twice: harmless
+    ids, labels = _batch(2)
+    torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    plain.eval()
+    fused.eval()
+    want, got = plain(input_ids=ids, labels=labels), fused(input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+
+
+def test_unfuse_restores_the_class_forward():
+    model = tiny_model("olmoe")
+    assert unfuse_lm_loss(model) is False
+    fuse_lm_loss(model)
+    assert "forward" in model.__dict__
+    assert unfuse_lm_loss(model) is True
+    assert "forward" not in model.__dict__ and "_moetron_original_forward" not in model.__dict__
+    ids, labels = _batch(3)
+    assert model(input_ids=ids, labels=labels).logits.shape == (2, 11, VOCAB)
+
+
+def test_refuses_what_it_cannot_reproduce():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fuse_lm_loss("model")
+    with pytest.raises(ValueError, match="needs a causal LM with an `lm_head`"):
+        fuse_lm_loss(torch.nn.Linear(4, 4))
+    model = tiny_model("qwen3_moe")
+    model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum()
+    with pytest.raises(ValueError, match="custom loss_function"):
+        fuse_lm_loss(model)
+    model = tiny_model("qwen3_moe")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-capping"):
+        fuse_lm_loss(model)
