@@ -7,8 +7,9 @@ One ``Qwen3MoeForCausalLM`` (transformers' own model: attention, norms, router, 
 is built once; ``model.set_experts_implementation(...)`` switches its experts between "grouped_mm" (transformers'
 default, torch._grouped_mm), "eager" (the per-expert loop in the modeling file) and "moetron" (registered by
 ``import moetron.integrations.hf``), so every provider runs the same weights on the same batch. "moetron_fused_loss"
-is "moetron" plus ``moetron.integrations.hf.fuse_lm_loss(model)``: the LM head's GEMM and the cross-entropy without
-fp32 logits. A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
+is "moetron" plus ``moetron.integrations.hf.fuse_lm_loss(model)`` (the LM head's GEMM and the cross-entropy without
+fp32 logits); "moetron_fused" is "moetron" plus ``moetron.integrations.hf.fuse(model)`` (that and every RMSNorm as
+one kernel each way). A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
 are timed with ``triton.testing.do_bench`` (median, gradients reset between calls), in turns over ``--rounds`` rounds
 (median kept: the H100 drops its clock at its power cap, so a provider timed alone first would get a cooler GPU);
 "eager" is slow on 128 experts, so it runs a few steps timed with CUDA events once (``--eager-iters``; 0 skips it).
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import bench_ms, write_results  # noqa: E402
 
-PROVIDERS = ("grouped_mm", "moetron", "moetron_fused_loss", "eager")
+PROVIDERS = ("grouped_mm", "moetron", "moetron_fused_loss", "moetron_fused", "eager")
 FULL = dict(layers=4, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, top_k=8, moe_ffn=768,
             vocab=151936, batch=2, seq=4096)
 QUICK = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8, top_k=2, moe_ffn=32, vocab=128,
@@ -66,13 +67,14 @@ def experts_flops(s: dict) -> float:
 
 def use_provider(model, provider: str) -> None:
     """Switch the model's experts implementation (and the fused loss) to ``provider``'s."""
-    from moetron.integrations.hf import fuse_lm_loss, unfuse_lm_loss
+    from moetron.integrations.hf import fuse, fuse_lm_loss, unfuse
 
-    model.set_experts_implementation("moetron" if provider == "moetron_fused_loss" else provider)
+    model.set_experts_implementation("moetron" if provider.startswith("moetron") else provider)
+    unfuse(model)
     if provider == "moetron_fused_loss":
         fuse_lm_loss(model)
-    else:
-        unfuse_lm_loss(model)
+    elif provider == "moetron_fused":
+        fuse(model)
 
 
 def time_provider(model, provider, ids, labels, device, args) -> dict:

@@ -1,5 +1,6 @@
 """The benchmark scripts' CPU paths, so a change to their structure cannot break them unnoticed between GPU runs:
-layer.py's tiny run (every provider timed in turns, the outputs cross-checked) and gmm.py's self-check."""
+layer.py's tiny run (every provider timed in turns, the outputs cross-checked), hf.py's quick run (every provider's
+loss equal to grouped_mm's) and gmm.py's self-check."""
 
 import pytest
 import torch
@@ -28,3 +29,15 @@ def test_layer_tiny_run_times_every_provider_in_turns(monkeypatch, inference):
 
 def test_gmm_self_check_passes():
     assert gmm_bench.self_check() == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the benchmark itself")
+def test_hf_quick_run_gives_every_provider_the_same_loss(tmp_path):
+    pytest.importorskip("transformers")
+    hf_bench = pytest.importorskip("benchmarks.hf")
+    rows = {r["provider"]: r for r in hf_bench.main(["--quick", "--out-dir", str(tmp_path)])}
+    assert set(rows) == set(hf_bench.PROVIDERS)
+    for provider, row in rows.items():
+        assert "error" not in row, row
+        if provider != "grouped_mm":
+            assert row["loss_rel_diff_vs_grouped_mm"] < 1e-5, row

@@ -38,6 +38,10 @@ Parameter objects under the same names, so nothing is copied and ``state_dict``/
 with ``router=True`` it also swaps routers whose rule moetron's ``TopKRouter`` reproduces. ``unpatch(model)``
 puts the original modules back. Use it where the registry is missing (a model class without
 ``@use_experts_implementation``, remote code); with the registry, prefer ``experts_implementation="moetron"``.
+
+Around the experts, for training: ``fuse_lm_loss(model)`` computes the causal-LM loss from the last hidden state with
+``moetron.ops.linear_cross_entropy`` (no fp32 copies of the [tokens, vocab] logits), ``fuse_norms(model)`` runs each
+RMSNorm as one kernel each way, and ``fuse(model)`` does both. None touches a parameter; each has its ``unfuse``.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
 from .._compile import eager_function
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch", "fuse_lm_loss",
-           "unfuse_lm_loss", "MoetronExperts", "MoetronRouter"]
+           "unfuse_lm_loss", "fuse_norms", "unfuse_norms", "fuse", "unfuse", "MoetronExperts", "MoetronRouter"]
 
 IMPLEMENTATION_NAME = "moetron"
 
@@ -593,3 +597,94 @@ def _fused_loss_forward(self, *args, **kwargs):
         loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
     out.loss = loss
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RMSNorm: one fused kernel each way instead of transformers' fp32 elementwise chain
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fuse_norms(model: nn.Module) -> list[str]:
+    """Run every RMSNorm module of ``model`` (a class named ``*RMSNorm`` with a 1-D ``weight`` and a
+    ``variance_epsilon``, as Llama-family, Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V3 define it) with
+    ``moetron.ops.rms_norm``: one Triton kernel forward and one backward instead of ~7 and ~10 elementwise kernels
+    over fp32 copies. Same formula, fp32 maths; the output keeps transformers' dtype (the promotion of input and
+    weight). transformers rounds the normalized input to its dtype before the weight multiply, moetron rounds
+    once at the end, so bf16 outputs may differ in the last bit.
+
+    Each module is checked first on a small fp32 probe against its own forward; a norm whose formula differs
+    (Gemma's ``1 + weight``, a norm without weight) is left alone with a warning. Returns the names of the fused
+    modules; ``unfuse_norms(model)`` undoes it; calling it twice is harmless."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    fused, skipped = [], []
+    for name, module in model.named_modules():
+        if "_moetron_original_norm_forward" in module.__dict__:
+            fused.append(name)
+            continue
+        weight = getattr(module, "weight", None)
+        if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.ndim == 1
+                and isinstance(getattr(module, "variance_epsilon", None), float)):
+            continue
+        if not _norm_formula_matches(module):
+            skipped.append(f"{name} ({type(module).__name__})")
+            continue
+        module._moetron_original_norm_forward = module.forward
+        module.forward = _fused_norm_forward.__get__(module)
+        fused.append(name)
+    if skipped:
+        warnings.warn("moetron.integrations.hf.fuse_norms left these norms alone (their forward is not "
+                      "x * rsqrt(mean(x^2) + eps) * weight): " + ", ".join(skipped), stacklevel=2)
+    return fused
+
+
+def unfuse_norms(model: nn.Module) -> list[str]:
+    """Undo ``fuse_norms``; returns the names of the restored modules."""
+    restored = []
+    for name, module in model.named_modules():
+        if module.__dict__.pop("_moetron_original_norm_forward", None) is not None:
+            del module.forward
+            restored.append(name)
+    return restored
+
+
+def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from ..ops.rmsnorm import rms_norm
+
+    out_dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon, out_dtype)
+
+
+def _norm_formula_matches(module: nn.Module) -> bool:
+    """Whether the module's own forward equals the RMSNorm formula on a small fp32 probe."""
+    from ..ops.rmsnorm import rms_norm
+
+    weight = module.weight.detach()
+    if weight.device.type == "meta":
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.shape[0], generator=g).to(weight.device) * 3
+    with torch.no_grad():
+        try:
+            want = type(module).forward(module, x)
+        except Exception:  # a norm that wants other arguments is not this formula
+            return False
+        got = rms_norm(x, weight.float(), module.variance_epsilon)
+    return (isinstance(want, torch.Tensor) and want.shape == got.shape
+            and torch.allclose(want.float(), got, rtol=1e-2, atol=1e-3))
+
+
+def fuse(model: nn.Module) -> list[str]:
+    """``fuse_lm_loss(model)`` (where the model has an LM head) and ``fuse_norms(model)``: the non-expert fusions,
+    in one call, for training a transformers causal LM. Returns what was fused ("loss" and the norms' names)."""
+    done = []
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        fuse_lm_loss(model)
+        done.append("loss")
+    return done + fuse_norms(model)
+
+
+def unfuse(model: nn.Module) -> None:
+    """Undo ``fuse``."""
+    unfuse_lm_loss(model)
+    unfuse_norms(model)

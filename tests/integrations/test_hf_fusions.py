@@ -1,14 +1,17 @@
-"""moetron.integrations.hf.fuse_lm_loss on tiny random transformers models (CPU, no network): the fused head and
-cross-entropy give the unfused model's loss and every parameter's gradient (fp32), with ignored labels, the router
-aux loss, num_items_in_batch and shift_labels; eval mode and unlabelled forwards are untouched; unfuse restores;
-models it cannot reproduce are refused with a clear error."""
+"""moetron.integrations.hf's non-expert fusions on tiny random transformers models (CPU, no network).
+
+fuse_lm_loss: the fused head and cross-entropy give the unfused model's loss and every parameter's gradient (fp32),
+with ignored labels, the router aux loss, num_items_in_batch and shift_labels; eval mode and unlabelled forwards are
+untouched; unfuse restores; models it cannot reproduce are refused with a clear error.
+fuse_norms: every RMSNorm of the four architectures runs moetron's kernel, with the same logits and gradients; a
+norm with another formula is left alone with a warning."""
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from moetron.integrations.hf import fuse_lm_loss, unfuse_lm_loss  # noqa: E402
+from moetron.integrations.hf import fuse, fuse_lm_loss, fuse_norms, unfuse, unfuse_lm_loss, unfuse_norms  # noqa: E402,E501
 from tests.integrations._hf_models import ARCHS, VOCAB, tiny_model  # noqa: E402
 
 
@@ -97,3 +100,46 @@ def test_refuses_what_it_cannot_reproduce():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="soft-capping"):
         fuse_lm_loss(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_norms_match_transformers(arch, monkeypatch):
+    monkeypatch.setenv("MOETRON_BACKEND", "triton")  # the kernels, under the interpreter on CPU
+    plain, fused = tiny_model(arch), tiny_model(arch)
+    names = fuse_norms(fused)
+    want_count = sum(type(m).__name__.endswith("RMSNorm") for m in plain.modules())
+    assert len(names) == want_count >= 5  # per layer at least two, plus the final norm
+    ids, labels = _batch(4)
+    want, want_grads = _loss_and_grads(plain, input_ids=ids, labels=labels)
+    got, got_grads = _loss_and_grads(fused, input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert fuse_norms(fused) == names  # twice: harmless
+    assert unfuse_norms(fused) == names
+    assert all("forward" not in m.__dict__ for m in fused.modules())
+
+
+def test_norm_with_another_formula_is_left_alone():
+    class OffsetRMSNorm(torch.nn.Module):  # Gemma's rule: x_hat * (1 + weight)
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+    model = torch.nn.Sequential(OffsetRMSNorm())
+    with pytest.warns(UserWarning, match=r"left these norms alone.*OffsetRMSNorm"):
+        assert fuse_norms(model) == []
+
+
+def test_fuse_does_both_and_unfuse_undoes():
+    model = tiny_model("qwen3_moe")
+    done = fuse(model)
+    assert done[0] == "loss" and len(done) > 5
+    ids, labels = _batch(5)
+    assert model(input_ids=ids, labels=labels).logits.shape == (2, 0, VOCAB)
+    unfuse(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
