@@ -8,8 +8,8 @@ is built once; ``model.set_experts_implementation(...)`` switches its experts be
 default, torch._grouped_mm), "eager" (the per-expert loop in the modeling file) and "moetron" (registered by
 ``import moetron.integrations.hf``), so every provider runs the same weights on the same batch. "moetron_fused_loss"
 is "moetron" plus ``moetron.integrations.hf.fuse_lm_loss(model)`` (the LM head's GEMM and the cross-entropy without
-fp32 logits); "moetron_fused" is "moetron" plus ``moetron.integrations.hf.fuse(model)`` (that and every RMSNorm as
-one kernel each way). A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
+fp32 logits); "moetron_fused" is "moetron" plus ``moetron.integrations.hf.fuse(model)`` (that, every RMSNorm and
+the rotary embedding as one kernel each way). A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
 are timed with ``triton.testing.do_bench`` (median, gradients reset between calls), in turns over ``--rounds`` rounds
 (median kept: the H100 drops its clock at its power cap, so a provider timed alone first would get a cooler GPU);
 "eager" is slow on 128 experts, so it runs a few steps timed with CUDA events once (``--eager-iters``; 0 skips it).

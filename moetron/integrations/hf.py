@@ -41,7 +41,8 @@ puts the original modules back. Use it where the registry is missing (a model cl
 
 Around the experts, for training: ``fuse_lm_loss(model)`` computes the causal-LM loss from the last hidden state with
 ``moetron.ops.linear_cross_entropy`` (no fp32 copies of the [tokens, vocab] logits), ``fuse_norms(model)`` runs each
-RMSNorm as one kernel each way, and ``fuse(model)`` does both. None touches a parameter; each has its ``unfuse``.
+RMSNorm as one kernel each way, ``fuse_rotary(model)`` the rotary embedding of q and k, and ``fuse(model)`` all
+three. None touches a parameter; each has its ``unfuse``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
 from .._compile import eager_function
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch", "fuse_lm_loss",
-           "unfuse_lm_loss", "fuse_norms", "unfuse_norms", "fuse", "unfuse", "MoetronExperts", "MoetronRouter"]
+           "unfuse_lm_loss", "fuse_norms", "unfuse_norms", "fuse_rotary", "unfuse_rotary", "fuse", "unfuse",
+           "MoetronExperts", "MoetronRouter"]
 
 IMPLEMENTATION_NAME = "moetron"
 
@@ -674,17 +676,117 @@ def _norm_formula_matches(module: nn.Module) -> bool:
             and torch.allclose(want.float(), got, rtol=1e-2, atol=1e-3))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Rotary embedding: one kernel each way for q and for k
+# ---------------------------------------------------------------------------------------------------------
+
+# transformers' attention modules call their modeling file's global ``apply_rotary_pos_emb``, so the swap is per
+# modeling file, shared by every model of that file in the process (as Liger-Kernel's patches are): the original
+# function of each swapped file, and how many fused models use the swap.
+_ROTARY_ORIGINALS: dict[str, object] = {}
+_ROTARY_USERS: dict[str, int] = {}
+
+
+def fuse_rotary(model: nn.Module) -> list[str]:
+    """Swap the rotate-half ``apply_rotary_pos_emb`` of each transformers modeling file that ``model`` uses for
+    one running ``moetron.ops.apply_rotary`` (one Triton kernel each way for q and k, fp32 maths, instead of ~5
+    elementwise kernels each on transposed views). The swap lives in the modeling file (module global): other
+    models of the same file in this process use it too; its calls outside the kernel's layout (other dtypes of
+    the tables, ``unsqueeze_dim`` != 1, grads into the tables) go to the original. A file whose function does
+    not give the rotate-half result on a probe (interleaved or partial rotary) is left alone with a warning.
+    Returns the modeling files swapped for this model; ``unfuse_rotary(model)`` undoes it (the original comes
+    back when no fused model uses the file)."""
+    import sys
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    mine = model.__dict__.setdefault("_moetron_rotary_files", [])
+    skipped = []
+    for file_name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(file_name)
+        function = getattr(module, "apply_rotary_pos_emb", None)
+        if function is None or file_name in mine:
+            continue
+        if file_name not in _ROTARY_ORIGINALS:
+            if not _rotary_formula_matches(function):
+                skipped.append(file_name)
+                continue
+            _ROTARY_ORIGINALS[file_name] = function
+            module.apply_rotary_pos_emb = _fused_rotary_for(function)
+        _ROTARY_USERS[file_name] = _ROTARY_USERS.get(file_name, 0) + 1
+        mine.append(file_name)
+    if skipped:
+        warnings.warn("moetron.integrations.hf.fuse_rotary left apply_rotary_pos_emb alone in " + ", ".join(skipped)
+                      + " (not the rotate-half formula on a probe)", stacklevel=2)
+    return list(mine)
+
+
+def unfuse_rotary(model: nn.Module) -> list[str]:
+    """Undo ``fuse_rotary`` for this model; returns the modeling files it had swapped."""
+    import sys
+
+    mine = model.__dict__.pop("_moetron_rotary_files", [])
+    for file_name in mine:
+        _ROTARY_USERS[file_name] -= 1
+        if _ROTARY_USERS[file_name] == 0:
+            del _ROTARY_USERS[file_name]
+            sys.modules[file_name].apply_rotary_pos_emb = _ROTARY_ORIGINALS.pop(file_name)
+    return mine
+
+
+def _fused_rotary_for(original):
+    from ..ops.rotary import MAX_HEAD_DIM, apply_rotary
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *args, **kwargs):
+        """moetron's rotary kernel where the inputs fit it, else transformers' original function."""
+        fits = (not args and not kwargs and unsqueeze_dim == 1 and q.ndim == k.ndim == 4 and cos.ndim == 3
+                and cos.shape == sin.shape and q.dtype == k.dtype == cos.dtype == sin.dtype
+                and q.is_floating_point() and q.shape[-1] == k.shape[-1] == cos.shape[-1]
+                and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] == k.shape[2] == cos.shape[1]
+                and cos.shape[0] in (1, q.shape[0]) and q.shape[0] == k.shape[0]
+                and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1
+                and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)))
+        if not fits:
+            return original(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
+        # transformers' q/k are [B, N, S, D] views of [B, S, N, D]; the kernel reads [B, S, N, D] through strides
+        return (apply_rotary(q.transpose(1, 2), cos, sin).transpose(1, 2),
+                apply_rotary(k.transpose(1, 2), cos, sin).transpose(1, 2))
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    return apply_rotary_pos_emb
+
+
+def _rotary_formula_matches(function) -> bool:
+    """Whether a modeling file's apply_rotary_pos_emb gives the rotate-half result on a small fp32 probe."""
+    from ..ops.rotary import apply_rotary_ref
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g)
+    angles = torch.rand(2, 5, 4, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    try:
+        got_q, got_k = function(q, k, cos, sin)
+    except Exception:  # another signature: not the function this swap replaces
+        return False
+    want_q = apply_rotary_ref(q.transpose(1, 2), cos, sin).transpose(1, 2)
+    want_k = apply_rotary_ref(k.transpose(1, 2), cos, sin).transpose(1, 2)
+    return (got_q.shape == want_q.shape and got_k.shape == want_k.shape
+            and torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5))
+
+
 def fuse(model: nn.Module) -> list[str]:
-    """``fuse_lm_loss(model)`` (where the model has an LM head) and ``fuse_norms(model)``: the non-expert fusions,
-    in one call, for training a transformers causal LM. Returns what was fused ("loss" and the norms' names)."""
+    """The non-expert fusions in one call, for training a transformers causal LM: ``fuse_lm_loss`` (where the
+    model has an LM head), ``fuse_norms`` and ``fuse_rotary``. Returns what was fused: "loss", the norms' names and
+    the modeling files whose rotary was swapped."""
     done = []
     if isinstance(getattr(model, "lm_head", None), nn.Linear):
         fuse_lm_loss(model)
         done.append("loss")
-    return done + fuse_norms(model)
+    return done + fuse_norms(model) + fuse_rotary(model)
 
 
 def unfuse(model: nn.Module) -> None:
     """Undo ``fuse``."""
     unfuse_lm_loss(model)
     unfuse_norms(model)
+    unfuse_rotary(model)

@@ -3,6 +3,7 @@
 Legend: B batch, S sequence, N heads, D head dim (even), P table rows (positions, P >= S), h = D / 2.
 
     apply_rotary(x [B, S, N, D], cos [P, h] or [P, D], sin like cos) -> y [B, S, N, D]
+    apply_rotary(x [B, S, N, D], cos [B or 1, P, h or D], sin like cos)   tables per batch row (transformers')
         y[..., :h] = x1 * cos[s] - x2 * sin[s]      x1 = x[..., :h], x2 = x[..., h:]
         y[..., h:] = x2 * cos[s] + x1 * sin[s]      for the token at position s (positions 0..S-1)
 
@@ -10,7 +11,8 @@ Tables: row s holds the h angles' cosines (sines) of position s. Either the [P, 
 duplicated-halves tables of the rotate-half formulation (``cat([angles, angles], -1)``, what
 moetron.models.transformer builds) are accepted; of a [P, D] table only the first h columns are read, and its second
 half is assumed equal to the first (not checked). Rows past S are not read, so the tables of the longest sequence
-serve every shorter one.
+serve every shorter one. 3-D tables hold one table per batch row (position ids that differ between rows, as
+transformers builds them from ``position_ids``); a leading dim of 1 serves every row.
 
 Why a kernel: ``x * cos + cat([-x2, x1]) * sin`` on a bf16 [B, N, S, D] view with fp32 tables runs about six
 elementwise kernels each way with fp32 intermediates. Here the forward reads x (and the h table columns of each
@@ -43,11 +45,11 @@ _TILE_ELEMS = 4096  # rows x half-columns per program: with D=128, 64 rows (16 K
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, N, HALF, stride_xb, stride_xs, stride_xn, stride_cos,
-                   stride_sin, BACKWARD: tl.constexpr, BF16_FIXUPS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                   BLOCK_H: tl.constexpr):
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, N, HALF, stride_xb, stride_xs, stride_xn, stride_cos_b,
+                   stride_cos, stride_sin_b, stride_sin, BACKWARD: tl.constexpr, BF16_FIXUPS: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rows are the (b, s, n) triples in row-major order; y is contiguous [R, 2 * HALF]. BACKWARD negates the sine
-    (the transpose of the rotation)."""
+    (the transpose of the rotation). The tables' batch strides are 0 for one table shared by every row."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_H)
     row_ok = rows < R
@@ -59,8 +61,10 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, N, HALF, stride_xb, str
     x_off = (b * stride_xb + s * stride_xs + n * stride_xn)[:, None] + cols[None, :]
     x1 = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_off + HALF, mask=ok, other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + (s * stride_cos)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + (s * stride_sin)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + (b * stride_cos_b + s * stride_cos)[:, None] + cols[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    sn = tl.load(sin_ptr + (b * stride_sin_b + s * stride_sin)[:, None] + cols[None, :], mask=ok,
+                 other=0.0).to(tl.float32)
     if BACKWARD:
         sn = -sn
     y1 = x1 * c - x2 * sn
@@ -81,8 +85,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     if x.numel() == 0:
         return torch.empty(B, S, N, D, dtype=x.dtype, device=x.device)
     if not _env.use_triton(x):
-        c = cos[:S, :half].float()[:, None, :]
-        s = sin[:S, :half].float()[:, None, :]
+        c = cos[..., :S, :half].float().unsqueeze(-2)  # [S, 1, h] or [B or 1, S, 1, h]
+        s = sin[..., :S, :half].float().unsqueeze(-2)
         if backward:
             s = -s
         x1, x2 = x[..., :half].float(), x[..., half:].float()
@@ -92,10 +96,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     block_h = next_power_of_2(half)
     block_rows = min(next_power_of_2(rows), max(1, _TILE_ELEMS // block_h))
     _launch((cdiv(rows, block_rows),),
-            (x, cos, sin, y, rows, S, N, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), sin.stride(0)),
+            (x, cos, sin, y, rows, S, N, half, x.stride(0), x.stride(1), x.stride(2), _batch_stride(cos),
+             cos.stride(-2), _batch_stride(sin), sin.stride(-2)),
             dict(BACKWARD=backward, BF16_FIXUPS=interpreter_bf16_fixups(y), BLOCK_ROWS=block_rows, BLOCK_H=block_h),
             num_warps=4)
     return y
+
+
+def _batch_stride(table: torch.Tensor) -> int:
+    """Elements between the tables of consecutive batch rows: 0 for a 2-D table or a leading dim of 1."""
+    return table.stride(0) if table.ndim == 3 and table.shape[0] > 1 else 0
 
 
 @eager_function
@@ -116,7 +126,8 @@ class _Rotary(torch.autograd.Function):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding, rotate-half layout, of ``x [B, S, N, D]`` (sequence at dim 1, any strides on the
     leading dims, unit last stride, D even and <= 256) with the tables ``cos``/``sin`` of shape ``[P, D // 2]``, or
-    ``[P, D]`` with equal halves (only the first D/2 columns are read), P >= S; token s uses table row s.
+    ``[P, D]`` with equal halves (only the first D/2 columns are read), P >= S; token s uses table row s. Tables of
+    shape ``[B, P, .]`` (or ``[1, P, .]``) give each batch row its own table.
     Returns a contiguous ``[B, S, N, D]`` tensor in x's dtype, computed in fp32. Differentiable in x; the tables get
     no gradient (tables that require grad while autograd records are refused). One Triton kernel each way on CUDA
     (PyTorch on CPU tensors unless MOETRON_BACKEND=triton). See the module docstring for the formula."""
@@ -127,11 +138,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
                          f"{tuple(x.shape)}")
     check_row_major("x", x)
     for name, t in (("cos", cos), ("sin", sin)):
-        check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES)
+        check_tensor(name, t, dtypes=FLOAT_DTYPES)
         check_same_device(name, t, "x", x)
-        if t.shape[1] not in (D // 2, D) or t.shape[0] < S:
-            raise ValueError(f"{name} must be [P, D // 2] or [P, D] with P >= S = {S} (table rows are positions) "
-                             f"for x of shape {tuple(x.shape)}, got shape {tuple(t.shape)}")
+        if (t.ndim not in (2, 3) or t.shape[-1] not in (D // 2, D) or t.shape[-2] < S
+                or (t.ndim == 3 and t.shape[0] not in (1, B))):
+            raise ValueError(f"{name} must be [P, D // 2] or [P, D], or [B or 1, P, D // 2 or D] per batch row, with "
+                             f"P >= S = {S} (table rows are positions) for x of shape {tuple(x.shape)}, got shape "
+                             f"{tuple(t.shape)}")
         check_row_major(name, t)
     check_same_dtype("sin", sin, "cos", cos)
     if sin.shape != cos.shape:
@@ -146,9 +159,9 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Plain PyTorch in x's dtype, tables cast to it (the reference the tests compare against, in float64): the
     rotate-half formula ``x * cos + cat([-x2, x1]) * sin`` on [B, S, N, D]. Differentiable in x and the tables."""
     S, D = x.shape[1], x.shape[-1]
-    cos, sin = cos[:S].to(x.dtype), sin[:S].to(x.dtype)
+    cos, sin = cos[..., :S, :].to(x.dtype), sin[..., :S, :].to(x.dtype)
     if cos.shape[-1] != D:  # half tables: duplicate the angles
         cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)

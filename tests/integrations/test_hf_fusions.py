@@ -4,14 +4,17 @@ fuse_lm_loss: the fused head and cross-entropy give the unfused model's loss and
 with ignored labels, the router aux loss, num_items_in_batch and shift_labels; eval mode and unlabelled forwards are
 untouched; unfuse restores; models it cannot reproduce are refused with a clear error.
 fuse_norms: every RMSNorm of the four architectures runs moetron's kernel, with the same logits and gradients; a
-norm with another formula is left alone with a warning."""
+norm with another formula is left alone with a warning.
+fuse_rotary: the modeling file's rotary function is swapped (and restored once no fused model uses it), with the same
+logits and gradients, also with position ids that differ between batch rows; other formulas are left alone."""
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from moetron.integrations.hf import fuse, fuse_lm_loss, fuse_norms, unfuse, unfuse_lm_loss, unfuse_norms  # noqa: E402,E501
+from moetron.integrations.hf import (fuse, fuse_lm_loss, fuse_norms, fuse_rotary, unfuse, unfuse_lm_loss,  # noqa: E402
+                                     unfuse_norms, unfuse_rotary)
 from tests.integrations._hf_models import ARCHS, VOCAB, tiny_model  # noqa: E402
 
 
@@ -22,6 +25,11 @@ def _batch(seed=0):
     labels[0, :3] = -100  # a prompt that is not trained on
     labels[1, 7] = -100
     return ids, labels
+
+
+def _device():
+    """CUDA where there is one (the kernels themselves); else the CPU with the Triton interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _loss_and_grads(model, **kwargs):
@@ -104,12 +112,12 @@ def test_refuses_what_it_cannot_reproduce():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_norms_match_transformers(arch, monkeypatch):
-    monkeypatch.setenv("MOETRON_BACKEND", "triton")  # the kernels, under the interpreter on CPU
-    plain, fused = tiny_model(arch), tiny_model(arch)
+    monkeypatch.setenv("MOETRON_BACKEND", "auto" if torch.cuda.is_available() else "triton")  # the kernels
+    plain, fused = tiny_model(arch).to(_device()), tiny_model(arch).to(_device())
     names = fuse_norms(fused)
     want_count = sum(type(m).__name__.endswith("RMSNorm") for m in plain.modules())
     assert len(names) == want_count >= 5  # per layer at least two, plus the final norm
-    ids, labels = _batch(4)
+    ids, labels = (t.to(_device()) for t in _batch(4))
     want, want_grads = _loss_and_grads(plain, input_ids=ids, labels=labels)
     got, got_grads = _loss_and_grads(fused, input_ids=ids, labels=labels)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
@@ -135,11 +143,78 @@ def test_norm_with_another_formula_is_left_alone():
         assert fuse_norms(model) == []
 
 
-def test_fuse_does_both_and_unfuse_undoes():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_rotary_matches_transformers(arch, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("MOETRON_BACKEND", "auto" if torch.cuda.is_available() else "triton")
+    plain, fused = tiny_model(arch).to(_device()), tiny_model(arch).to(_device())
+    files = fuse_rotary(fused)
+    modeling = sys.modules[type(plain).__module__]
+    assert files == [type(plain).__module__] and modeling.apply_rotary_pos_emb.__wrapped__ is not None
+    ids, labels = (t.to(_device()) for t in _batch(6))
+    positions = torch.stack([torch.arange(11), torch.arange(11) + 5]).to(_device())  # rows at other positions
+    try:
+        for kwargs in (dict(input_ids=ids, labels=labels), dict(input_ids=ids, labels=labels, position_ids=positions)):
+            unfuse_rotary(fused)  # the plain model runs transformers' own function
+            want, want_grads = _loss_and_grads(plain, **kwargs)
+            fuse_rotary(fused)
+            got, got_grads = _loss_and_grads(fused, **kwargs)
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+            for name, g in want_grads.items():
+                torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    finally:
+        unfuse_rotary(fused)
+    assert not hasattr(modeling.apply_rotary_pos_emb, "__wrapped__")  # the original is back
+
+
+def test_rotary_swap_is_shared_and_restored_last():
+    import sys
+
+    a, b = tiny_model("mixtral"), tiny_model("mixtral")
+    modeling = sys.modules[type(a).__module__]
+    original = modeling.apply_rotary_pos_emb
+    fuse_rotary(a)
+    fuse_rotary(a)  # twice: harmless, counted once
+    fuse_rotary(b)
+    unfuse_rotary(a)
+    assert modeling.apply_rotary_pos_emb is not original  # b still uses it
+    unfuse_rotary(b)
+    assert modeling.apply_rotary_pos_emb is original
+
+
+def test_rotary_with_another_formula_is_left_alone(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("fake_modeling_interleaved")
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # interleaved pairs, not rotate-half
+        def rot(x):
+            return torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    fake.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+    class Attention(torch.nn.Module):
+        pass
+
+    Attention.__module__ = fake.__name__
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    with pytest.warns(UserWarning, match="left apply_rotary_pos_emb alone in fake_modeling_interleaved"):
+        assert fuse_rotary(torch.nn.Sequential(Attention())) == []
+    assert fake.apply_rotary_pos_emb is apply_rotary_pos_emb
+
+
+def test_fuse_does_all_three_and_unfuse_undoes():
+    import sys
+
     model = tiny_model("qwen3_moe")
     done = fuse(model)
-    assert done[0] == "loss" and len(done) > 5
+    assert done[0] == "loss" and len(done) > 5 and done[-1] == type(model).__module__
     ids, labels = _batch(5)
     assert model(input_ids=ids, labels=labels).logits.shape == (2, 0, VOCAB)
     unfuse(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not hasattr(sys.modules[type(model).__module__].apply_rotary_pos_emb, "__wrapped__")

@@ -134,13 +134,12 @@ def test_bad_labels_on_cpu_raise():
         linear_cross_entropy(x, w, labels)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_out_of_range_label_gives_nan_when_unchecked(monkeypatch, backend):
+def test_out_of_range_label_gives_nan_when_unchecked(device):
     """On the GPU (no debug checks) an out-of-range label is not read out of bounds: the loss is NaN."""
-    import moetron.ops.cross_entropy as ce
+    import importlib
 
-    monkeypatch.setenv("MOETRON_BACKEND", backend)
-    x, w, labels = _inputs(4, 8, 10, torch.float32, "cpu")
+    ce = importlib.import_module("moetron.ops.cross_entropy")
+    x, w, labels = _inputs(4, 8, 10, torch.float32, device)
     labels[2] = 12
     logits = (x @ w.t()).contiguous()
     _, losses = ce._lse_and_losses(logits, labels, -100)

@@ -66,6 +66,25 @@ def test_forward_backward(device, dtype, B, S, N, D):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "half"])
+def test_tables_per_batch_row(device, dtype, full):
+    """[B, P, .] tables (transformers' cos/sin from position_ids): each batch row its own positions; [1, P, .]
+    serves every row like a 2-D table."""
+    torch.manual_seed(2)
+    B, S, N, D = 3, 5, 2, 8
+    x = (torch.randn(B, S, N, D) * 2).to(dtype).to(device)
+    dy = torch.randn(B, S, N, D).to(dtype).to(device)
+    cos, sin = _tables(16, D, full, device)
+    starts = (0, 7, 3)  # packed or left-padded rows start at other positions
+    cos_b = torch.stack([cos[s0:s0 + S + 2] for s0 in starts])
+    sin_b = torch.stack([sin[s0:s0 + S + 2] for s0 in starts])
+    y = _check(x, cos_b, sin_b, dy)
+    for b, s0 in enumerate(starts):  # row b rotated by its own positions
+        torch.testing.assert_close(y[b:b + 1], apply_rotary(x[b:b + 1], cos[s0:], sin[s0:]), rtol=0, atol=0)
+    torch.testing.assert_close(apply_rotary(x, cos[None], sin[None]), apply_rotary(x, cos, sin), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_input_and_table_layouts(device, dtype):
     # x as a [B, S, N, D] view of a [B, N, S, D] tensor (and a head slice of it): read in place through the strides
     torch.manual_seed(1)
@@ -125,8 +144,10 @@ def test_bad_input():
         apply_rotary(x, cos[:, :3], sin[:, :3])
     with pytest.raises(ValueError, match="cos must be \\[P, D // 2\\].*P >= S = 5"):
         apply_rotary(x, cos[:4], sin[:4])
-    with pytest.raises(ValueError, match="sin must be .*-D"):
-        apply_rotary(x, cos, sin[None])
+    with pytest.raises(ValueError, match="sin must be .*per batch row"):
+        apply_rotary(x, cos, sin[None, None])
+    with pytest.raises(ValueError, match="cos must be .*per batch row"):
+        apply_rotary(x, cos.expand(3, -1, -1), sin.expand(3, -1, -1))  # x has 2 batch rows
     with pytest.raises(ValueError, match="sin must have the same shape"):
         apply_rotary(x, cos, sin[:5])
     with pytest.raises(TypeError, match="sin must have the same dtype"):
