@@ -69,12 +69,12 @@ def use_provider(model, provider: str) -> None:
     """Switch the model's experts implementation (and the fused loss) to ``provider``'s."""
     from moetron.integrations.hf import fuse, fuse_lm_loss, unfuse
 
-    model.set_experts_implementation("moetron" if provider.startswith("moetron") else provider)
     unfuse(model)
+    model.set_experts_implementation("moetron" if provider.startswith("moetron") else provider)
     if provider == "moetron_fused_loss":
         fuse_lm_loss(model)
     elif provider == "moetron_fused":
-        fuse(model)
+        fuse(model)  # the experts are "moetron" already; this adds the loss, norms and rotary
 
 
 def time_provider(model, provider, ids, labels, device, args) -> dict:

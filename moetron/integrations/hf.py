@@ -774,11 +774,23 @@ def _rotary_formula_matches(function) -> bool:
             and torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5))
 
 
-def fuse(model: nn.Module) -> list[str]:
-    """The non-expert fusions in one call, for training a transformers causal LM: ``fuse_lm_loss`` (where the
-    model has an LM head), ``fuse_norms`` and ``fuse_rotary``. Returns what was fused: "loss", the norms' names and
-    the modeling files whose rotary was swapped."""
+def fuse(model: nn.Module, *, experts: bool = True) -> list[str]:
+    """Everything moetron speeds up in a transformers causal LM, in one call, no parameter touched: the experts
+    (``experts_implementation="moetron"`` where transformers has the registry, else ``patch``), ``fuse_lm_loss``
+    (where the model has an LM head), ``fuse_norms`` and ``fuse_rotary``. ``experts=False`` leaves the experts as
+    they are (a dense model has none anyway). Returns what was done: "experts" (or the patched modules' names),
+    "loss", the norms' names and the modeling files whose rotary was swapped. ``unfuse(model)`` undoes it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     done = []
+    if experts and any(_is_experts_module(m) for m in model.modules()):
+        if hasattr(model, "set_experts_implementation") and is_registered():
+            previous = getattr(getattr(model, "config", None), "_experts_implementation", None)
+            model.__dict__.setdefault("_moetron_previous_experts", previous)
+            model.set_experts_implementation(IMPLEMENTATION_NAME)
+            done.append("experts")
+        else:
+            done += patch(model)
     if isinstance(getattr(model, "lm_head", None), nn.Linear):
         fuse_lm_loss(model)
         done.append("loss")
@@ -786,7 +798,12 @@ def fuse(model: nn.Module) -> list[str]:
 
 
 def unfuse(model: nn.Module) -> None:
-    """Undo ``fuse``."""
+    """Undo ``fuse``: the fusions, the patched experts modules, and the experts implementation the model had
+    (where it had one by name)."""
     unfuse_lm_loss(model)
     unfuse_norms(model)
     unfuse_rotary(model)
+    unpatch(model)
+    previous = model.__dict__.pop("_moetron_previous_experts", None)
+    if isinstance(previous, str):
+        model.set_experts_implementation(previous)

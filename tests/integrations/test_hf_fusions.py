@@ -207,14 +207,23 @@ def test_rotary_with_another_formula_is_left_alone(monkeypatch):
     assert fake.apply_rotary_pos_emb is apply_rotary_pos_emb
 
 
-def test_fuse_does_all_three_and_unfuse_undoes():
+def test_fuse_does_everything_in_one_call_and_unfuse_undoes():
     import sys
 
-    model = tiny_model("qwen3_moe")
+    plain, model = tiny_model("qwen3_moe", impl="grouped_mm"), tiny_model("qwen3_moe", impl="grouped_mm")
     done = fuse(model)
-    assert done[0] == "loss" and len(done) > 5 and done[-1] == type(model).__module__
+    assert done[:2] == ["experts", "loss"] and len(done) > 6 and done[-1] == type(model).__module__
+    assert model.config._experts_implementation == "moetron"
     ids, labels = _batch(5)
-    assert model(input_ids=ids, labels=labels).logits.shape == (2, 0, VOCAB)
+    want, want_grads = _loss_and_grads(plain, input_ids=ids, labels=labels)
+    got, got_grads = _loss_and_grads(model, input_ids=ids, labels=labels)
+    assert got.logits.shape == (2, 0, VOCAB)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     unfuse(model)
+    assert model.config._experts_implementation == "grouped_mm"
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert not hasattr(sys.modules[type(model).__module__].apply_rotary_pos_emb, "__wrapped__")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fuse(None)
