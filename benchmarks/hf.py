@@ -6,10 +6,13 @@
 One ``Qwen3MoeForCausalLM`` (transformers' own model: attention, norms, router, aux-loss hooks and LM head unchanged)
 is built once; ``model.set_experts_implementation(...)`` switches its experts between "grouped_mm" (transformers'
 default, torch._grouped_mm), "eager" (the per-expert loop in the modeling file) and "moetron" (registered by
-``import moetron.integrations.hf``), so every provider runs the same weights on the same batch. "moetron_fused_loss"
-is "moetron" plus ``moetron.integrations.hf.fuse_lm_loss(model)`` (the LM head's GEMM and the cross-entropy without
-fp32 logits); "moetron_fused" is "moetron" plus ``moetron.integrations.hf.fuse(model)`` (that, every RMSNorm and
-the rotary embedding as one kernel each way). A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
+``import moetron.integrations.hf``), so every provider runs the same weights on the same batch. moetron runs in three
+variants (``--providers`` names; in the results, provider "moetron" with a ``variant`` field):
+  moetron               ``moetron.integrations.hf.fuse(model)``, the one line a user writes: the "moetron" experts,
+                        the LM head's GEMM and cross-entropy without fp32 logits, every RMSNorm and the rotary
+                        embedding as one kernel each way (variant "fuse");
+  moetron_experts       only ``model.set_experts_implementation("moetron")`` (variant "experts");
+  moetron_experts_loss  that plus ``fuse_lm_loss(model)`` (variant "experts+loss"). A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
 are timed with ``triton.testing.do_bench`` (median, gradients reset between calls), in turns over ``--rounds`` rounds
 (median kept: the H100 drops its clock at its power cap, so a provider timed alone first would get a cooler GPU);
 "eager" is slow on 128 experts, so it runs a few steps timed with CUDA events once (``--eager-iters``; 0 skips it).
@@ -19,8 +22,9 @@ Model defaults follow Qwen3-30B-A3B apart from the depth: hidden 2048, 32 query 
 128 experts, top-8, moe_intermediate_size 768, vocab 151936. The attention and the LM head are the same for every
 provider, so they dilute the experts' speed-up in the ratio (``--vocab`` shrinks the head).
 
-Writes benchmarks/results/hf_<gpu>.json (DESIGN.md format): rows {case, provider, mode: "train_step", ms, tflops
-(experts FLOPs only: 3 * 2 * T*K*H*F*3 per layer), loss, loss_rel_diff_vs_grouped_mm}.
+Writes benchmarks/results/hf_<gpu>.json (DESIGN.md format): rows {case, provider, variant (moetron's rows), mode:
+"train_step", ms, ms_rounds, peak_mem_gb, tflops (experts FLOPs only: 3 * 2 * T*K*H*F*3 per layer), loss,
+loss_rel_diff_vs_grouped_mm}.
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import bench_ms, write_results  # noqa: E402
 
-PROVIDERS = ("grouped_mm", "moetron", "moetron_fused_loss", "moetron_fused", "eager")
+PROVIDERS = ("grouped_mm", "moetron", "moetron_experts", "moetron_experts_loss", "eager")
+# --providers name -> (provider, variant) in the results (DESIGN.md: provider is moetron, grouped_mm or eager)
+RESULT_NAMES = {"moetron": ("moetron", "fuse"), "moetron_experts": ("moetron", "experts"),
+                "moetron_experts_loss": ("moetron", "experts+loss")}
 FULL = dict(layers=4, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, top_k=8, moe_ffn=768,
             vocab=151936, batch=2, seq=4096)
 QUICK = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8, top_k=2, moe_ffn=32, vocab=128,
@@ -71,9 +78,9 @@ def use_provider(model, provider: str) -> None:
 
     unfuse(model)
     model.set_experts_implementation("moetron" if provider.startswith("moetron") else provider)
-    if provider == "moetron_fused_loss":
+    if provider == "moetron_experts_loss":
         fuse_lm_loss(model)
-    elif provider == "moetron_fused":
+    elif provider == "moetron":
         fuse(model)  # the experts are "moetron" already; this adds the loss, norms and rotary
 
 
@@ -164,6 +171,9 @@ def main(argv=None):
     use_provider(model, "grouped_mm")
     rows = list(by_provider.values())
     for r in rows:
+        if r["provider"] in RESULT_NAMES:
+            r["provider"], r["variant"] = RESULT_NAMES[r["provider"]]
+    for r in rows:
         if r["ms_rounds"]:
             r["ms"] = statistics.median(r["ms_rounds"])
             r["tflops"] = flops / r["ms"] / 1e9
@@ -174,13 +184,14 @@ def main(argv=None):
     path = write_results("hf", rows, extra_meta={"shape": s, "dtype": str(dtype).replace("torch.", "")},
                          out_dir=args.out_dir)
     print(f"\n{case} ({dtype}): ms per forward+backward step")
-    by = {r["provider"]: r for r in rows}
+    by = {r["provider"]: r for r in rows if r.get("variant") in (None, "fuse")}
     for r in rows:
         speed = ""
         if "ms" in r and "ms" in by.get("grouped_mm", {}):
             speed = f"  {by['grouped_mm']['ms'] / r['ms']:.2f}x grouped_mm"
         cell = f"{r['ms']:.2f}" if "ms" in r else "error: " + r.get("error", "")
-        print(f"  {r['provider']:12s} {cell}{speed}")
+        name = r["provider"] + (f" ({r['variant']})" if "variant" in r else "")
+        print(f"  {name:24s} {cell}{speed}")
     print(f"wrote {path}")
     return rows
 
