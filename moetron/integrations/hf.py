@@ -576,8 +576,9 @@ def _fused_loss_forward(self, *args, **kwargs):
     labels = kwargs.get("labels")
     keep = kwargs.get("logits_to_keep", 0)
     if (labels is None or args or not self.training or not (isinstance(keep, int) and keep == 0)
-            or kwargs.get("return_dict") is False):
-        return original(*args, **kwargs)  # positional arguments: leave the signature to transformers
+            or kwargs.get("return_dict") is False or "_loss_function" in self.__dict__):
+        # positional arguments: leave the signature to transformers; a loss function set since: use it
+        return original(*args, **kwargs)
     from ..ops.cross_entropy import linear_cross_entropy
 
     captured = []

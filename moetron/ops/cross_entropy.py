@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .. import _env
 from ._launch import CachedLauncher
-from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
+from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .._compile import eager_function
 
@@ -104,14 +104,14 @@ def _lse_and_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     N, V = logits.shape
     if not _env.use_triton(logits) or N == 0:
         lf = logits.float()
-        lse = torch.logsumexp(lf, dim=1) if V else torch.full((N,), float("-inf"), device=logits.device)
+        lse = torch.logsumexp(lf, dim=1)
         in_range = (labels >= 0) & (labels < V)
-        picked = lf.gather(1, torch.where(in_range, labels, 0)[:, None]).squeeze(1) if V else torch.zeros_like(lse)
+        picked = lf.gather(1, torch.where(in_range, labels, 0)[:, None]).squeeze(1)
         loss = torch.where(in_range, lse - picked, float("nan"))
         return lse, torch.where(labels == ignore_index, 0.0, loss)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     losses = torch.empty(N, dtype=torch.float32, device=logits.device)
-    block = min(_block_v(logits), next_power_of_2(max(V, 1)))
+    block = min(_block_v(logits), next_power_of_2(V))
     _launch_lse_loss((N,), (logits, labels, lse, losses, V, logits.stride(0), ignore_index),
                      dict(BLOCK_V=block), num_warps=8 if logits.is_cuda else 1)
     return lse, losses
@@ -121,17 +121,17 @@ def _logits_to_grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tenso
                      ignore_index: int) -> torch.Tensor:
     """Overwrite logits [N, V] with coef * (softmax - onehot(label)) (zero rows where ignored); returns it."""
     N, V = logits.shape
-    if N == 0 or V == 0:
+    if N == 0:
         return logits
     if not _env.use_triton(logits):
-        g = torch.softmax(logits.float(), dim=1) if lse is None else torch.exp(logits.float() - lse[:, None])
+        g = torch.exp(logits.float() - lse[:, None])
         g.scatter_add_(1, labels.clamp(0, V - 1)[:, None],
                        torch.where((labels >= 0) & (labels < V), -1.0, 0.0)[:, None])
         g = torch.where((labels == ignore_index)[:, None], 0.0, g * coef)
         return logits.copy_(g)
     block = min(_block_v(logits), next_power_of_2(V))
     _launch_grad((N, cdiv(V, block)), (logits, labels, lse, coef, V, logits.stride(0), ignore_index),
-                 dict(BLOCK_V=block, BF16_FIXUPS=(not logits.is_cuda) and logits.dtype == torch.bfloat16),
+                 dict(BLOCK_V=block, BF16_FIXUPS=interpreter_bf16_fixups(logits)),
                  num_warps=8 if logits.is_cuda else 1)
     return logits
 
@@ -181,6 +181,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     check_tensor("labels", labels, dtypes=(torch.int64, torch.int32))
     check_same_device("weight", weight, "x", x)
     check_same_device("labels", labels, "x", x)
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one row (one class), got shape {tuple(weight.shape)}")
     if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., H] with H = weight.shape[1] = {weight.shape[1]}, got {tuple(x.shape)}")
     if tuple(labels.shape) != tuple(x.shape[:-1]):

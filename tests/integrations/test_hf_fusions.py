@@ -105,6 +105,11 @@ def test_refuses_what_it_cannot_reproduce():
     with pytest.raises(ValueError, match="custom loss_function"):
         fuse_lm_loss(model)
     model = tiny_model("qwen3_moe")
+    fuse_lm_loss(model)
+    model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum() * 0 + 7.0  # set after fusing: used
+    ids, labels = _batch(7)
+    assert model(input_ids=ids, labels=labels).loss.item() == 7.0
+    model = tiny_model("qwen3_moe")
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="soft-capping"):
         fuse_lm_loss(model)

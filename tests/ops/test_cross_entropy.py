@@ -158,5 +158,7 @@ def test_argument_errors():
         linear_cross_entropy(x, w, labels, reduction="none")
     with pytest.raises(ValueError, match="x and weight must share a dtype"):
         linear_cross_entropy(x, w.half(), labels)
+    with pytest.raises(ValueError, match="weight must have at least one row"):
+        linear_cross_entropy(x, w[:0], labels)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         linear_cross_entropy(x, w, labels, ignore_index=1.5)
