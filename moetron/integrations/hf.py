@@ -558,7 +558,10 @@ def fuse_lm_loss(model: nn.Module) -> None:
     if "_loss_function" in model.__dict__:
         raise ValueError("fuse_lm_loss reproduces transformers' default causal-LM loss; this model has a custom "
                          "loss_function set, so it stays unfused")
+    # a forward already set on the instance (accelerate's device hooks wrap it so) is what the fused forward calls,
+    # and what unfuse puts back
     model._moetron_original_forward = model.forward
+    model._moetron_instance_forward = model.__dict__.get("forward")
     model.forward = _fused_loss_forward.__get__(model)
 
 
@@ -567,7 +570,11 @@ def unfuse_lm_loss(model: nn.Module) -> bool:
     original = model.__dict__.pop("_moetron_original_forward", None)
     if original is None:
         return False
-    del model.forward
+    instance_forward = model.__dict__.pop("_moetron_instance_forward", None)
+    if instance_forward is None:
+        del model.forward
+    else:
+        model.forward = instance_forward
     return True
 
 
@@ -593,7 +600,8 @@ def _fused_loss_forward(self, *args, **kwargs):
     shift_labels = kwargs.get("shift_labels")
     if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss shifts them
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
+    weight = self.lm_head.weight  # the head may sit on another device than the last layer (a device map)
+    loss = linear_cross_entropy(hidden.to(weight.device), weight, shift_labels.to(weight.device),
                                 ignore_index=ignore_index, num_items=kwargs.get("num_items_in_batch"))
     aux_loss = getattr(out, "aux_loss", None)
     if aux_loss is not None:
@@ -616,7 +624,8 @@ def fuse_norms(model: nn.Module) -> list[str]:
     once at the end, so bf16 outputs may differ in the last bit.
 
     Each module is checked first on a small fp32 probe against its own forward; a norm whose formula differs
-    (Gemma's ``1 + weight``, a norm without weight) is left alone with a warning. Returns the names of the fused
+    (Gemma's ``1 + weight``, a norm without weight), or whose forward is already replaced on the instance
+    (accelerate's offload and device hooks do that), is left alone with a warning. Returns the names of the fused
     modules; ``unfuse_norms(model)`` undoes it; calling it twice is harmless."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -629,7 +638,7 @@ def fuse_norms(model: nn.Module) -> list[str]:
         if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.ndim == 1
                 and isinstance(getattr(module, "variance_epsilon", None), float)):
             continue
-        if not _norm_formula_matches(module):
+        if "forward" in module.__dict__ or not _norm_formula_matches(module):
             skipped.append(f"{name} ({type(module).__name__})")
             continue
         module._moetron_original_norm_forward = module.forward
@@ -637,7 +646,8 @@ def fuse_norms(model: nn.Module) -> list[str]:
         fused.append(name)
     if skipped:
         warnings.warn("moetron.integrations.hf.fuse_norms left these norms alone (their forward is not "
-                      "x * rsqrt(mean(x^2) + eps) * weight): " + ", ".join(skipped), stacklevel=2)
+                      "x * rsqrt(mean(x^2) + eps) * weight, or is already replaced on the module): "
+                      + ", ".join(skipped), stacklevel=2)
     return fused
 
 

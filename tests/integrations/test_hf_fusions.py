@@ -84,6 +84,30 @@ def test_eval_and_unlabelled_forwards_are_untouched():
     torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
 
 
+def test_an_instance_forward_is_kept_and_restored():
+    """accelerate's device hooks replace forward on the instance: the fused loss calls it, unfuse puts it back, and
+    fuse_norms leaves such norms alone."""
+    model = tiny_model("qwen3_moe")
+    calls = []
+    class_forward = model.forward
+
+    def hooked_forward(*args, **kwargs):
+        calls.append(1)
+        return class_forward(*args, **kwargs)
+
+    model.forward = hooked_forward
+    norm = model.model.norm
+    norm.forward = norm.forward  # an instance-level forward, as a hook would leave
+    fuse_lm_loss(model)
+    ids, labels = _batch(8)
+    assert model(input_ids=ids, labels=labels).logits.shape == (2, 0, VOCAB) and calls == [1]
+    unfuse_lm_loss(model)
+    assert model.__dict__["forward"] is hooked_forward
+    with pytest.warns(UserWarning, match=r"left these norms alone.*model\.norm"):
+        names = fuse_norms(model)
+    assert "model.norm" not in names and names
+
+
 def test_unfuse_restores_the_class_forward():
     model = tiny_model("olmoe")
     assert unfuse_lm_loss(model) is False
