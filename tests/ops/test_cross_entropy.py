@@ -9,16 +9,6 @@ import torch
 from moetron.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from tests._tolerance import assert_close_to_ref
 
-ON_GPU = torch.cuda.is_available()
-PATHS = {"cuda": ("cuda", "auto")} if ON_GPU else {"torch": ("cpu", "torch"), "triton": ("cpu", "triton")}
-
-
-@pytest.fixture(params=list(PATHS))
-def device(request, monkeypatch):
-    device, backend = PATHS[request.param]
-    monkeypatch.setenv("MOETRON_BACKEND", backend)
-    return device
-
 
 def _inputs(n, h, v, dtype, device, seed=0, ignore_every=0):
     g = torch.Generator().manual_seed(seed * 7919 + n * 31 + v)

@@ -9,16 +9,6 @@ import torch
 from moetron.ops import gated_act, gated_act_ref
 from tests._tolerance import assert_close_to_ref
 
-ON_GPU = torch.cuda.is_available()
-PATHS = {"cuda": ("cuda", "auto")} if ON_GPU else {"torch": ("cpu", "torch"), "triton": ("cpu", "triton")}
-
-
-@pytest.fixture(params=list(PATHS))
-def device(request, monkeypatch):
-    device, backend = PATHS[request.param]
-    monkeypatch.setenv("MOETRON_BACKEND", backend)
-    return device
-
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

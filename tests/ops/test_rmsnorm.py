@@ -12,16 +12,8 @@ from moetron.ops.rmsnorm import rms_norm, rms_norm_ref
 from tests._tolerance import assert_close_to_ref
 
 ON_GPU = torch.cuda.is_available()
-PATHS = {"cuda": ("cuda", "auto")} if ON_GPU else {"torch": ("cpu", "torch"), "triton": ("cpu", "triton")}
 EPS = 1e-6
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-
-
-@pytest.fixture(params=list(PATHS))
-def device(request, monkeypatch):
-    device, backend = PATHS[request.param]
-    monkeypatch.setenv("MOETRON_BACKEND", backend)
-    return device
 
 
 @pytest.fixture

@@ -8,15 +8,7 @@ from moetron.ops.rotary import apply_rotary, apply_rotary_ref
 from tests._tolerance import assert_close_to_ref
 
 ON_GPU = torch.cuda.is_available()
-PATHS = {"cuda": ("cuda", "auto")} if ON_GPU else {"torch": ("cpu", "torch"), "triton": ("cpu", "triton")}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(params=list(PATHS))
-def device(request, monkeypatch):
-    device, backend = PATHS[request.param]
-    monkeypatch.setenv("MOETRON_BACKEND", backend)
-    return device
 
 
 def _tables(positions: int, d: int, full: bool, device="cpu"):
