@@ -279,3 +279,28 @@ def test_finetuning_fused_matches_plain():
     torch.testing.assert_close(b.view(-1, 5).mean(1), a.view(-1, 5).mean(1), rtol=3e-2, atol=1e-2)
     err_fused, err_plain = (b - fp32).abs().max().item(), (a - fp32).abs().max().item()
     assert err_fused <= 2 * err_plain + 0.02, (err_fused, err_plain)
+
+
+def test_fuse_on_a_dense_model(monkeypatch):
+    """A model without experts (a tiny Llama): fuse does the loss, norms and rotary, and matches the plain model."""
+    import copy
+
+    import transformers as tf
+
+    monkeypatch.setenv("MOETRON_BACKEND", "auto" if torch.cuda.is_available() else "triton")
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    plain = tf.LlamaForCausalLM(cfg).to(_device()).train()
+    fused = copy.deepcopy(plain)
+    try:
+        done = fuse(fused)
+        assert done[0] == "loss" and "experts" not in done and done[-1] == type(plain).__module__
+        ids, labels = (t.to(_device()) for t in _batch(9))
+        want, want_grads = _loss_and_grads(plain, input_ids=ids, labels=labels)
+        got, got_grads = _loss_and_grads(fused, input_ids=ids, labels=labels)
+    finally:
+        unfuse(fused)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
