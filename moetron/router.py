@@ -540,8 +540,7 @@ class TopKRouter(torch.nn.Module):
         """A fresh router: random weight, zero expert bias and counters. The buffers matter after building on the
         meta device and ``to_empty()``, which leaves them uninitialised (a garbage bias would steer routing)."""
         torch.nn.init.normal_(self.weight, std=_INIT_STD)
-        for buf in (self.expert_bias, self.local_tokens_per_expert, self.global_tokens_per_expert,
-                    self.global_aux_steps):
+        for buf in (self.expert_bias, *(getattr(self, name) for name in _COUNTERS)):
             if buf is not None:
                 buf.zero_()
 

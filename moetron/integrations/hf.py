@@ -47,6 +47,7 @@ three. None touches a parameter; each has its ``unfuse``.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -54,9 +55,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
+from ..ops.cross_entropy import linear_cross_entropy
 from ..ops.gated_gmm import gated_gmm
 from ..ops.gmm import gmm
 from ..ops.permute import _route, permute, unpermute
+from ..ops.rmsnorm import rms_norm
+from ..ops.rotary import MAX_HEAD_DIM, apply_rotary, apply_rotary_ref
 from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
 from .._compile import eager_function
 
@@ -586,8 +590,6 @@ def _fused_loss_forward(self, *args, **kwargs):
             or kwargs.get("return_dict") is False or "_loss_function" in self.__dict__):
         # positional arguments: leave the signature to transformers; a loss function set since: use it
         return original(*args, **kwargs)
-    from ..ops.cross_entropy import linear_cross_entropy
-
     captured = []
     hook = self.base_model.register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
     try:
@@ -662,16 +664,12 @@ def unfuse_norms(model: nn.Module) -> list[str]:
 
 
 def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from ..ops.rmsnorm import rms_norm
-
     out_dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon, out_dtype)
 
 
 def _norm_formula_matches(module: nn.Module) -> bool:
     """Whether the module's own forward equals the RMSNorm formula on a small fp32 probe."""
-    from ..ops.rmsnorm import rms_norm
-
     weight = module.weight.detach()
     if weight.device.type == "meta":
         return False
@@ -707,8 +705,6 @@ def fuse_rotary(model: nn.Module) -> list[str]:
     not give the rotate-half result on a probe (interleaved or partial rotary) is left alone with a warning.
     Returns the modeling files swapped for this model; ``unfuse_rotary(model)`` undoes it (the original comes
     back when no fused model uses the file)."""
-    import sys
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     mine = model.__dict__.setdefault("_moetron_rotary_files", [])
@@ -734,8 +730,6 @@ def fuse_rotary(model: nn.Module) -> list[str]:
 
 def unfuse_rotary(model: nn.Module) -> list[str]:
     """Undo ``fuse_rotary`` for this model; returns the modeling files it had swapped."""
-    import sys
-
     mine = model.__dict__.pop("_moetron_rotary_files", [])
     for file_name in mine:
         _ROTARY_USERS[file_name] -= 1
@@ -746,8 +740,6 @@ def unfuse_rotary(model: nn.Module) -> list[str]:
 
 
 def _fused_rotary_for(original):
-    from ..ops.rotary import MAX_HEAD_DIM, apply_rotary
-
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *args, **kwargs):
         """moetron's rotary kernel where the inputs fit it, else transformers' original function."""
         fits = (not args and not kwargs and unsqueeze_dim == 1 and q.ndim == k.ndim == 4 and cos.ndim == 3
@@ -769,8 +761,6 @@ def _fused_rotary_for(original):
 
 def _rotary_formula_matches(function) -> bool:
     """Whether a modeling file's apply_rotary_pos_emb gives the rotate-half result on a small fp32 probe."""
-    from ..ops.rotary import apply_rotary_ref
-
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g)
     angles = torch.rand(2, 5, 4, generator=g) * 6
