@@ -73,7 +73,7 @@ def experts_flops(s: dict) -> float:
 
 
 def use_provider(model, provider: str) -> None:
-    """Switch the model's experts implementation (and the fused loss) to ``provider``'s."""
+    """Switch the model to ``provider``: its experts implementation, and moetron's fusions where the variant has them."""
     from moetron.integrations.hf import fuse, fuse_lm_loss, unfuse
 
     unfuse(model)
