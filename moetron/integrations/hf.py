@@ -450,6 +450,11 @@ class MoetronRouter(nn.Module):
 # -- the swap --------------------------------------------------------------------------------------------------
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def patch(model: nn.Module, *, router: bool = False) -> list[str]:
     """Swap every experts module of ``model`` (a module holding 3-D ``gate_up_proj``/``up_proj`` and ``down_proj``
     parameters, as transformers v5 MoE blocks do) for a ``MoetronExperts`` holding the same tensors; with
@@ -461,8 +466,7 @@ def patch(model: nn.Module, *, router: bool = False) -> list[str]:
     Raises ValueError when the model has no such experts module (transformers v4 blocks keep experts as an
     ``nn.ModuleList`` of per-expert MLPs, which moetron cannot run without copying weights each step; convert
     the checkpoint with ``moetron convert`` instead)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     swapped, skipped = [], []
     found_any = False
     for parent_name, parent in list(model.named_modules()):
@@ -505,8 +509,7 @@ def _hidden_size(experts: nn.Module) -> int:
 def unpatch(model: nn.Module) -> list[str]:
     """Undo ``patch``: put every original experts module and router back (with the current tensors, in case the
     model was moved or cast since). Returns the names of the restored modules."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     restored = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent._modules.items()):
@@ -543,8 +546,7 @@ def fuse_lm_loss(model: nn.Module) -> None:
 
     Raises ValueError for a model this cannot reproduce exactly: no ``lm_head`` linear without bias, no base
     model, final logit soft-capping (Gemma 2/3), or a custom loss function set on the model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if "_moetron_original_forward" in model.__dict__:
         return
     head = getattr(model, "lm_head", None)
@@ -571,6 +573,7 @@ def fuse_lm_loss(model: nn.Module) -> None:
 
 def unfuse_lm_loss(model: nn.Module) -> bool:
     """Undo ``fuse_lm_loss``; returns whether it was fused."""
+    _check_model(model)
     original = model.__dict__.pop("_moetron_original_forward", None)
     if original is None:
         return False
@@ -629,8 +632,7 @@ def fuse_norms(model: nn.Module) -> list[str]:
     (Gemma's ``1 + weight``, a norm without weight), or whose forward is already replaced on the instance
     (accelerate's offload and device hooks do that), is left alone with a warning. Returns the names of the fused
     modules; ``unfuse_norms(model)`` undoes it; calling it twice is harmless."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     fused, skipped = [], []
     for name, module in model.named_modules():
         if "_moetron_original_norm_forward" in module.__dict__:
@@ -655,6 +657,7 @@ def fuse_norms(model: nn.Module) -> list[str]:
 
 def unfuse_norms(model: nn.Module) -> list[str]:
     """Undo ``fuse_norms``; returns the names of the restored modules."""
+    _check_model(model)
     restored = []
     for name, module in model.named_modules():
         if module.__dict__.pop("_moetron_original_norm_forward", None) is not None:
@@ -705,8 +708,7 @@ def fuse_rotary(model: nn.Module) -> list[str]:
     not give the rotate-half result on a probe (interleaved or partial rotary) is left alone with a warning.
     Returns the modeling files swapped for this model; ``unfuse_rotary(model)`` undoes it (the original comes
     back when no fused model uses the file)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     mine = model.__dict__.setdefault("_moetron_rotary_files", [])
     skipped = []
     for file_name in sorted({type(m).__module__ for m in model.modules()}):
@@ -730,6 +732,7 @@ def fuse_rotary(model: nn.Module) -> list[str]:
 
 def unfuse_rotary(model: nn.Module) -> list[str]:
     """Undo ``fuse_rotary`` for this model; returns the modeling files it had swapped."""
+    _check_model(model)
     mine = model.__dict__.pop("_moetron_rotary_files", [])
     for file_name in mine:
         _ROTARY_USERS[file_name] -= 1
@@ -781,8 +784,7 @@ def fuse(model: nn.Module, *, experts: bool = True) -> list[str]:
     (where the model has an LM head), ``fuse_norms`` and ``fuse_rotary``. ``experts=False`` leaves the experts as
     they are (a dense model has none anyway). Returns what was done: "experts" (or the patched modules' names),
     "loss", the norms' names and the modeling files whose rotary was swapped. ``unfuse(model)`` undoes it."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     done = []
     if experts and any(_is_experts_module(m) for m in model.modules()):
         if hasattr(model, "set_experts_implementation") and is_registered():

@@ -304,3 +304,10 @@ def test_fuse_on_a_dense_model(monkeypatch):
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("entry", [fuse, unfuse, fuse_lm_loss, unfuse_lm_loss, fuse_norms, unfuse_norms, fuse_rotary,
+                                   unfuse_rotary], ids=lambda f: f.__name__)
+def test_every_entry_point_names_a_bad_model(entry):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        entry("model")
