@@ -98,11 +98,15 @@ def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
     # blog shapes) 128x128 tiles reducing 32 rows a step over 5 stages win by ~5-20%, and running them as a
     # persistent flattened loop with 2 programs per SM (one program's epilogue overlaps the other's and its own
     # next loads) gained another 0-10% (qwen3_30b_up 390 -> 433, blog_g32 433 -> 470 TFLOP/s).
-    # Large outputs: the 128x256 tiles as a persistent flattened loop with a TMA store (one program per SM)
-    # beat the one-program-per-tile launch by 0-8% (mixtral_up 633 -> 684, dsv3_ep8_up 508 -> 541 TFLOP/s).
+    # Large outputs: the 128x256 tiles as a persistent flattened loop (one program per SM) beat the
+    # one-program-per-tile launch by 0-8% (mixtral_up 633 -> 684, dsv3_ep8_up 508 -> 541 TFLOP/s). Prefetching
+    # each group's last partial row chunk, with plain stores, then beat the TMA-store epilogue everywhere (session
+    # 13, H100, us: Mixtral wgrad at T=16 1198 -> 993, T=2048 2574 -> 2244, T=8192 6557 -> 6452, the gmm.py
+    # mixtral_up case 6527 -> 5751): with few rows per group a tile is one masked chunk, and a TMA load of it
+    # after the loop exposed its whole latency; the prefetch and a TMA store's staging tile do not fit together.
     if ka * nb >= _LARGE_OUTPUT:
         return dict(BK=128, BN=256, BM=64, num_warps=8, num_stages=3, persistent=True, flatten=True,
-                    tma_store=True)
+                    prefetch_tail=True)
     # Small outputs also prefetch each group's last partial row chunk (session 11, scratch H100 sweep, TFLOP/s):
     # Qwen3-30B-shaped groups of random sizes 414-445 -> 433-462, balanced top-8 routing 430-462 -> 423-482,
     # blog_g128 236-241 -> 254-255; groups that are multiples of 32 rows lost 0-5% (nothing to prefetch).

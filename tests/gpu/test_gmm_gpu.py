@@ -41,6 +41,8 @@ def _loop_wgrad(x, dy, sizes, dtype):
 @pytest.mark.parametrize("name,sizes,K,N", [
     # the Mixtral edge case: very uneven sizes, a 1-row and a 5-row group, an empty last group
     ("mixtral_edge", [219, 2246, 5, 8103, 1, 1117, 4693, 0], 4096, 14336),
+    # decode-sized: every group is one partial row chunk of the weight gradient (the prefetched tail) or empty
+    ("mixtral_decode", [4, 0, 3, 9, 1, 0, 63, 2], 4096, 14336),
     # fine-grained experts: 128 groups at the Qwen3-30B shape, random sizes with empties
     ("qwen3_like", None, 2048, 1536),
 ])
