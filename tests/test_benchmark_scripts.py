@@ -42,3 +42,19 @@ def test_hf_quick_run_gives_every_provider_the_same_loss(tmp_path):
         assert "error" not in row, row
         if key != ("grouped_mm", None):
             assert row["loss_rel_diff_vs_grouped_mm"] < 1e-5, row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the benchmark itself")
+def test_hf_decode_tiny_run_compiles_both_experts_fullgraph(monkeypatch):
+    """hf_decode.py's CPU path: both experts implementations compile with fullgraph=True (backend "eager" here) and
+    give the eager grouped_mm block's output."""
+    pytest.importorskip("transformers")
+    decode_bench = pytest.importorskip("benchmarks.hf_decode")
+    written = {}
+    monkeypatch.setattr(decode_bench, "write_results", lambda name, rows: written.update(name=name, rows=rows))
+    decode_bench.main(["--device", "cpu", "--tiny", "--rounds", "1"])
+    rows = {(r["case"], r["provider"], r["variant"]) for r in written["rows"]}
+    assert rows == {(f"tiny_T{T}", p, v) for T in (1, 5) for p in ("hf_grouped_mm", "moetron")
+                    for v in ("eager", "compiled")}
+    for row in written["rows"]:
+        assert row["rel_diff"] < 1e-5, row

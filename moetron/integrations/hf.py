@@ -136,10 +136,13 @@ def _default_gate_kind(experts) -> str | None:
     tanh-GELU): what moetron's fused gated activation computes. None for anything else."""
     if not getattr(experts, "has_gate", True) or not getattr(experts, "is_concatenated", True):
         return None
-    fn = getattr(experts, "_apply_gate", None)
-    default = _default_gate_fn()
-    if fn is not None and (default is None or getattr(fn, "__func__", None) is not default):
-        return None  # the model's own gate (GPT-OSS)
+    if getattr(experts, "_apply_gate", None) is not None:
+        # the model's own gate (GPT-OSS) unless it is transformers' default, looked up on the class (torch.compile
+        # does not see a bound method's __func__ as the function itself)
+        default = _default_gate_fn()
+        if (default is None or "_apply_gate" in experts.__dict__
+                or getattr(type(experts), "_apply_gate", None) is not default):
+            return None
     return _fused_kind(getattr(experts, "act_fn", None))
 
 
@@ -214,9 +217,27 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     """The "moetron" experts implementation: ``[T, H], [T, K], [T, K] -> [T, H]`` (see the module docstring).
 
     ``experts`` is a transformers v5 experts module (``gate_up_proj``/``up_proj``, ``down_proj``, optional biases,
-    the layout flags of ``@use_experts_implementation``). No host sync."""
+    the layout flags of ``@use_experts_implementation``). No host sync. Under ``torch.compile``, a forward that
+    records no gradient, with transformers' default gate, no post-expert norm and no autocast, is one custom op
+    (``moetron::hf_experts_inference``), so the compiled graph has no break there and can be captured in a CUDA
+    graph (``mode="reduce-overhead"``); anything else runs eagerly behind a graph break."""
     w1, b1, w2, b2, trans_w = _weights(experts)
     _check_args(hidden_states, top_k_index, top_k_weights, w1, w2, trans_w)
+    gate = _default_gate_kind(experts)
+    post_norm = experts.post_expert_norm if getattr(experts, "has_post_expert_norm", False) else None
+    if (torch.compiler.is_compiling() and gate is not None and post_norm is None
+            and not torch.is_autocast_enabled(hidden_states.device.type)
+            and not records_grad(hidden_states, top_k_weights, w1, w2, b1, b2)):
+        return torch.ops.moetron.hf_experts_inference(hidden_states, top_k_index, top_k_weights, w1, w2, b1, b2,
+                                                      trans_w, gate)
+    return _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w, gate,
+                    lambda h: _apply_gate(experts, h), post_norm)
+
+
+def _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w: bool, gate: str | None,
+             apply_gate, post_norm):
+    """The experts forward on checked arguments. ``gate``: the default gate's fused kind ("swiglu"/"geglu") or
+    None; ``apply_gate(h)`` the experts' nonlinearity; ``post_norm`` the post-expert norm module or None."""
     T, H = hidden_states.shape
     E = w1.shape[0]
     device = hidden_states.device
@@ -245,7 +266,7 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     probs = torch.where(valid, probs, 0)
 
     # inference with the default gate: the activation in the first GEMM's epilogue (no [R, 2F] h in memory)
-    gated = _default_gate_kind(experts) if trans_w and b1 is None and not records_grad(x, w1, w2, b2, probs) else None
+    gated = gate if trans_w and b1 is None and not records_grad(x, w1, w2, b2, probs) else None
     if folds(x, w1, probs, w2, b1, b2):
         # inference: the first GEMM reads each row's token of x itself, same layout as permute's, no copy
         K = ids.shape[1]
@@ -255,7 +276,7 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
         if gated is not None:
             h = gated_gmm(x, w1, offsets, gated, gather=row_token)
         else:
-            h = _apply_gate(experts, gathered_gemm(x, w1, row_token, offsets, trans_w, _bias_in(b1, dtype)))
+            h = apply_gate(gathered_gemm(x, w1, row_token, offsets, trans_w, _bias_in(b1, dtype)))
     else:
         p = permute(x, ids, E + 1)
         offsets, row_map = p.offsets[:E], p.row_map  # group E (the sentinels) lies past the last group
@@ -263,14 +284,31 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
             h = gated_gmm(p.x_permuted, w1, offsets, gated)
         else:
             h = gmm(p.x_permuted, w1, offsets=offsets, trans_w=trans_w, bias=_bias_in(b1, dtype))
-            h = _apply_gate(experts, h)
+            h = apply_gate(h)
     if h.dtype != dtype:
         h = h.to(dtype)
     y = gmm(h.contiguous(), w2, offsets=offsets, trans_w=trans_w, bias=_bias_in(b2, dtype))
-    if getattr(experts, "has_post_expert_norm", False):
-        y = experts.post_expert_norm(y).to(dtype).contiguous()
+    if post_norm is not None:
+        y = post_norm(y).to(dtype).contiguous()
     out = unpermute(y, row_map, probs)
     return out.to(hidden_states.dtype)
+
+
+# The no-gradient experts forward as one operator that torch.compile keeps in its graph (not traced into: its
+# kernels read group sizes on the device and launch Triton code). Only what experts_forward sends here reaches it:
+# the default gate, no post-expert norm, no autocast, no gradient to record.
+@torch.library.custom_op("moetron::hf_experts_inference", mutates_args=(),
+                         schema="(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, Tensor w1, "
+                                "Tensor w2, Tensor? b1, Tensor? b2, bool trans_w, str gate) -> Tensor")
+def _experts_inference_op(hidden_states, top_k_index, top_k_weights, w1, w2, b1, b2, trans_w, gate):
+    with torch.no_grad():
+        return _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w, gate,
+                        lambda h: _fused_gate(h, gate), None)
+
+
+@_experts_inference_op.register_fake
+def _(hidden_states, top_k_index, top_k_weights, w1, w2, b1, b2, trans_w, gate):
+    return hidden_states.new_empty(hidden_states.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""torch.compile over transformers models that use the "moetron" experts.
+
+Without gradients the experts forward is one custom op (``moetron::hf_experts_inference``), so the whole model
+compiles with ``fullgraph=True`` (no graph break, hence CUDA-graph capture with ``mode="reduce-overhead"``) and
+gives the eager model's logits bit for bit, on the torch path and on the Triton kernels. With gradients, or with a
+gate of the model's own, the experts run eagerly behind graph breaks and still give the eager results.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+moe_integration = pytest.importorskip("transformers.integrations.moe")
+if not hasattr(moe_integration, "ExpertsInterface"):
+    pytest.skip("transformers has no experts registry", allow_module_level=True)
+
+from moetron.integrations import hf  # noqa: E402,F401  (registers "moetron")
+from tests.integrations._hf_models import ARCHS, VOCAB, tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv("MOETRON_BACKEND", "torch")
+    monkeypatch.delenv("MOETRON_DEBUG", raising=False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _ids(seed=0, T=7):
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _breaks(model, ids) -> tuple[int, list[str]]:
+    explained = torch._dynamo.explain(model)(input_ids=ids)
+    return explained.graph_break_count, [str(b.reason).splitlines()[0][:200] for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inference_compiles_whole_and_matches_eager(arch):
+    model = tiny_model(arch, impl="moetron").eval()
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        count, reasons = _breaks(model, ids)
+        assert count == 0, reasons
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
+    assert torch.equal(out, ref)
+
+
+def test_inference_compiles_whole_on_triton_kernels(monkeypatch):
+    monkeypatch.setenv("MOETRON_BACKEND", "triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # the model is on the CPU
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors)")
+    model = tiny_model("qwen3_moe", impl="moetron").eval()
+    ids = _ids(1)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids).logits
+    assert torch.equal(out, ref)
+
+
+def test_training_under_compile_matches_eager():
+    """With gradients the experts run eagerly behind graph breaks: loss and every gradient as in eager."""
+    model = tiny_model("qwen3_moe", impl="moetron")
+    compiled_model = copy.deepcopy(model)
+    ids = _ids(2)
+    labels = _ids(3)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    compiled_loss = compiled(input_ids=ids, labels=labels).loss
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=1e-6)
+    grads = dict(compiled_model.named_parameters())
+    for name, p in model.named_parameters():
+        assert grads[name].grad is not None, name
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_gate_of_the_model_own_runs_eagerly_under_compile():
+    """An instance-level ``_apply_gate`` is not transformers' default gate: it is called as the model defines it,
+    compiled or not (the custom op only takes the default gate)."""
+    model = tiny_model("qwen3_moe", impl="moetron").eval()
+    for module in model.modules():
+        if type(module).__name__.endswith("Experts"):
+            module._apply_gate = lambda h: torch.relu(h.chunk(2, dim=-1)[0]) * h.chunk(2, dim=-1)[1]
+            assert hf._default_gate_kind(module) is None
+    ids = _ids(4)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = torch.compile(model, backend="aot_eager")(input_ids=ids).logits
+        default = tiny_model("qwen3_moe", impl="moetron").eval()(input_ids=ids).logits
+    assert torch.equal(out, ref)
+    assert not torch.allclose(ref, default)  # the custom gate did change the model
