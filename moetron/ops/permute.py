@@ -277,6 +277,14 @@ def _expert_hits(ids_ptr, slots, R, E, experts):
 
 
 @triton.jit
+def _chunk_len(chunk, R, CHUNK: tl.constexpr):
+    """Slots of chunk ``chunk`` that exist: the last chunk's sub-blocks past R hold none, and skipping them is
+    what keeps a decode-sized batch (R = a few slots) from paying for a whole chunk of serial steps (~27 us on an
+    H100 at 129 experts, scratch_dev/decode_profile.py)."""
+    return tl.minimum(CHUNK, R - chunk * CHUNK)
+
+
+@triton.jit
 def _expert_count_kernel(
     ids_ptr,  # [R] int32/int64 expert of each slot
     chunk_counts_ptr,  # out [num_chunks, E] int32: slots of each expert inside each chunk of CHUNK slots
@@ -287,7 +295,7 @@ def _expert_count_kernel(
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for s0 in range(0, CHUNK, SUB):
+    for s0 in range(0, _chunk_len(chunk, R, CHUNK), SUB):
         slots = chunk * CHUNK + s0 + tl.arange(0, SUB)
         counts += tl.sum(_expert_hits(ids_ptr, slots, R, E, experts), axis=0)
     tl.store(chunk_counts_ptr + chunk * E + experts, counts, mask=experts < E)
@@ -344,7 +352,7 @@ def _place_kernel(
     seg_start = seg_end - seg
     running = tl.load(prefix_ptr + tl.maximum(chunk - 1, 0) * E + experts, mask=e_ok, other=0)
     running = tl.where(chunk > 0, running, 0)  # slots of each expert in earlier chunks
-    for s0 in range(0, CHUNK, SUB):
+    for s0 in range(0, _chunk_len(chunk, R, CHUNK), SUB):
         slots = chunk * CHUNK + s0 + tl.arange(0, SUB)
         hits = _expert_hits(ids_ptr, slots, R, E, experts)
         rank = tl.sum(hits * (tl.cumsum(hits, axis=0) - 1 + running[None, :]), axis=1)
