@@ -374,6 +374,10 @@ def test_inference_folds_the_permute_into_the_first_gemm(case, tma, monkeypatch,
         # fused both times, with and without the fold
         assert calls == ["gated_gmm_gathering", "fused", "gated_gmm", "fused"]
     assert torch.equal(outs["1"], outs["0"])
+    # a sentinel slot adds nothing on the folded path even with a non-zero weight (the routing drops it)
+    monkeypatch.setenv("MOETRON_FOLD_PERMUTE", "1")
+    with torch.no_grad():
+        assert torch.equal(hf.experts_forward(m, x, idx, torch.where(idx == E, 0.7, wts)), outs["0"])
     calls.clear()
     with_grad = hf.experts_forward(m, x, idx, wts.requires_grad_())  # recording autograd: the plain path
     assert not calls and with_grad.requires_grad
