@@ -43,12 +43,22 @@ def _breaks(model, ids) -> tuple[int, list[str]]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_inference_compiles_whole_and_matches_eager(arch):
+    """No graph break beyond those of the same model with transformers' "grouped_mm" experts (none with the
+    transformers CI installs; some releases' own modeling code does not trace: with transformers 5.17 on the H100
+    machine DeepSeek-V3's attention failed with either experts implementation), and the compiled logits are the
+    eager ones."""
     model = tiny_model(arch, impl="moetron").eval()
     ids = _ids()
     with torch.no_grad():
         ref = model(input_ids=ids).logits
+        try:
+            baseline, _ = _breaks(tiny_model(arch, impl="grouped_mm").eval(), ids)
+        except Exception as e:  # transformers' own model, whatever the experts
+            pytest.skip(f"the {arch} model does not trace with transformers' own experts here: {type(e).__name__}")
         count, reasons = _breaks(model, ids)
-        assert count == 0, reasons
+        assert count <= baseline, reasons
+        if baseline:
+            pytest.skip(f"the {arch} model breaks the graph {baseline} times with transformers' own experts")
         torch._dynamo.reset()
         out = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
     assert torch.equal(out, ref)
