@@ -30,7 +30,8 @@ row falls past the last GEMM group, which gmm writes as zeros in both directions
 output nor the gradient of any weight, of hidden_states or of top_k_weights.
 
 Nothing reads routing data on the host (no ``.item()``/``.tolist()``); on CUDA the whole forward and backward
-are Triton kernels plus a few elementwise ops. The weights compute in their own dtype (under ``torch.autocast``,
+are Triton kernels plus a few elementwise ops. Under ``torch.compile`` the no-gradient forward is one custom op
+(``moetron::hf_experts_inference``), so a model compiles with ``fullgraph=True`` and replays from CUDA graphs. The weights compute in their own dtype (under ``torch.autocast``,
 in the autocast dtype); hidden_states are cast to it, and the result comes back in hidden_states' dtype.
 
 ``patch(model)`` swaps each experts module (3-D expert parameters) for a ``MoetronExperts`` that holds the very same
@@ -265,7 +266,7 @@ def _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w:
     if folds(x, w1, probs, w2, b1, b2):
         # inference: the first GEMM reads each row's token of x itself, same layout as permute's, no copy. The
         # routing drops ids outside [0, E) (EP sentinels) itself: such a slot gets no row and adds nothing, so
-        # the id and weight rewrites below (four small kernels, a fifth of a decode step's) are not needed here
+        # the id and weight rewrites below (four small kernels per call) are not needed here
         K = top_k_index.shape[1]
         layout = _route(top_k_index, E, None, 1, None, "probs", T * K)
         offsets, row_map = layout.offsets, layout.row_map_R.view(T, K)

@@ -280,7 +280,7 @@ def _expert_hits(ids_ptr, slots, R, E, experts):
 def _chunk_len(chunk, R, CHUNK: tl.constexpr):
     """Slots of chunk ``chunk`` that exist: the last chunk's sub-blocks past R hold none, and skipping them is
     what keeps a decode-sized batch (R = a few slots) from paying for a whole chunk of serial steps (~27 us on an
-    H100 at 129 experts, scratch_dev/decode_profile.py)."""
+    H100 at 129 experts; benchmarks/NOTES.md, session 13)."""
     return tl.minimum(CHUNK, R - chunk * CHUNK)
 
 
