@@ -109,3 +109,37 @@ def test_a_gate_of_the_model_own_runs_eagerly_under_compile():
         default = tiny_model("qwen3_moe", impl="moetron").eval()(input_ids=ids).logits
     assert torch.equal(out, ref)
     assert not torch.allclose(ref, default)  # the custom gate did change the model
+
+
+def test_generate_with_a_static_cache_and_a_fullgraph_forward():
+    """The decode loop users compile: greedy generate() with a static KV cache, the forward compiled with
+    fullgraph=True, under inference_mode: the same tokens as the eager model."""
+    ids = _ids(5, T=5)
+    eager = tiny_model("qwen3_moe", impl="moetron").eval()
+    expected = eager.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model = tiny_model("qwen3_moe", impl="moetron").eval()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                cache_implementation="static")
+    assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("T", [6, 0])
+def test_compiled_experts_with_sentinel_ids(T):
+    """Expert-parallel sentinels (ids outside [0, E), here with non-zero weights) and an empty batch through the
+    custom op: what the eager experts forward gives."""
+    model = tiny_model("qwen3_moe", impl="moetron").eval()
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    E, H = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(T, H, generator=g)
+    ids = torch.randint(0, E, (T, 2), generator=g)
+    ids[::2, 1] = E  # every other token has one slot on another rank
+    weights = torch.rand(T, 2, generator=g)
+    with torch.no_grad():
+        expected = hf.experts_forward(experts, x, ids, torch.where(ids == E, 0.0, weights))
+        compiled = torch.compile(lambda *a: hf.experts_forward(experts, *a), fullgraph=True, backend="aot_eager")
+        out = compiled(x, ids, weights)
+    assert out.shape == (T, H)
+    assert torch.equal(out, expected)
