@@ -12,7 +12,8 @@ variants (``--providers`` names; in the results, provider "moetron" with a ``var
                         the LM head's GEMM and cross-entropy without fp32 logits, every RMSNorm and the rotary
                         embedding as one kernel each way (variant "fuse");
   moetron_experts       only ``model.set_experts_implementation("moetron")`` (variant "experts");
-  moetron_experts_loss  that plus ``fuse_lm_loss(model)`` (variant "experts+loss"). A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
+  moetron_experts_loss  that plus ``fuse_lm_loss(model)`` (variant "experts+loss").
+A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
 are timed with ``triton.testing.do_bench`` (median, gradients reset between calls), in turns over ``--rounds`` rounds
 (median kept: the H100 drops its clock at its power cap, so a provider timed alone first would get a cooler GPU);
 "eager" is slow on 128 experts, so it runs a few steps timed with CUDA events once (``--eager-iters``; 0 skips it).
@@ -73,7 +74,8 @@ def experts_flops(s: dict) -> float:
 
 
 def use_provider(model, provider: str) -> None:
-    """Switch the model to ``provider``: its experts implementation, and moetron's fusions where the variant has them."""
+    """Switch the model to ``provider``: its experts implementation, and moetron's fusions where the variant has
+    them."""
     from moetron.integrations.hf import fuse, fuse_lm_loss, unfuse
 
     unfuse(model)

@@ -31,8 +31,9 @@ output nor the gradient of any weight, of hidden_states or of top_k_weights.
 
 Nothing reads routing data on the host (no ``.item()``/``.tolist()``); on CUDA the whole forward and backward
 are Triton kernels plus a few elementwise ops. Under ``torch.compile`` the no-gradient forward is one custom op
-(``moetron::hf_experts_inference``), so a model compiles with ``fullgraph=True`` and replays from CUDA graphs. The weights compute in their own dtype (under ``torch.autocast``,
-in the autocast dtype); hidden_states are cast to it, and the result comes back in hidden_states' dtype.
+(``moetron::hf_experts_inference``), so a model compiles with ``fullgraph=True`` and replays from CUDA graphs.
+The weights compute in their own dtype (under ``torch.autocast``, in the autocast dtype); hidden_states are cast
+to it, and the result comes back in hidden_states' dtype.
 
 ``patch(model)`` swaps each experts module (3-D expert parameters) for a ``MoetronExperts`` that holds the very same
 Parameter objects under the same names, so nothing is copied and ``state_dict``/``save_pretrained`` are unchanged;
@@ -147,11 +148,11 @@ def _default_gate_kind(experts) -> str | None:
     return _fused_kind(getattr(experts, "act_fn", None))
 
 
-def _apply_gate(experts, h: torch.Tensor) -> torch.Tensor:
-    """The experts' nonlinearity on the first projection's output, as transformers' implementations apply it."""
+def _apply_gate(experts, h: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """The experts' nonlinearity on the first projection's output, as transformers' implementations apply it.
+    ``kind``: ``_default_gate_kind(experts)``, which the caller has already worked out."""
     if not getattr(experts, "has_gate", True):
         return experts.act_fn(h)
-    kind = _default_gate_kind(experts)
     if kind is not None:
         return _fused_gate(h, kind)
     fn = getattr(experts, "_apply_gate", None)
@@ -232,7 +233,7 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
         return torch.ops.moetron.hf_experts_inference(hidden_states, top_k_index, top_k_weights, w1, w2, b1, b2,
                                                       trans_w, gate)
     return _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w, gate,
-                    lambda h: _apply_gate(experts, h), post_norm)
+                    lambda h: _apply_gate(experts, h, gate), post_norm)
 
 
 def _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w: bool, gate: str | None,

@@ -332,7 +332,7 @@ def add_rms_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, ep
     lead, h = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     y, x_new = _AddRMSNorm.eager_apply(x.reshape(rows, h), branch.reshape(rows, h), weight.contiguous(), float(eps),
-                                 out_dtype)
+                                       out_dtype)
     return y.view(*lead, h), x_new.view(*lead, h)
 
 

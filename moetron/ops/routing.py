@@ -265,8 +265,8 @@ def softmax_topk(logits: torch.Tensor, k: int, *, pre_softmax: bool = False, nor
                          f"T={T}, E={E}, k={k}")
     norm = bool(pre_softmax and norm_topk_prob and k > 1)
     scale = 1.0 if scaling_factor is None else float(scaling_factor)
-    probs, ids, counts, loss_values = _SoftmaxTopK.eager_apply(logits, k, bool(pre_softmax), norm, scale, aux_loss_coeff,
-                                                         z_loss_coeff, loss_scale)
+    probs, ids, counts, loss_values = _SoftmaxTopK.eager_apply(logits, k, bool(pre_softmax), norm, scale,
+                                                               aux_loss_coeff, z_loss_coeff, loss_scale)
     losses = {}
     if aux_loss_coeff is not None:
         losses["aux_loss"] = loss_values[0]
