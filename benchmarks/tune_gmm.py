@@ -24,9 +24,9 @@ from benchmarks.gmm import CASES, make_sizes  # noqa: E402
 gmm_module = importlib.import_module("moetron.ops.gmm")
 
 
-def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True, ws=False, flatten=False, tma_store=False):
+def _fwd(bm, bn, bk, warps, stages, group_m=8, tma=True, ws=False, flatten=False, tma_store=False, swap_ab=False):
     return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, GROUP_M=group_m, tma=tma,
-                warp_specialize=ws, flatten=flatten, tma_store=tma_store)
+                warp_specialize=ws, flatten=flatten, tma_store=tma_store, swap_ab=swap_ab)
 
 
 def _wgrad(bk, bn, bm, warps, stages, tma=True, tma_store=False, group_k=8, persistent=False, flatten=False,
@@ -59,7 +59,10 @@ WGRAD_VARIANTS = {  # the first is the default for small per-group outputs; larg
     "128x256x64_w8_s3_pers_fl_st": _wgrad(128, 256, 64, 8, 3, persistent=True, flatten=True, tma_store=True),
 }
 
-FP32_FWD_VARIANTS = {  # fp32 on TF32: the forward reads a [G, N, K] copy of w (ops/gmm._tf32_wants_k_major)
+FP32_FWD_VARIANTS = {  # fp32 on TF32; the [G, K, N] forward runs swapped (SWAP_AB) only in the *_swap variants
+    "128x256x32_w8_s3_swap": _fwd(128, 256, 32, 8, 3, swap_ab=True),
+    "128x256x32_w8_s3_g16_swap": _fwd(128, 256, 32, 8, 3, group_m=16, swap_ab=True),
+    "128x128x32_w8_s4_swap": _fwd(128, 128, 32, 8, 4, swap_ab=True),
     "128x64x32_w4_s3": _fwd(128, 64, 32, 4, 3),
     "128x128x32_w8_s3": _fwd(128, 128, 32, 8, 3),
     "128x128x32_w8_s4_fl": _fwd(128, 128, 32, 8, 4, flatten=True),

@@ -45,6 +45,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             b = torch.randn(5, 48, dtype=dtype, requires_grad=True)
             kw = dict(offsets=sizes.cumsum(0)) if trans_w else dict(group_sizes=sizes)
             moetron.gmm(x, w, trans_w=trans_w, bias=b, **kw).sum().backward()
+        if tma and dtype == torch.float32:  # fp32 on TF32, [G, K, N] weight: the swapped form at the GPU's tiles
+            torch.backends.cuda.matmul.allow_tf32 = True
+            gm._CONFIG_OVERRIDES["fwd"] = gm._gmm_config(torch.float32, 48, 32, on_cpu=False)
+            assert gm._CONFIG_OVERRIDES["fwd"]["swap_ab"]
+            moetron.gmm(torch.randn(M, 32), torch.randn(5, 32, 48), sizes, bias=torch.randn(5, 48))
+            torch.backends.cuda.matmul.allow_tf32 = False
         main = torch.zeros(5, 32, 48)
         moetron.gmm_k(torch.randn(M, 32, dtype=dtype), torch.randn(M, 48, dtype=dtype), sizes, out=main,
                       accumulate=True)

@@ -83,6 +83,61 @@ def ensure_scratch_allocator() -> None:
         triton.set_allocator(_torch_scratch)
 
 
+def _launch_hooks_idle() -> bool:
+    """No Triton launch hook is installed (a profiler such as proton installs them). Triton 3.6 keeps them as
+    hook chains that are never None, so its own runner builds launch metadata and calls two empty chains from C on
+    every launch."""
+    runtime = triton.knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+class _DirectLaunch:
+    """Launches one compiled kernel through its C launcher, skipping Triton's Python runner: the stream is the
+    caller's, the device-side descriptors' scratch comes from ``_torch_scratch`` directly, and no launch metadata
+    is built while no launch hook is installed (otherwise it defers to the runner, so hooks still see every
+    launch). ``make`` returns None for a Triton whose compiled kernels are laid out differently; callers then
+    keep the runner. Pointer arguments may be tensors or their ``data_ptr()`` ints (the C launcher takes an int
+    as the device address as is, without a driver query)."""
+
+    __slots__ = ("compiled", "launch", "function", "packed", "cooperative", "pdl", "scratch_size", "scratch_align",
+                 "num_ctas")
+
+    @classmethod
+    def make(cls, compiled):
+        try:
+            launcher = compiled.run  # loads the module on first use
+            self = cls()
+            self.compiled = compiled
+            self.launch = launcher.launch
+            self.function = compiled.function
+            self.packed = compiled.packed_metadata
+            self.cooperative = launcher.launch_cooperative_grid
+            self.pdl = launcher.launch_pdl
+            self.scratch_size = launcher.global_scratch_size
+            self.scratch_align = launcher.global_scratch_align
+            self.num_ctas = launcher.num_ctas
+            if launcher.profile_scratch_size:  # instrumented kernels: Triton's runner knows what they need
+                return None
+        except AttributeError:
+            return None
+        return self
+
+    def __call__(self, grid, args, stream):
+        """``grid``: three dims; ``args``: every kernel parameter in order, constexprs included."""
+        if not _launch_hooks_idle():
+            self.compiled[grid](*args, stream=stream)
+            return
+        scratch = None
+        if self.scratch_size:
+            scratch = _torch_scratch(grid[0] * grid[1] * grid[2] * self.num_ctas * self.scratch_size,
+                                     self.scratch_align, stream)
+        self.launch(grid[0], grid[1], grid[2], stream, self.function, self.cooperative, self.pdl, scratch, None,
+                    self.packed, None, None, None, *args)
+
+
 def _arg_key(value):
     kind = type(value)
     if kind is int:
@@ -120,17 +175,21 @@ class CachedLauncher:
         if hit is None:
             compiled = self._launch(grid, runtime_args, constexprs, options)
             if hasattr(compiled, "__getitem__"):
-                self._compiled[key] = (compiled, [n in constexprs for n in self.names])
+                self._compiled[key] = (compiled, _DirectLaunch.make(compiled), [n in constexprs for n in self.names])
             return compiled
-        compiled, is_constexpr = hit
+        compiled, direct, is_constexpr = hit
         it = iter(runtime_args)
         grid = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's runner wants all three dims
-        compiled[grid](*[constexprs[n] if c else next(it) for n, c in zip(self.names, is_constexpr)])
+        args = [constexprs[n] if c else next(it) for n, c in zip(self.names, is_constexpr)]
+        if direct is not None:
+            direct(grid, args, torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice()))
+        else:
+            compiled[grid](*args)
         return compiled
 
     @staticmethod
     def _key(runtime_args, constexprs: dict, options: dict) -> tuple:
-        return (torch.cuda.current_device(), tuple(_arg_key(a) for a in runtime_args), tuple(constexprs.items()),
+        return (torch._C._cuda_getDevice(), tuple(_arg_key(a) for a in runtime_args), tuple(constexprs.items()),
                 tuple(options.items()))
 
     def relauncher(self, grid, runtime_args, constexprs: dict, options: dict):
@@ -141,16 +200,27 @@ class CachedLauncher:
         hit = self._compiled.get(self._key(runtime_args, constexprs, options)) if self._compiled else None
         if hit is None:
             return None
-        compiled, is_constexpr = hit
+        compiled, direct, is_constexpr = hit
         it = iter(runtime_args)
         template = [constexprs[n] if c else next(it) for n, c in zip(self.names, is_constexpr)]
         slots = [i for i, v in enumerate(template) if isinstance(v, torch.Tensor)]
         for i in slots:
             template[i] = None  # hold no reference to this call's tensors
-        runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]
-        scratch = self.device_scratch
+        grid = tuple(grid) + (1,) * (3 - len(grid))
         device = torch.cuda.current_device()
         current_stream = torch._C._cuda_getCurrentRawStream
+
+        if direct is not None:
+            def relaunch(tensors):
+                args = template.copy()
+                for i, t in zip(slots, tensors):
+                    args[i] = t.data_ptr()  # the plan's key pinned device, dtype and alignment
+                direct(grid, args, current_stream(device))
+
+            return relaunch
+
+        runner = compiled[grid]
+        scratch = self.device_scratch
 
         def relaunch(tensors):
             if scratch:

@@ -39,6 +39,7 @@ from .._compile import eager_function
 # Tiles the CPU interpreter uses: 16 is the smallest tl.dot takes, so tiny test shapes still span many tiles
 # and exercise the tile schedule, group edges and K tails.
 _INTERPRETER_CONFIG = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=1, num_stages=1)
+_FP32_POINTER_CONFIG = dict(BM=128, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
 
 # Benchmarks and tuning scripts may pin a config here ({"fwd": {...}, "wgrad": {...}}); empty in normal use.
 _CONFIG_OVERRIDES: dict = {}
@@ -60,15 +61,22 @@ def _capability(device_index: int) -> tuple[int, int]:
 def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool = False) -> dict:
     """Tile config for the m-grouped kernel, keyed on (dtype, N, K, layout) and never on M, so a new batch
     size reuses the compiled kernel."""
-    if on_cpu:
-        return dict(_INTERPRETER_CONFIG)
+    tf32 = dtype == torch.float32 and _input_precision(dtype) == "tf32"
+    if on_cpu:  # the interpreter runs the swapped form too (tests)
+        return dict(_INTERPRETER_CONFIG, swap_ab=tf32 and not trans_w)
     if dtype == torch.float32:
         # fp32 on TF32 with a [G, N, K] weight runs Hopper's TF32 MMA: 128x256x32 tiles led the H100 sweep on
-        # every anchor case (240-350 TFLOP/s, 128x64x32 127-156). A [G, K, N] weight (or exact fp32) takes the
-        # older MMA, where the small tile is kept.
-        if trans_w and _input_precision(dtype) == "tf32":
+        # every anchor case (240-350 TFLOP/s, 128x64x32 127-156). A [G, K, N] weight is not an operand that MMA
+        # reads from shared memory (N, not K, is contiguous): it runs as out^T = w^T x^T (SWAP_AB). Session 14
+        # H100 sweep (TFLOP/s): 199-276 on the anchor cases against 83-271 for the [G, N, K] copy of w it
+        # replaces, with 128 rows x 256 columns per tile; 256-row tiles gave wrong results under Triton 3.6.
+        # Exact fp32 (TF32 off) runs on the SIMT units, where the small tile is kept.
+        if tf32 and trans_w:
             return dict(BM=128, BN=256, BK=32, GROUP_M=_GROUP_M, num_warps=8, num_stages=3)
-        return dict(BM=128, BN=64, BK=32, GROUP_M=_GROUP_M, num_warps=4, num_stages=3)
+        if tf32:
+            return dict(BM=128, BN=256, BK=32, GROUP_M=16 if k * n >= _LARGE_OUTPUT else _GROUP_M, num_warps=8,
+                        num_stages=3, swap_ab=True)
+        return dict(_FP32_POINTER_CONFIG)
     # H100 sweeps (benchmarks/NOTES.md): 128x256x64 with 8 warps led or tied on 8 of 10 anchor cases; 128x128
     # tiles lost 5-15% everywhere. A flattened persistent loop (the next tile's loads overlap this tile's
     # epilogue) plus TMA stores of interior tiles gained 3-35% on the large [G, K, N] cases (mixtral_up 518 ->
@@ -291,6 +299,7 @@ def _gmm_tma_kernel(
     HAS_BIAS: tl.constexpr,
     GATHER: tl.constexpr,
     TRANS_W: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     FLATTEN: tl.constexpr,
     TMA_STORE: tl.constexpr,
@@ -314,7 +323,12 @@ def _gmm_tma_kernel(
 
     GATHER: row i reads x[gather[i]] (the permute folded into the GEMM). Hopper's TMA has no row gather, so x
     then takes pointer loads (pipelined as async copies) while w keeps its descriptor: at the Qwen3-30B
-    forward shape that ran within 0-10% of the TMA load of a permuted copy (benchmarks/NOTES.md)."""
+    forward shape that ran within 0-10% of the TMA load of a permuted copy (benchmarks/NOTES.md).
+
+    SWAP_AB (fp32 on TF32 with a [G, K, N] weight): Hopper's TF32 MMA reads a shared-memory operand only with
+    its reduction dim contiguous, which x is and a [K, N] w tile is not. Computed as the transposed tile
+    out^T = w^T x^T instead, x^T is such an operand, and w^T goes in as the MMA's register operand, whose
+    layout is free; the [BN, BM] result is stored transposed."""
     # over the source rows (M without GATHER); a gathering kernel builds but never loads through it
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[num_src_rows, K], strides=[stride_xm, 1],
                                        block_shape=[BM, BK])
@@ -336,7 +350,10 @@ def _gmm_tma_kernel(
         g, row0, row_end, n_tile = _tile_coords(tile, total_m_tiles, num_n, starts, ends, first_tiles, tiles,
                                                 BM, GROUP_M, BLOCK_G)
         k_end = tl.where(g < G, K, 0)  # the tail entry has no weight: its rows stay zero
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWAP_AB:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)  # out^T
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         x_ptrs, src_ok = _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, stride_xm, GATHER, BM, BK)
         for k0 in range(0, k_end, BK):
             a = _x_tile(x_desc, x_ptrs, src_ok, row0, k0, K, GATHER, BK)
@@ -346,16 +363,28 @@ def _gmm_tma_kernel(
                 b = w_desc.load([g, k0, n_tile * BN]).reshape(BK, BN)
             if BF16_FIXUPS:
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if SWAP_AB:
+                # "+ 0.0" (exact, NaN-preserving) makes w^T a computed value, which the MMA takes from registers;
+                # a bare transpose would be copied into a K-major shared buffer and the MMAs serialised
+                acc = tl.dot(tl.trans(b) + 0.0, tl.trans(a), acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         rows = row0 + tl.arange(0, BM)
         cols = n_tile * BN + tl.arange(0, BN)
         col_ok = cols < N
         if HAS_BIAS:
             # the tail entry G reads group G-1's bias (in bounds) and drops it
             bias = tl.load(bias_ptr + tl.minimum(g, G - 1) * stride_bg + cols * stride_bn, mask=col_ok, other=0.0)
-            acc += tl.where(g < G, bias.to(tl.float32), 0.0)[None, :]
+            bias = tl.where(g < G, bias.to(tl.float32), 0.0)
+            if SWAP_AB:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
         result = to_output_dtype(acc, out_ptr, BF16_FIXUPS)
-        if TMA_STORE and row0 + BM <= row_end:
+        if SWAP_AB:  # [BN, BM]: each warp still writes whole 32-byte runs of an output row
+            out_ptrs = out_ptr + rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
+            tl.store(out_ptrs, result, mask=col_ok[:, None] & (rows < row_end)[None, :])
+        elif TMA_STORE and row0 + BM <= row_end:
             out_desc.store([row0, n_tile * BN], result)
         else:
             out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
@@ -699,21 +728,9 @@ def _plan_key(tensors, extra) -> tuple | None:
     return tuple(parts)
 
 
-def _tf32_wants_k_major(x: torch.Tensor, num_groups: int) -> bool:
-    """fp32 inputs on TF32 tensor cores, Hopper or newer: its TF32 MMA reads both operands with the reduction
-    dim contiguous, so a [G, K, N] weight (N contiguous) makes Triton fall back to an older MMA at 1/2-1/3 the
-    speed. A [G, N, K] copy of w pays off once the groups average >= 256 rows (H100 sweep, benchmarks/NOTES.md):
-    the copy moves 8·G·K·N bytes, the faster MMA saves time in proportion to M·K·N."""
-    return (x.dtype == torch.float32 and x.is_cuda and x.shape[0] >= 256 * num_groups
-            and _input_precision(x.dtype) == "tf32" and _capability(x.device.index or 0)[0] >= 9)
-
-
 def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
     """out = the m-grouped GEMM of x (of x[gather] when gather [M] is given) with w, on the GPU or the
     interpreter."""
-    if not trans_w and _tf32_wants_k_major(out, groups.num_groups):
-        w = w.transpose(1, 2).contiguous()  # one pass over w: [G, N, K], read with trans_w
-        trans_w = True
     tensors = (x, w, bias if bias is not None else out, out, groups.sizes,
                gather if gather is not None else groups.sizes)
     plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends, gather is None, groups.zero_tail))
@@ -723,6 +740,9 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
     K = x.shape[1]
     G = groups.num_groups
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w)
+    tma = cfg.get("tma", True) and _tma_eligible(x, w)
+    if cfg.get("swap_ab") and not tma:  # the pointer kernel (before Hopper) has no swapped form
+        cfg = dict(_FP32_POINTER_CONFIG) if x.is_cuda else dict(_INTERPRETER_CONFIG)
     num_n = cdiv(N, cfg["BN"])
     max_tiles = (cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
     programs = num_sms(x.device.index or 0) if x.is_cuda else 4
@@ -739,12 +759,12 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
     bias_arg = bias if bias is not None else out
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     gather_arg = gather if gather is not None else groups.sizes  # never read without GATHER
-    if cfg.get("tma", True) and _tma_eligible(x, w):
+    if tma:
         tma_store = cfg.get("tma_store", False) and _tma_eligible(out)
         launcher = _launch_gmm_tma
         args = (x, w, bias_arg, out, groups.sizes, gather_arg, M, N, K, G, programs, x.shape[0], x.stride(0),
                 w.stride(0), w.stride(1), *bias_strides, out.stride(0))
-        constexprs.update(TRANS_W=trans_w, WARP_SPECIALIZE=cfg.get("warp_specialize", False),
+        constexprs.update(TRANS_W=trans_w, SWAP_AB=cfg.get("swap_ab", False), WARP_SPECIALIZE=cfg.get("warp_specialize", False),
                           FLATTEN=cfg.get("flatten", False), TMA_STORE=tma_store)
     else:
         # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed

@@ -193,8 +193,8 @@ def test_launch_plans_rerun_with_new_tensors():
 
 @pytest.mark.parametrize("trans_w", [False, True])
 def test_fp32_on_tf32(trans_w):
-    """fp32 inputs with TF32 allowed. With >= 256 rows per group the forward of a [G, K, N] weight runs on a
-    [G, N, K] copy (Hopper's TF32 MMA wants the reduction dim contiguous); w itself must stay untouched. Checked
+    """fp32 inputs with TF32 allowed. The forward of a [G, K, N] weight runs as out^T = w^T x^T (Hopper's TF32 MMA
+    reads a shared-memory operand only with the reduction dim contiguous); w itself must stay untouched. Checked
     against float64 with torch's own TF32 loop as the baseline error, with uneven, empty and unaligned groups.
 
     The bound is 3x torch's error, not 2x: Triton's TF32 MMA truncates the operands' low mantissa bits where

@@ -141,6 +141,28 @@ def test_tma_store_flatten_epilogue(monkeypatch, dtype, trans_w):
                    as_offsets=False, seed=5)
 
 
+@pytest.mark.skipif(ON_GPU, reason="tests/gpu/test_gmm_gpu.py::test_fp32_on_tf32 covers it on CUDA")
+@pytest.mark.parametrize("tiles", [None, (32, 16), (16, 32)], ids=["default", "bm32_bn16", "bm16_bn32"])
+def test_fp32_tf32_swapped_operands(monkeypatch, tiles):
+    # fp32 with TF32 allowed and a [G, K, N] weight runs as out^T = w^T x^T (SWAP_AB): the [BN, BM] tile, its
+    # transposed masked store, bias added along the other axis. K and N are multiples of 4 (TMA's 16-byte
+    # strides) but not of 16; empty, unaligned and single-row groups and 8 tail rows. The interpreter multiplies
+    # in fp32, so the float64 reference bounds it as tightly as any fp32 GEMM.
+    monkeypatch.setenv("MOETRON_BACKEND", "triton")
+    monkeypatch.setenv("MOETRON_TMA", "1")
+    if tiles is not None:
+        monkeypatch.setitem(gmm_module._CONFIG_OVERRIDES, "fwd",
+                            dict(gmm_module._INTERPRETER_CONFIG, BM=tiles[0], BN=tiles[1], swap_ab=True))
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert gmm_module._gmm_config(torch.float32, 28, 36, on_cpu=True)["swap_ab"]
+        _check_forward("cpu", [6, 0, 19, 1, 0, 33], 67, 36, 28, torch.float32, trans_w=False, with_bias=True,
+                       as_offsets=False, seed=6)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("trans_w", [False, True], ids=["w_GKN", "w_GNK"])
 def test_forward_gathered_rows(path, dtype, trans_w):
