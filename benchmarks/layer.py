@@ -5,11 +5,17 @@ dispatcher, softmax top-k with aux loss, fp32 router), in one run, with the same
     python benchmarks/layer.py                           # GPU: all shapes, T = 8192 and 32768
     python benchmarks/layer.py --device cpu --tiny       # CPU smoke run of every provider (no timing meaning)
     python benchmarks/layer.py --inference               # eval-mode forward under no_grad (a prefill), mode "infer"
+    python benchmarks/layer.py --tokens 16 256 2048 --providers moetron moetron_graphed hf_grouped_mm \
+        hf_grouped_mm_graphed --out-name layer_small_batch   # small batches, also captured in CUDA graphs
 
 bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for forward+backward.
 Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with ms the median of --rounds timings taken with
 the providers in turns, and peak_mem_gb per row: the peak allocated in one call, counting that provider's own
 module, gradients and activations and the shared inputs (as if it were alone on the device).
+
+The "*_graphed" providers (training mode, CUDA only, not in the default set) are the same modules captured with
+torch.cuda.make_graphed_callables: forward and backward replay as two CUDA graphs, without the Python that issues
+their kernels, which is what small batches wait on. Their peak memory includes the graphs' private pools.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ SHAPES = {  # name: hidden H, expert ffn F, experts E, top-k K
 TOKENS = (8192, 32768)
 TINY = {"tiny": (64, 32, 8, 2)}
 PROVIDERS = ("moetron", "hf_grouped_mm", "hf_eager", "megatron")
+GRAPHED = ("moetron_graphed", "hf_grouped_mm_graphed")  # opt-in (--providers)
 
 
 def master_weights(H, F, E, seed=0):
@@ -126,6 +133,21 @@ def build_megatron(W, H, F, E, K, device, dtype):
         return out.transpose(0, 1)
 
     return layer.train(), run
+
+
+def graphed(build, sample):
+    """``build``'s module captured by torch.cuda.make_graphed_callables for inputs shaped like ``sample`` (training
+    mode, CUDA only). Returns (module, run) like the builders."""
+    if sample.device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    module, run = build()
+    graph = torch.cuda.make_graphed_callables(module, (sample.detach().clone().requires_grad_(True),))
+
+    def run_graphed(x):
+        out = graph(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    return module, run_graphed
 
 
 class Prepared:
@@ -229,7 +251,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + GRAPHED)
+    parser.add_argument("--out-name", default=None, help="results file stem (default layer / layer_infer)")
     parser.add_argument("--eager-max-tokens", type=int, default=8192, help="skip hf_eager above this T")
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3, help="timings per provider, taken in turns; median kept")
@@ -237,6 +260,9 @@ def main(argv=None):
                         help="time the eval-mode forward under torch.no_grad() (mode 'infer') instead of training; "
                              "writes layer_infer_<gpu>.json")
     args = parser.parse_args(argv)
+    if args.inference and set(args.providers) & set(GRAPHED):
+        parser.error("the *_graphed providers capture a training step (forward and backward); drop them with "
+                     "--inference")
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = TINY if args.tiny else {k: SHAPES[k] for k in args.shapes}
@@ -256,6 +282,8 @@ def main(argv=None):
                 "hf_eager": lambda: build_hf(W, H, F, E, K, device, dtype, "eager"),
                 "megatron": lambda: build_megatron(W, H, F, E, K, device, dtype),
             }
+            for name in GRAPHED:
+                builders[name] = lambda build=builders[name.removesuffix("_graphed")]: graphed(build, x)
             builders = {p: builders[p] for p in args.providers
                         if not (p == "hf_eager" and T > args.eager_max_tokens)}
             outs = time_case(case, builders, x, dy, flops, device, args.rep_ms, args.rounds, args.inference, rows)
@@ -267,7 +295,7 @@ def main(argv=None):
                     for r in rows:
                         if r["case"] == case and r["provider"] == provider:
                             r["rel_diff_vs_hf"] = err
-    path = write_results("layer_infer" if args.inference else "layer", rows)
+    path = write_results(args.out_name or ("layer_infer" if args.inference else "layer"), rows)
     print_table(rows)
     print(f"wrote {path}")
 

@@ -1,0 +1,48 @@
+"""A standalone MoELayer captured with torch.cuda.make_graphed_callables (forward and backward as two CUDA graphs):
+the dropless layer never syncs with the host and keeps fixed-size buffers, so replays with new tokens (new routing,
+new group sizes) must give bitwise the outputs and gradients of eager runs on the same weights. This is how a user
+removes the host time that dominates small batches (benchmarks/NOTES.md, session 14)."""
+
+import copy
+
+import pytest
+import torch
+
+from moetron import MoEConfig, MoELayer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("config", [
+    dict(),  # softmax top-k with the aux loss: the default
+    dict(score_function="sigmoid", num_groups=4, group_topk=2, expert_bias=True, load_balancing=("seq_aux_loss",),
+         scaling_factor=2.5, shared_expert_ffn_hidden_size=48, shared_expert_gate=True),
+], ids=["default", "dsv3_style"])
+def test_captured_layer_replays_match_eager(config):
+    torch.manual_seed(0)
+    shape, H = (2, 12, 64), 64  # [B, S, H]: the sequence aux loss takes S from the shape
+    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=32, num_experts=8, top_k=2, z_loss_coeff=1e-3, **config)
+    eager = MoELayer(cfg, device="cuda", dtype=torch.bfloat16).train()
+    graphed_layer = copy.deepcopy(eager)
+    sample = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(graphed_layer, (sample,))
+    for step in range(3):  # every step routes differently: all tokens to few experts in step 2
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        if step == 2:
+            x = x.abs() * 4
+        dy = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        outs, grads = [], []
+        for layer, run in ((eager, eager), (graphed_layer, graphed)):
+            layer.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            y = run(xi)
+            y.backward(dy)
+            outs.append(y.detach().clone())
+            grads.append([xi.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+            torch.cuda.synchronize()
+        assert torch.equal(outs[0], outs[1]), f"step {step}: outputs differ"
+        names = ["x"] + [n for n, _ in eager.named_parameters()]
+        for name, g_eager, g_graph in zip(names, *grads):
+            assert torch.equal(g_eager, g_graph), f"step {step}: gradient of {name} differs"
+        counts = graphed_layer.last_stats["tokens_per_expert"]
+        assert torch.equal(counts, eager.last_stats["tokens_per_expert"]), "the replay's statistics are stale"
