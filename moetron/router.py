@@ -79,6 +79,7 @@ from . import _env
 from .ops import router_gemm, routing
 from ._checks import check_tensor, config_error, is_int, is_real
 from ._compile import eager_function
+from ._torch_caps import MM_OUT_DTYPE
 
 __all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler", "exclude_router_counters_from_ddp"]
 
@@ -330,15 +331,11 @@ def _router_gemm_split_backward(g_TE, x_TH, w3, need_x: bool, need_w: bool):
     return gx, gw
 
 
-# torch.mm(..., out_dtype=) (bf16 operands, fp32 result): in recent torch releases (2.11 and 2.13 have it)
-_HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
-
-
 def _use_split_gemm(x_TH: torch.Tensor, w_EH: torch.Tensor, dtype: torch.dtype) -> bool:
     """The split GEMM serves bf16 activations with an fp32 router on CUDA (the training case); fp16 or fp32
     activations, fp64 routing, the CPU and torch releases without mm's out_dtype use one GEMM in the router
     dtype."""
-    return (_HAS_MM_OUT_DTYPE and x_TH.is_cuda and x_TH.dtype == torch.bfloat16 and dtype == torch.float32
+    return (MM_OUT_DTYPE and x_TH.is_cuda and x_TH.dtype == torch.bfloat16 and dtype == torch.float32
             and w_EH.dtype in (torch.float32, torch.bfloat16) and x_TH.shape[0] > 0)
 
 

@@ -42,6 +42,7 @@ from ._launch import CachedLauncher
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .._compile import eager_function
+from .._torch_caps import ADDMM_OUT_DTYPE, MM_OUT_DTYPE
 
 # Columns per step of the row loops. Under the interpreter the block is small so that tiny test vocabularies still
 # take several steps and a partial last block.
@@ -142,7 +143,7 @@ def _logits_to_grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tenso
 def _fp32_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """out (fp32) = a @ b, or += with ``accumulate``: the product kept in fp32 (cuBLAS writes or adds fp32 in its
     epilogue on CUDA for fp16/bf16 operands; elsewhere an fp32 product)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _HAS_MM_OUT_DTYPE:
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and MM_OUT_DTYPE and ADDMM_OUT_DTYPE:
         if accumulate:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
@@ -151,9 +152,6 @@ def _fp32_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bo
         out.add_(a.float() @ b.float())
     else:
         torch.mm(a.float(), b.float(), out=out)
-
-
-_HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads() and "dtype" in torch.ops.aten.addmm.overloads()
 
 
 @eager_function
