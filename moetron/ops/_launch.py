@@ -75,12 +75,19 @@ def _torch_scratch(size: int, alignment: int, stream):
     return buffer
 
 
-def ensure_scratch_allocator() -> None:
-    """Install a torch-backed Triton scratch allocator in this thread's context if none is set. Triton keeps
-    the allocator in a ContextVar, so autograd's backward threads start without one; checking per launch
-    (a ContextVar read) covers them."""
-    if _allocation is not None and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+def ensure_scratch_allocator():
+    """Install a torch-backed Triton scratch allocator in this thread's context if none is set, and return the
+    context's allocator. Triton keeps it in a ContextVar, so autograd's backward threads start without one;
+    checking per launch (a ContextVar read) covers them. An allocator someone else installed stays in charge:
+    Inductor installs one that allocates per launch, and under its CUDA graphs a buffer that ``_torch_scratch``
+    kept from a warm-up run would be a live allocation in the graph's pool, which cudagraph trees reject."""
+    if _allocation is None:
+        return _torch_scratch
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
         triton.set_allocator(_torch_scratch)
+        return _torch_scratch
+    return current
 
 
 def _launch_hooks_idle() -> bool:
@@ -96,8 +103,8 @@ def _launch_hooks_idle() -> bool:
 
 class _DirectLaunch:
     """Launches one compiled kernel through its C launcher, skipping Triton's Python runner: the stream is the
-    caller's, the device-side descriptors' scratch comes from ``_torch_scratch`` directly, and no launch metadata
-    is built while no launch hook is installed (otherwise it defers to the runner, so hooks still see every
+    caller's, the device-side descriptors' scratch comes from the context's allocator (``ensure_scratch_allocator``),
+    and no launch metadata is built while no launch hook is installed (otherwise it defers to the runner, so hooks still see every
     launch). ``make`` returns None for a Triton whose compiled kernels are laid out differently; callers then
     keep the runner. Pointer arguments may be tensors or their ``data_ptr()`` ints (the C launcher takes an int
     as the device address as is, without a driver query)."""
@@ -132,8 +139,8 @@ class _DirectLaunch:
             return
         scratch = None
         if self.scratch_size:
-            scratch = _torch_scratch(grid[0] * grid[1] * grid[2] * self.num_ctas * self.scratch_size,
-                                     self.scratch_align, stream)
+            scratch = ensure_scratch_allocator()(grid[0] * grid[1] * grid[2] * self.num_ctas * self.scratch_size,
+                                                 self.scratch_align, stream)
         self.launch(grid[0], grid[1], grid[2], stream, self.function, self.cooperative, self.pdl, scratch, None,
                     self.packed, None, None, None, *args)
 

@@ -3,15 +3,12 @@ compiled kernel's C launcher, against stand-ins for Triton's objects (the launch
 kernels: the GPU suite runs every kernel through them, and tests/gpu/test_gmm_gpu.py reruns real plans with new
 tensors)."""
 
-import importlib
-
 import pytest
 import torch
 import triton
 
 from moetron.ops._launch import LaunchPlans, _DirectLaunch
 
-launch_module = importlib.import_module("moetron.ops._launch")
 
 
 class _FakeLauncher:
@@ -89,12 +86,17 @@ def test_direct_launch_passes_the_c_launcher_its_arguments_in_order():
     assert compiled.runner_calls == []
 
 
-def test_direct_launch_sizes_the_scratch_per_program(monkeypatch):
+def test_direct_launch_takes_the_scratch_from_the_contexts_allocator():
+    # the allocator in Triton's context decides (Inductor installs its own; moetron's only where none is set), and
+    # it is asked for one scratch slot per program
+    allocation = pytest.importorskip("triton.runtime._allocation")
     asked = []
-    monkeypatch.setattr(launch_module, "_torch_scratch", lambda size, align, stream: asked.append(
-        (size, align, stream)) or "scratch")
-    compiled = _FakeCompiled(scratch_size=256)
-    _DirectLaunch.make(compiled)((4, 2, 1), [1], 5)
+    token = allocation._allocator.set(lambda size, align, stream: asked.append((size, align, stream)) or "scratch")
+    try:
+        compiled = _FakeCompiled(scratch_size=256)
+        _DirectLaunch.make(compiled)((4, 2, 1), [1], 5)
+    finally:
+        allocation._allocator.reset(token)
     assert asked == [(4 * 2 * 256, 128, 5)]
     assert compiled.run.calls[0][7] == "scratch"
 
