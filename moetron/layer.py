@@ -36,7 +36,9 @@ size sync of ``dispatcher="alltoall"`` without ``pad_to_capacity``. The routing 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,11 @@ _ROUTER_FIELDS = ("hidden_size", "num_experts", "top_k", "score_function", "pre_
 def _bad(field: str, expected: str, got) -> ValueError:
     return config_error("MoEConfig", field, expected, got)
 
+
+# Every MoELayer under a name of its own, for the inference custom op below, which receives the name (a custom op
+# takes tensors and plain values, not modules). Weak: the registry never keeps a layer alive.
+_LAYER_NAMES = itertools.count()
+_COMPILED_LAYERS: "weakref.WeakValueDictionary[str, MoELayer]" = weakref.WeakValueDictionary()
 
 @dataclass
 class MoEConfig:
@@ -319,6 +326,7 @@ class MoELayer(nn.Module):
         for name, p in self.experts.named_parameters():
             setattr(p, GRAD_GROUP_ATTR, "etp_edp" if _ETP_SPLIT[name] is None else "edp")
         self.last_stats: dict | None = None
+        self._register_for_compile()
         exclude_router_counters_from_ddp(self)  # for DistributedDataParallel(layer)
         if parallel.world_size > 1:
             self.sync_replicas()
@@ -443,6 +451,24 @@ class MoELayer(nn.Module):
         return (isinstance(self.dispatcher, LocalDispatcher) and self.dispatcher.weights_in_experts
                 and isinstance(self.experts, GroupedExperts) and self.experts.can_gather_rows(x_TH, probs))
 
+    def _register_for_compile(self) -> None:
+        """Give this layer a name of its own under which the inference custom op finds it (see forward)."""
+        self._compile_name = f"moe_layer_{next(_LAYER_NAMES)}"
+        _COMPILED_LAYERS[self._compile_name] = self
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._register_for_compile()  # a copy (copy.deepcopy, pickle) is another layer: another name
+
+    def _inference_op_applies(self, x: torch.Tensor) -> bool:
+        """Under torch.compile, an inference forward runs as one custom op (``moetron::moe_layer_inference``), so
+        the compiled graph needs no break here and can be replayed from a CUDA graph: no gradient to record, one
+        process (the local dispatcher), no autocast (a compiled graph bakes autocast's casts in, so the op would
+        not see it), no input jitter (random numbers drawn inside an opaque op)."""
+        return (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                and isinstance(self.dispatcher, LocalDispatcher) and not torch.is_autocast_enabled(x.device.type)
+                and not (self.training and self.config.input_jitter is not None))
+
     def forward(self, x: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
         c = self.config
         if not isinstance(x, torch.Tensor):
@@ -453,13 +479,20 @@ class MoELayer(nn.Module):
             seq_len = x.shape[1] or None
         shape = x.shape
         x_TH = x.reshape(-1, c.hidden_size).contiguous()
+        if self._inference_op_applies(x):
+            y_TH, tokens, routed, dropped = torch.ops.moetron.moe_layer_inference(x_TH, self._compile_name)
+            self.last_stats = {"tokens_per_expert": tokens, "routed_tokens_per_expert": routed,
+                               "num_dropped": dropped, "losses": {}}
+            return y_TH.reshape(shape)
+        return self._forward(x_TH, shape, seq_len)
 
+    def _forward(self, x_TH: torch.Tensor, shape: torch.Size, seq_len: int | None) -> torch.Tensor:
         route: RouterOutput = self.router(x_TH, seq_len)
         x_send = x_TH
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x_TH.device.type):
             # the experts compute in the autocast dtype anyway: cast the T rows once here, so the permutation
             # (or the all-to-all) moves half the bytes of fp32 and the experts do not cast T·K rows
-            x_send = x_TH.to(torch.get_autocast_dtype(x.device.type))
+            x_send = x_TH.to(torch.get_autocast_dtype(x_TH.device.type))
         # queued before dispatch: the device works on it while an all-to-all dispatcher waits for split sizes
         y_shared = self.shared_experts(x_send) if self.shared_experts is not None else None
         if self._gathers_rows(x_send, route.probs):
@@ -485,3 +518,32 @@ class MoELayer(nn.Module):
         # a [T, H] input gets the combined tensor itself, not a view of it (FSDP2 warns about views: an in-place
         # op on one would skip its backward hook)
         return y_TH if y_TH.shape == shape else y_TH.reshape(shape)
+
+
+# The inference forward of one MoELayer as one operator that torch.compile keeps in its graph instead of tracing
+# into (its kernels read group sizes on the device and launch Triton code). Only what MoELayer.forward sends here
+# reaches it: no gradient to record, one process, no autocast. It returns the layer's statistics as outputs; the
+# layer's own ``last_stats`` is put back as it was, so no tensor made here outlives the call except its outputs
+# (CUDA-graph trees reject live allocations in their pool that are not outputs).
+@torch.library.custom_op("moetron::moe_layer_inference", mutates_args=(),
+                         schema="(Tensor x, str layer) -> (Tensor, Tensor, Tensor, Tensor)")
+def _moe_layer_inference(x, layer):
+    module = _COMPILED_LAYERS.get(layer)
+    if module is None:
+        raise RuntimeError(f"moetron::moe_layer_inference: no live MoELayer is named {layer!r}")
+    before = module.last_stats
+    try:
+        with torch.no_grad():
+            y_TH = module._forward(x, x.shape, None)
+        stats = module.last_stats
+    finally:
+        module.last_stats = before
+    return (y_TH, stats["tokens_per_expert"].clone(), stats["routed_tokens_per_expert"].clone(),
+            stats["num_dropped"].clone())
+
+
+@_moe_layer_inference.register_fake
+def _(x, layer):
+    E = _COMPILED_LAYERS[layer].config.num_experts
+    counts = x.new_empty(E, dtype=torch.int64)
+    return x.new_empty(x.shape), counts, counts.new_empty(E), counts.new_empty(())

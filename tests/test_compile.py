@@ -1,5 +1,6 @@
 """moetron under torch.compile: a compiled model that contains MoELayer gives the eager results, forward and
-backward. Dynamo does not trace into moetron's kernel launches (ops/_launch.py); the ops run behind graph breaks.
+backward. Dynamo does not trace into moetron's kernel launches (ops/_launch.py); in training the ops run behind
+graph breaks, in inference MoELayer is one custom op (no break).
 Backends "eager" (Dynamo alone) and "aot_eager" (plus AOTAutograd, where custom autograd Functions are traced
 for the backward); on the torch path and on the Triton path (the interpreter on CPU)."""
 
@@ -45,6 +46,67 @@ def test_compiled_block_matches_eager(monkeypatch, backend, moe_backend):
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-6)
     for got, want in zip(g_comp, g_eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+_INFERENCE_CONFIGS = {
+    "default": dict(),
+    "dsv3_style": dict(score_function="sigmoid", num_groups=2, group_topk=1, expert_bias=True, scaling_factor=2.0,
+                       shared_expert_ffn_hidden_size=8, shared_expert_gate=True),
+    "capacity": dict(capacity_factor=0.8, drop_policy="position"),
+}
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("moe_backend", ["torch", "triton"])
+@pytest.mark.parametrize("config", list(_INFERENCE_CONFIGS))
+def test_compiled_inference_has_no_graph_break(monkeypatch, backend, moe_backend, config):
+    """Inference (eval, no_grad) of a compiled block runs MoELayer as one custom op: fullgraph=True holds, each call
+    routes its new tokens (a new input, a skewed one), and the layer's statistics follow the compiled calls."""
+    monkeypatch.setenv("MOETRON_BACKEND", moe_backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=6, top_k=2, **_INFERENCE_CONFIGS[config])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    block = _Block(cfg).to(device).eval()
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    for x in (torch.randn(2, 9, 32, device=device), torch.randn(2, 9, 32, device=device).abs() * 3):
+        with torch.no_grad():
+            want = block(x)
+            want_stats = block.moe.last_stats
+            block.moe.last_stats = None
+            got = compiled(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got_stats = block.moe.last_stats
+        for name in ("tokens_per_expert", "routed_tokens_per_expert", "num_dropped"):
+            assert torch.equal(got_stats[name], want_stats[name]), name
+        assert got_stats["losses"] == {}
+
+
+def test_a_copied_layer_is_its_own_op():
+    """The inference op finds its layer by name: a deep copy gets a name of its own, so a compiled copy runs the
+    copy's weights, and a layer that is gone is not kept alive by the registry."""
+    import copy
+    import gc
+    import weakref
+
+    from moetron import layer as layer_module
+
+    torch._dynamo.reset()
+    layer = MoELayer(MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2)).eval()
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.experts.down_proj.mul_(-1)
+        x = torch.randn(5, 16)
+        got = torch.compile(twin, backend="eager", fullgraph=True)(x)
+        torch.testing.assert_close(got, twin(x))
+        assert not torch.allclose(got, layer(x))
+    assert layer._compile_name != twin._compile_name
+    ref = weakref.ref(twin)
+    name = twin._compile_name
+    del twin, got
+    torch._dynamo.reset()
+    gc.collect()
+    assert ref() is None and name not in layer_module._COMPILED_LAYERS
 
 
 def test_compiled_transformers_model_with_moetron_experts(monkeypatch):

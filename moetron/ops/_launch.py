@@ -103,11 +103,11 @@ def _launch_hooks_idle() -> bool:
 
 class _DirectLaunch:
     """Launches one compiled kernel through its C launcher, skipping Triton's Python runner: the stream is the
-    caller's, the device-side descriptors' scratch comes from the context's allocator (``ensure_scratch_allocator``),
-    and no launch metadata is built while no launch hook is installed (otherwise it defers to the runner, so hooks still see every
-    launch). ``make`` returns None for a Triton whose compiled kernels are laid out differently; callers then
-    keep the runner. Pointer arguments may be tensors or their ``data_ptr()`` ints (the C launcher takes an int
-    as the device address as is, without a driver query)."""
+    caller's, the device-side descriptors' scratch comes from the context's allocator
+    (``ensure_scratch_allocator``), and no launch metadata is built while no launch hook is installed (otherwise
+    it defers to the runner, so hooks still see every launch). ``make`` returns None for a Triton whose compiled
+    kernels are laid out differently; callers then keep the runner. Pointer arguments may be tensors or their
+    ``data_ptr()`` ints (the C launcher takes an int as the device address as is, without a driver query)."""
 
     __slots__ = ("compiled", "launch", "function", "packed", "cooperative", "pdl", "scratch_size", "scratch_align",
                  "num_ctas")

@@ -764,8 +764,9 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
         launcher = _launch_gmm_tma
         args = (x, w, bias_arg, out, groups.sizes, gather_arg, M, N, K, G, programs, x.shape[0], x.stride(0),
                 w.stride(0), w.stride(1), *bias_strides, out.stride(0))
-        constexprs.update(TRANS_W=trans_w, SWAP_AB=cfg.get("swap_ab", False), WARP_SPECIALIZE=cfg.get("warp_specialize", False),
-                          FLATTEN=cfg.get("flatten", False), TMA_STORE=tma_store)
+        constexprs.update(TRANS_W=trans_w, SWAP_AB=cfg.get("swap_ab", False),
+                          WARP_SPECIALIZE=cfg.get("warp_specialize", False), FLATTEN=cfg.get("flatten", False),
+                          TMA_STORE=tma_store)
     else:
         # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
         stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))

@@ -46,3 +46,23 @@ def test_captured_layer_replays_match_eager(config):
             assert torch.equal(g_eager, g_graph), f"step {step}: gradient of {name} differs"
         counts = graphed_layer.last_stats["tokens_per_expert"]
         assert torch.equal(counts, eager.last_stats["tokens_per_expert"]), "the replay's statistics are stale"
+
+
+def test_compiled_inference_replays_from_cuda_graphs():
+    """torch.compile(mode="reduce-overhead", fullgraph=True) of a layer in eval mode under no_grad: the layer is one
+    custom op in the graph, replayed from a CUDA graph; every call with new tokens must give the eager output and
+    statistics bitwise."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    cfg = MoEConfig(hidden_size=64, ffn_hidden_size=32, num_experts=8, top_k=2, shared_expert_ffn_hidden_size=48)
+    layer = MoELayer(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for step in range(5):  # warm-up, recording, then replays
+            x = torch.randn(3, 11, 64, device="cuda", dtype=torch.bfloat16) * (1 + step)
+            want = layer(x)
+            want_counts = layer.last_stats["tokens_per_expert"].clone()
+            got = compiled(x).clone()
+            assert torch.equal(got, want), f"step {step}: outputs differ"
+            assert torch.equal(layer.last_stats["tokens_per_expert"], want_counts), f"step {step}: stale statistics"
+    torch._dynamo.reset()

@@ -10,7 +10,6 @@ import triton
 from moetron.ops._launch import LaunchPlans, _DirectLaunch
 
 
-
 class _FakeLauncher:
     """Stands in for a CachedLauncher: its relauncher records the tensors each replay gets."""
 
