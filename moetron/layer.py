@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .dispatch import LocalDispatcher, make_dispatcher
+from .ops._launch import per_launch_scratch
 from .dispatch._comm import all_gather_flat
 from .experts import ACTIVATIONS, GroupedExperts, SharedExperts
 from .parallel import GRAD_GROUP_ATTR, ParallelGroups, check_same_on_all_ranks
@@ -533,7 +534,7 @@ def _moe_layer_inference(x, layer):
         raise RuntimeError(f"moetron::moe_layer_inference: no live MoELayer is named {layer!r}")
     before = module.last_stats
     try:
-        with torch.no_grad():
+        with torch.no_grad(), per_launch_scratch():
             y_TH = module._forward(x, x.shape, None)
         stats = module.last_stats
     finally:

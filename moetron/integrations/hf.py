@@ -59,6 +59,7 @@ from torch import nn
 from .._checks import FLOAT_DTYPES
 from ..ops.cross_entropy import linear_cross_entropy
 from ..ops.gated_gmm import gated_gmm
+from ..ops._launch import per_launch_scratch
 from ..ops.gmm import gmm
 from ..ops.permute import _route, permute, unpermute
 from ..ops.rmsnorm import rms_norm
@@ -304,7 +305,7 @@ def _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w:
                          schema="(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, Tensor w1, "
                                 "Tensor w2, Tensor? b1, Tensor? b2, bool trans_w, str gate) -> Tensor")
 def _experts_inference_op(hidden_states, top_k_index, top_k_weights, w1, w2, b1, b2, trans_w, gate):
-    with torch.no_grad():
+    with torch.no_grad(), per_launch_scratch():
         return _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w, gate,
                         lambda h: _fused_gate(h, gate), None)
 

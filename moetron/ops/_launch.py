@@ -11,6 +11,7 @@ interpreter, or if a Triton release lacks the compiled-kernel call, it falls bac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -88,6 +89,25 @@ def ensure_scratch_allocator():
         triton.set_allocator(_torch_scratch)
         return _torch_scratch
     return current
+
+
+def _per_launch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def per_launch_scratch():
+    """Inside, device-descriptor scratch is allocated per launch instead of taken from ``_torch_scratch``'s cache
+    (as Inductor does for its own kernels). For moetron's custom ops, which run inside compiled graphs: CUDA-graph
+    trees reject allocations in their pool that outlive the call, and a cache made during their warm-up is one."""
+    if _allocation is None:
+        yield
+        return
+    token = _allocation._allocator.set(_per_launch_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def _launch_hooks_idle() -> bool:

@@ -120,3 +120,15 @@ def test_direct_launch_defers_to_triton_while_a_launch_hook_is_installed():
 def test_direct_launch_declines_unknown_or_instrumented_kernels():
     assert _DirectLaunch.make(object()) is None  # another Triton's compiled-kernel layout
     assert _DirectLaunch.make(_FakeCompiled(profile_scratch_size=64)) is None
+
+
+def test_per_launch_scratch_swaps_the_contexts_allocator_and_restores_it():
+    # moetron's custom ops run their kernels with a scratch allocation per launch (CUDA-graph trees reject a
+    # cache made inside their pool); outside, the allocator in Triton's context is what it was
+    allocation = pytest.importorskip("triton.runtime._allocation")
+    from moetron.ops._launch import _per_launch_scratch, ensure_scratch_allocator, per_launch_scratch
+
+    before = allocation._allocator.get()
+    with per_launch_scratch():
+        assert ensure_scratch_allocator() is _per_launch_scratch
+    assert allocation._allocator.get() is before
