@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from .dispatch import LocalDispatcher, make_dispatcher
-from .ops._launch import per_launch_scratch
 from .dispatch._comm import all_gather_flat
 from .experts import ACTIVATIONS, GroupedExperts, SharedExperts
+from .ops._launch import per_launch_scratch
 from .parallel import GRAD_GROUP_ATTR, ParallelGroups, check_same_on_all_ranks
 from .router import RouterConfig, RouterOutput, TopKRouter, exclude_router_counters_from_ddp
 from ._checks import config_error, is_int
@@ -73,6 +73,7 @@ def _bad(field: str, expected: str, got) -> ValueError:
 # takes tensors and plain values, not modules). Weak: the registry never keeps a layer alive.
 _LAYER_NAMES = itertools.count()
 _COMPILED_LAYERS: "weakref.WeakValueDictionary[str, MoELayer]" = weakref.WeakValueDictionary()
+
 
 @dataclass
 class MoEConfig:
