@@ -195,10 +195,10 @@ class CachedLauncher:
     def __call__(self, grid, runtime_args, constexprs: dict, **options):
         if not hasattr(self.kernel, "device_caches"):  # Triton's CPU interpreter
             return self._launch(grid, runtime_args, constexprs, options)
-        if self.device_scratch:
-            ensure_scratch_allocator()
         key = self._key(runtime_args, constexprs, options)
         hit = self._compiled.get(key)
+        if self.device_scratch and (hit is None or hit[1] is None):
+            ensure_scratch_allocator()  # Triton's own launch asks its context; a direct launch does that itself
         if hit is None:
             compiled = self._launch(grid, runtime_args, constexprs, options)
             if hasattr(compiled, "__getitem__"):

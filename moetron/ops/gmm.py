@@ -39,7 +39,6 @@ from .._compile import eager_function
 # Tiles the CPU interpreter uses: 16 is the smallest tl.dot takes, so tiny test shapes still span many tiles
 # and exercise the tile schedule, group edges and K tails.
 _INTERPRETER_CONFIG = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=1, num_stages=1)
-_FP32_POINTER_CONFIG = dict(BM=128, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
 
 # Benchmarks and tuning scripts may pin a config here ({"fwd": {...}, "wgrad": {...}}); empty in normal use.
 _CONFIG_OVERRIDES: dict = {}
@@ -47,6 +46,10 @@ _CONFIG_OVERRIDES: dict = {}
 # Consecutive m-tiles that share one sweep over N before moving on (the L2 swizzle of Triton's matmul
 # tutorial): a band of GROUP_M row tiles re-reads the same w[g] column panels while they are hot in L2.
 _GROUP_M = 8
+
+# fp32 through the pointer kernel: exact fp32 (SIMT units), and TF32 where the TMA kernel and its swapped form
+# cannot run (before Hopper, or operands TMA cannot describe)
+_FP32_POINTER_CONFIG = dict(BM=128, BN=64, BK=32, GROUP_M=_GROUP_M, num_warps=4, num_stages=3)
 
 # Per-group K x N at and above which the weight (or weight gradient) of one group counts as large: the
 # Mixtral and DeepSeek-V3 EP8 anchor cases (15M-117M elements), not the fine-grained Qwen3 ones (1.5-3M).
