@@ -109,6 +109,13 @@ def test_a_copied_layer_is_its_own_op():
     assert ref() is None and name not in layer_module._COMPILED_LAYERS
 
 
+def test_inference_op_names_an_unknown_layer():
+    import moetron.layer  # noqa: F401  (registers the op)
+
+    with pytest.raises(RuntimeError, match="no live MoELayer is named 'moe_layer_missing'"):
+        torch.ops.moetron.moe_layer_inference(torch.randn(3, 16), "moe_layer_missing")
+
+
 def test_compiled_transformers_model_with_moetron_experts(monkeypatch):
     """A tiny transformers Qwen3-MoE with the "moetron" experts, compiled whole, as fine-tuning scripts do."""
     pytest.importorskip("transformers")
