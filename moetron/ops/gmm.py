@@ -121,8 +121,12 @@ def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
     # Small outputs also prefetch each group's last partial row chunk (session 11, scratch H100 sweep, TFLOP/s):
     # Qwen3-30B-shaped groups of random sizes 414-445 -> 433-462, balanced top-8 routing 430-462 -> 423-482,
     # blog_g128 236-241 -> 254-255; groups that are multiples of 32 rows lost 0-5% (nothing to prefetch).
+    # They store 16-bit tiles through TMA (session 15, two H100 sweeps, TFLOP/s: the Qwen3 layer's up / down
+    # wgrad 444 -> 474 / 433 -> 468, qwen3_30b_up 440 -> 464, blog_g128 246 -> 259, blog_g8 509 -> 501): a
+    # program hands its tile to the copy engine instead of storing it from registers, which the other program
+    # on the SM overlaps better. fp32 outputs (main_grad) keep plain stores (see _launch_gmm_k).
     return dict(BK=128, BN=128, BM=32, num_warps=4, num_stages=4, persistent=True, flatten=True, programs_per_sm=2,
-                prefetch_tail=True)
+                prefetch_tail=True, tma_store=True)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -748,7 +752,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
         cfg = dict(_FP32_POINTER_CONFIG) if x.is_cuda else dict(_INTERPRETER_CONFIG)
     num_n = cdiv(N, cfg["BN"])
     max_tiles = (cdiv(M, cfg["BM"]) + G) * num_n  # each group adds at most one partial m-tile
-    programs = num_sms(x.device.index or 0) if x.is_cuda else 4
+    programs = num_sms(x.device.index or 0) * cfg.get("programs_per_sm", 1) if x.is_cuda else 4
     programs = max(1, min(programs, max_tiles))
     constexprs = dict(
         HAS_BIAS=bias is not None,

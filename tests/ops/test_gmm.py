@@ -287,6 +287,7 @@ WGRAD_VARIANTS = {
     "persistent": dict(persistent=True),
     "persistent_flatten_store": dict(persistent=True, flatten=True, tma_store=True),
     "persistent_prefetch_tail": dict(persistent=True, flatten=True, prefetch_tail=True),
+    "persistent_prefetch_tail_store": dict(persistent=True, flatten=True, prefetch_tail=True, tma_store=True),
 }
 
 
