@@ -8,10 +8,16 @@ path was safe only by accident: its launches sit behind ``torch.compiler.disable
 broke the graph inside the forward and ran the whole Function eagerly.
 
 ``eager_function`` makes that the rule for every moetron Function: moetron calls it through ``eager_apply``, a
-``torch.compiler.disable``d twin of ``apply``, so a compiled region reaches it behind a graph break and the Function
-runs and records autograd exactly as it does eagerly. (Disabling ``apply`` itself does nothing: Dynamo recognises
-``SomeFunction.apply`` by its name and traces it regardless.) moetron's ops are opaque kernels either way, so the
-compiled graph loses nothing it could fuse.
+``torch.compiler.disable``d twin of ``apply``, so a compiled region that reaches it breaks the graph there and the
+Function runs and records autograd exactly as it does eagerly. (Disabling ``apply`` itself does nothing: Dynamo
+recognises ``SomeFunction.apply`` by its name and traces it regardless.)
+
+The ops an MoE layer runs (router GEMM and routing, the permutation's index kernels, permute / unpermute, gmm,
+the gated activation, the aux-loss injection) avoid that break: while Dynamo traces (``compiling()``) they call
+custom ops (``torch.library.custom_op``) whose backward is a second custom op, registered as the first one's autograd
+formula. The graph then keeps them as opaque nodes, ``fullgraph=True`` holds for a training step, and CUDA graphs
+(``mode="reduce-overhead"``) can capture forward and backward. Eagerly they keep their Functions, which cost less
+host time per call than a custom op's dispatch. Both forms share one implementation of each forward and backward.
 """
 
 import torch
@@ -25,3 +31,9 @@ def eager_function(cls: type) -> type:
         raise TypeError(f"eager_function decorates torch.autograd.Function subclasses, got {cls!r}")
     cls.eager_apply = staticmethod(torch.compiler.disable(cls.apply))
     return cls
+
+
+def compiling() -> bool:
+    """Whether Dynamo is tracing the caller: moetron's public ops then call their custom-op form (an opaque node
+    with a registered autograd formula, kept in the graph) instead of their Function (a graph break)."""
+    return torch.compiler.is_compiling()

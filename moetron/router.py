@@ -78,7 +78,7 @@ import torch
 from . import _env
 from .ops import router_gemm, routing
 from ._checks import check_tensor, config_error, is_int, is_real
-from ._compile import eager_function
+from ._compile import compiling, eager_function
 from ._torch_caps import MM_OUT_DTYPE
 
 __all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler", "exclude_router_counters_from_ddp"]
@@ -358,28 +358,130 @@ class _RouterGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TE):
         x_TH, w = ctx.saved_tensors
-        g_TE = g_TE.to(ctx.dtype)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        with torch.autocast(device_type=g_TE.device.type, enabled=False):
-            if ctx.split:
-                gx, gw = _router_gemm_split_backward(g_TE.contiguous(), x_TH, w, need_x, need_w)
-                gw = None if gw is None else gw.to(ctx.w_dtype)
-                return gx, gw, None, None
-            gx = torch.mm(g_TE, w.to(ctx.dtype)).to(x_TH.dtype) if need_x else None
-            gw = torch.mm(g_TE.t(), x_TH.to(ctx.dtype)).to(w.dtype) if need_w else None
-        return gx, gw, None, None
+        return (*_router_gemm_backward(g_TE, x_TH, w, ctx.dtype, ctx.split, ctx.w_dtype, need_x, need_w), None, None)
+
+
+def _router_gemm_backward(g_TE, x_TH, w, dtype, split: bool, w_dtype, need_x: bool, need_w: bool):
+    """(dx, dw) of ``_RouterGemm``; ``w`` is what its forward saved (the bf16 parts with ``split``)."""
+    g_TE = g_TE.to(dtype)
+    with torch.autocast(device_type=g_TE.device.type, enabled=False):
+        if split:
+            gx, gw = _router_gemm_split_backward(g_TE.contiguous(), x_TH, w, need_x, need_w)
+            return gx, None if gw is None else gw.to(w_dtype)
+        gx = torch.mm(g_TE, w.to(dtype)).to(x_TH.dtype) if need_x else None
+        gw = torch.mm(g_TE.t(), x_TH.to(dtype)).to(w.dtype) if need_w else None
+    return gx, gw
+
+
+# Under torch.compile, _RouterGemm and AuxLossAutoScaler run as custom ops with a registered autograd formula (no
+# graph break; see moetron/_compile.py). Their backward formulas are plain torch ops, traced with the graph.
+@torch.library.custom_op("moetron::router_gemm", mutates_args=(),
+                         schema="(Tensor x, Tensor w, ScalarType dtype, bool split) -> (Tensor, Tensor)")
+def _router_gemm_op(x_TH, w_EH, dtype, split):
+    """(logits, the bf16 parts of w with ``split`` (what backward reads), else an empty tensor)."""
+    with torch.autocast(device_type=x_TH.device.type, enabled=False):
+        if split:
+            return _router_gemm_split(x_TH, w_EH)
+        return torch.mm(x_TH.to(dtype), w_EH.to(dtype).t()), w_EH.new_empty(0)
+
+
+@_router_gemm_op.register_fake
+def _(x_TH, w_EH, dtype, split):
+    logits = x_TH.new_empty(x_TH.shape[0], w_EH.shape[0], dtype=dtype)
+    if split:
+        return logits, w_EH.new_empty(3 * w_EH.shape[0], w_EH.shape[1], dtype=torch.bfloat16)
+    return logits, w_EH.new_empty(0)
+
+
+def _router_gemm_op_setup(ctx, inputs, output):
+    x_TH, w_EH, dtype, split = inputs
+    ctx.save_for_backward(x_TH, output[1] if split else w_EH)
+    ctx.dtype, ctx.split, ctx.w_dtype = dtype, split, w_EH.dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _router_gemm_op_backward(ctx, g_TE, _parts):
+    x_TH, w = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    return (*_router_gemm_backward(g_TE, x_TH, w, ctx.dtype, ctx.split, ctx.w_dtype, need_x, need_w), None, None)
+
+
+_router_gemm_op.register_autograd(_router_gemm_op_backward, setup_context=_router_gemm_op_setup)
+
+
+@torch.library.custom_op("moetron::aux_loss_scaler", mutates_args=(),
+                         schema="(Tensor probs, Tensor loss, Tensor scale) -> Tensor")
+def _aux_loss_scaler_op(probs, loss, scale):
+    return probs.clone()  # a custom op may not return its input
+
+
+@_aux_loss_scaler_op.register_fake
+def _(probs, loss, scale):
+    return torch.empty_like(probs)
+
+
+def _aux_loss_scaler_op_setup(ctx, inputs, output):
+    probs, loss, scale = inputs
+    ctx.save_for_backward(loss, scale)
+
+
+def _aux_loss_scaler_op_backward(ctx, grad_probs):
+    loss, scale = ctx.saved_tensors
+    return grad_probs, torch.ones_like(loss) * scale.to(loss.dtype), None
+
+
+_aux_loss_scaler_op.register_autograd(_aux_loss_scaler_op_backward, setup_context=_aux_loss_scaler_op_setup)
+
+
+def _router_gemm(x_TH, w_EH, dtype, split):
+    if compiling():
+        return torch.ops.moetron.router_gemm(x_TH, w_EH, dtype, split)[0]
+    return _RouterGemm.eager_apply(x_TH, w_EH, dtype, split)
+
+
+def _inject_aux_loss(probs_TK, total):
+    """probs_TK, with ``total``'s gradient (AuxLossAutoScaler.loss_scale) injected in backward. Compiled, the scale
+    is read when the forward runs (a compiled backward is traced once)."""
+    if compiling():
+        scale = torch.as_tensor(_aux_loss_scale(), dtype=torch.float32, device=total.device).reshape(())
+        return torch.ops.moetron.aux_loss_scaler(probs_TK, total, scale)
+    return AuxLossAutoScaler.eager_apply(probs_TK, total)
+
+
+class _Scale:
+    value: float | torch.Tensor = 1.0
+
+
+_AUX_LOSS_SCALE = _Scale()
+
+
+class _AuxLossScalerMeta(type(torch.autograd.Function)):
+    """Keeps ``AuxLossAutoScaler.loss_scale`` in a plain object: Dynamo cannot read an attribute of an autograd
+    Function's class into a graph, and a compiled forward reads the scale."""
+
+    @property
+    def loss_scale(cls) -> float | torch.Tensor:
+        return _AUX_LOSS_SCALE.value
+
+    @loss_scale.setter
+    def loss_scale(cls, value: float | torch.Tensor) -> None:
+        _AUX_LOSS_SCALE.value = value
+
+    @loss_scale.deleter
+    def loss_scale(cls) -> None:  # back to the default (pytest's monkeypatch undoes a class attribute this way)
+        _AUX_LOSS_SCALE.value = 1.0
 
 
 @eager_function
-class AuxLossAutoScaler(torch.autograd.Function):
+class AuxLossAutoScaler(torch.autograd.Function, metaclass=_AuxLossScalerMeta):
     """Identity on ``probs`` whose backward also back-propagates ``loss`` with gradient ``loss_scale``.
 
     ``loss`` already carries its coefficient. Set ``AuxLossAutoScaler.loss_scale`` (a float or a 0-d tensor on the
     device) to whatever the main loss is multiplied by before backward: the AMP/GradScaler scale, or 1/M when M
-    micro-batch losses are averaged by gradient accumulation. It is class-level, read at backward time.
+    micro-batch losses are averaged by gradient accumulation. It is class-level, read at backward time (under
+    ``torch.compile``, when the forward runs: a compiled backward is traced once).
     """
-
-    loss_scale: float | torch.Tensor = 1.0
 
     @staticmethod
     def forward(ctx, probs, loss):
@@ -398,7 +500,7 @@ class AuxLossAutoScaler(torch.autograd.Function):
 
 
 def _aux_loss_scale():
-    return AuxLossAutoScaler.loss_scale
+    return _AUX_LOSS_SCALE.value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -636,7 +738,7 @@ class TopKRouter(torch.nn.Module):
             logits_TE = router_gemm.router_logits(x_TH, self.weight)  # fp32 GEMMs on bf16 tensor cores, 3 kernels
         else:
             split = _use_split_gemm(x_TH, self.weight, self._router_dtype)
-            logits_TE = _RouterGemm.eager_apply(x_TH, self.weight, self._router_dtype, split)
+            logits_TE = _router_gemm(x_TH, self.weight, self._router_dtype, split)
         if cfg.debug_nan_check or _env.debug_checks_enabled():
             # host sync: debug mode only
             if not bool(torch.isfinite(logits_TE).all()):
@@ -695,7 +797,7 @@ class TopKRouter(torch.nn.Module):
                 if coeff:
                     total = coeff * loss if total is None else total + coeff * loss
             if total is not None:
-                probs_TK = AuxLossAutoScaler.eager_apply(probs_TK, total)
+                probs_TK = _inject_aux_loss(probs_TK, total)
             losses = reported
             if self.local_tokens_per_expert is not None:
                 self.local_tokens_per_expert += tokens_per_expert.float()

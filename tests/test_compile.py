@@ -1,13 +1,15 @@
 """moetron under torch.compile: a compiled model that contains MoELayer gives the eager results, forward and
-backward. Dynamo does not trace into moetron's kernel launches (ops/_launch.py); in training the ops run behind
-graph breaks, in inference MoELayer is one custom op (no break).
-Backends "eager" (Dynamo alone) and "aot_eager" (plus AOTAutograd, where custom autograd Functions are traced
-for the backward); on the torch path and on the Triton path (the interpreter on CPU)."""
+backward, with ``fullgraph=True`` (no graph break). Dynamo does not trace into moetron's kernel launches
+(ops/_launch.py) or its autograd Functions (moetron/_compile.py): compiled, the layer's ops are custom ops with
+registered autograd formulas, and in inference the whole layer is one custom op.
+Backends "eager" (Dynamo alone) and "aot_eager" (plus AOTAutograd, which traces the backward formulas); on the
+torch path and on the Triton path (the interpreter on CPU)."""
 
 import pytest
 import torch
 
 from moetron.layer import MoEConfig, MoELayer
+from moetron.router import AuxLossAutoScaler
 
 
 class _Block(torch.nn.Module):
@@ -22,30 +24,79 @@ class _Block(torch.nn.Module):
         return x + self.moe(self.norm(x))
 
 
+_TRAINING_CONFIGS = {
+    "default": dict(aux_loss_coeff=1e-2, z_loss_coeff=1e-3),  # the fused softmax routing on the Triton path
+    "dsv3_style": dict(score_function="sigmoid", num_groups=2, group_topk=1, expert_bias=True, scaling_factor=2.0,
+                       shared_expert_ffn_hidden_size=8, shared_expert_gate=True, load_balancing=("seq_aux_loss",),
+                       aux_loss_coeff=1e-2),
+    "capacity": dict(capacity_factor=0.8, drop_policy="probs"),
+    "padded_pre_softmax": dict(pad_to=4, pre_softmax=True, norm_topk_prob=True, aux_loss_coeff=1e-2),
+}
+
+
+def _training_step(model, block, x):
+    xg = x.clone().requires_grad_(True)
+    y = model(xg)
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
+    grads = [p.grad.clone() for p in block.parameters()] + [xg.grad]
+    block.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("moe_backend", ["torch", "triton"])
-def test_compiled_block_matches_eager(monkeypatch, backend, moe_backend):
+@pytest.mark.parametrize("config", list(_TRAINING_CONFIGS))
+def test_compiled_training_matches_eager_without_graph_breaks(monkeypatch, backend, moe_backend, config):
+    """Training a compiled block with fullgraph=True: outputs and every gradient (router, experts, shared expert,
+    norm, input) bitwise equal to eager, aux losses included, for each router family and token dropping."""
     monkeypatch.setenv("MOETRON_BACKEND", moe_backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    config = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=6, top_k=2, aux_loss_coeff=1e-2,
-                       z_loss_coeff=1e-3)
-    block = _Block(config).to("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=6, top_k=2, **_TRAINING_CONFIGS[config])
+    block = _Block(cfg).to("cuda" if torch.cuda.is_available() else "cpu")
     x = torch.randn(2, 9, 32, device=block.norm.weight.device)
-
-    def step(model):
-        xg = x.clone().requires_grad_(True)
-        y = model(xg)
-        (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
-        grads = [p.grad.clone() for p in block.parameters()] + [xg.grad]
-        block.zero_grad(set_to_none=True)
-        return y.detach(), grads
-
-    y_eager, g_eager = step(block)
-    y_comp, g_comp = step(torch.compile(block, backend=backend))
-    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-6)
+    y_eager, g_eager = _training_step(block, block, x)
+    y_comp, g_comp = _training_step(torch.compile(block, backend=backend, fullgraph=True), block, x)
+    assert torch.equal(y_comp, y_eager)
     for got, want in zip(g_comp, g_eager):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("moe_backend", ["torch", "triton"])
+def test_compiled_training_uses_the_aux_loss_scale(monkeypatch, moe_backend):
+    """AuxLossAutoScaler.loss_scale reaches the compiled backward (read when the forward runs): with a scale of 4
+    the router weight's gradient is the eager one with the same scale, not the one with scale 1."""
+    monkeypatch.setenv("MOETRON_BACKEND", moe_backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=6, top_k=2, aux_loss_coeff=0.5)
+    block = _Block(cfg)
+    x = torch.randn(2, 9, 32)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    try:
+        for scale in (1.0, 4.0):
+            AuxLossAutoScaler.set_loss_scale(scale)
+            _, g_eager = _training_step(block, block, x)
+            _, g_comp = _training_step(compiled, block, x)
+            assert torch.equal(g_comp[1], g_eager[1])  # the router weight
+            if scale == 1.0:
+                unscaled = g_eager[1]
+        assert not torch.equal(g_eager[1], unscaled)
+    finally:
+        AuxLossAutoScaler.set_loss_scale(1.0)
+
+
+def test_compiled_gmm_checks_cpu_sizes_when_it_runs():
+    """Compiled, gmm's custom op still checks host-readable group sizes: a sum past M is an error, not a wrong
+    result."""
+    import moetron.ops
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w, sizes: moetron.gmm(x, w, sizes), backend="aot_eager", fullgraph=True)
+    x, w = torch.randn(8, 4), torch.randn(2, 4, 3)
+    torch.testing.assert_close(f(x, w, torch.tensor([3, 5])), moetron.ops.gmm_ref(x, w, [3, 5]))
+    with pytest.raises(ValueError, match="group_sizes must cover at most the 8 rows"):
+        f(x, w, torch.tensor([3, 6]))
 
 
 _INFERENCE_CONFIGS = {

@@ -26,7 +26,7 @@ from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_row_major, check_tensor
-from .._compile import eager_function
+from .._compile import compiling, eager_function
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 _MAX_BLOCK_F = 1024  # columns per program; F=768 (Qwen3) is one block per row
@@ -132,13 +132,14 @@ def _backward(h, scale, da, activation: str, need_scale_grad: bool, limit=None):
     if rows == 0 or f == 0:
         return torch.zeros_like(h), None if scale is None else torch.zeros_like(scale)
     if not _env.use_triton(h):
-        with torch.enable_grad():  # on detached copies: a saved input still carries the outer graph
-            hf = h.detach().float().requires_grad_(True)
-            sf = None if scale is None else scale.detach().float().requires_grad_(need_scale_grad)
-            out = _torch_gated(hf, activation, sf)
-            inputs = (hf, sf) if need_scale_grad else (hf,)
-            grads = torch.autograd.grad(out, inputs, da.float())
-        return grads[0].to(h.dtype), grads[1].to(scale.dtype) if need_scale_grad else None
+        # the kernel's formulas in torch ops (not autograd.grad, which does not record inside a custom op)
+        gate, up = h.float().chunk(2, dim=-1)
+        act, slope = _torch_gate_and_slope(gate, activation)
+        da = da.float()
+        dscale = (da * act * up).sum(dim=1).to(scale.dtype) if need_scale_grad else None
+        if scale is not None:
+            da = da * scale.float()[:, None]
+        return torch.cat([da * up * slope, da * act], dim=1).to(h.dtype), dscale
     dh = torch.empty_like(h)
     grid, block = _grid(rows, f)
     ds = torch.empty(rows, grid[1], dtype=torch.float32, device=h.device) if scale is not None else None
@@ -165,6 +166,48 @@ class _GatedAct(torch.autograd.Function):
         need_scale_grad = scale is not None and ctx.needs_input_grad[1]
         dh, dscale = _backward(h, scale, da.contiguous(), ctx.activation, need_scale_grad, limit)
         return dh, dscale, None, None
+
+
+# Under torch.compile: the same two kernels as custom ops with a registered autograd formula (no graph break;
+# see moetron/_compile.py)
+@torch.library.custom_op("moetron::gated_act", mutates_args=(),
+                         schema="(Tensor h, Tensor? scale, str activation, Tensor? limit) -> Tensor")
+def _gated_act_op(h, scale, activation, limit):
+    return _forward(h, scale, activation, limit)
+
+
+@_gated_act_op.register_fake
+def _(h, scale, activation, limit):
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@torch.library.custom_op("moetron::gated_act_backward", mutates_args=(),
+                         schema="(Tensor h, Tensor? scale, Tensor da, str activation, bool need_scale_grad, "
+                                "Tensor? limit) -> (Tensor, Tensor)")
+def _gated_act_backward_op(h, scale, da, activation, need_scale_grad, limit):
+    dh, dscale = _backward(h, scale, da.contiguous(), activation, need_scale_grad, limit)
+    return dh, h.new_empty(0) if dscale is None else dscale  # empty: not needed
+
+
+@_gated_act_backward_op.register_fake
+def _(h, scale, da, activation, need_scale_grad, limit):
+    return torch.empty_like(h), torch.empty_like(scale) if need_scale_grad else h.new_empty(0)
+
+
+def _gated_act_op_setup(ctx, inputs, output):
+    h, scale, activation, limit = inputs
+    ctx.save_for_backward(h, scale, limit)
+    ctx.activation = activation
+
+
+def _gated_act_op_backward(ctx, da):
+    h, scale, limit = ctx.saved_tensors
+    need_scale_grad = scale is not None and ctx.needs_input_grad[1]
+    dh, dscale = torch.ops.moetron.gated_act_backward(h, scale, da, ctx.activation, need_scale_grad, limit)
+    return dh, dscale if need_scale_grad else None, None, None
+
+
+_gated_act_op.register_autograd(_gated_act_op_backward, setup_context=_gated_act_op_setup)
 
 
 def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tensor | None = None,
@@ -198,7 +241,19 @@ def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tens
             raise ValueError(f"num_rows must be a one-element integer tensor on {h.device}, got shape "
                              f"{tuple(num_rows.shape)} on {num_rows.device}")
         num_rows = num_rows.reshape(1)
+    if compiling():
+        return torch.ops.moetron.gated_act(h, row_scale, activation, num_rows)
     return _GatedAct.eager_apply(h, row_scale, activation, num_rows)
+
+
+def _torch_gate_and_slope(g: torch.Tensor, activation: str):
+    """act(g) and act'(g), as ``_gate_and_slope``."""
+    if activation == "geglu":
+        t = torch.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))
+        return (0.5 * g * (1.0 + t),
+                0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * g * g))
+    s = torch.sigmoid(g)
+    return g * s, s * (1.0 + g * (1.0 - s))
 
 
 def _torch_gated(h: torch.Tensor, activation: str, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,11 +25,11 @@ import triton.language as tl
 
 from .. import _env
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, num_sms, to_output_dtype
-from ._launch import CachedLauncher, LaunchPlans
+from ._launch import CachedLauncher, LaunchPlans, per_launch_scratch
 from .gated_act import _gate_and_slope
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
                        check_tensor)
-from .._compile import eager_function
+from .._compile import compiling, eager_function
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -957,28 +957,93 @@ class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        groups, trans_w = ctx.groups, ctx.trans_w
-        dy = dy.contiguous()
-        dx = dw = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            _run_gmm(dy, w, None, groups, dx, not trans_w)
-        if ctx.needs_input_grad[1]:
-            # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
-            a, b = (dy, x) if trans_w else (x, dy)
-            if ctx.main_grad is not None:
-                _run_gmm_k(a, b, groups, ctx.main_grad, accumulate=True)
-                if hasattr(w, "grad_added_to_main_grad"):
-                    w.grad_added_to_main_grad = True
-            else:
-                dw = torch.empty_like(w)
-                _run_gmm_k(a, b, groups, dw, accumulate=False)
-        if ctx.needs_input_grad[2]:
-            ones = torch.ones(1, 1, dtype=dy.dtype, device=dy.device).expand(dy.shape[0], 1)
-            dbias = torch.empty(groups.num_groups, 1, dy.shape[1], dtype=ctx.bias_dtype, device=dy.device)
-            _run_gmm_k(ones, dy, groups, dbias, accumulate=False)
-            dbias = dbias.squeeze(1)
+        need_dx, need_dw, need_dbias = ctx.needs_input_grad[:3]
+        dx, dw, dbias = _gmm_backward(dy.contiguous(), x, w, ctx.groups, ctx.trans_w, need_dx, need_dw, need_dbias,
+                                      ctx.bias_dtype, ctx.main_grad)
         return dx, dw, dbias, None, None, None
+
+
+def _gmm_backward(dy, x, w, groups: _Groups, trans_w: bool, need_dx: bool, need_dw: bool, need_dbias: bool,
+                  bias_dtype, main_grad):
+    """(dx, dw, dbias) of ``gmm``, None where not needed; dw None too when it went into ``main_grad``."""
+    dx = dw = dbias = None
+    if need_dx:
+        dx = torch.empty_like(x)
+        _run_gmm(dy, w, None, groups, dx, not trans_w)
+    if need_dw:
+        # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
+        a, b = (dy, x) if trans_w else (x, dy)
+        if main_grad is not None:
+            _run_gmm_k(a, b, groups, main_grad, accumulate=True)
+            if hasattr(w, "grad_added_to_main_grad"):
+                w.grad_added_to_main_grad = True
+        else:
+            dw = torch.empty_like(w)
+            _run_gmm_k(a, b, groups, dw, accumulate=False)
+    if need_dbias:
+        ones = torch.ones(1, 1, dtype=dy.dtype, device=dy.device).expand(dy.shape[0], 1)
+        dbias = torch.empty(groups.num_groups, 1, dy.shape[1], dtype=bias_dtype, device=dy.device)
+        _run_gmm_k(ones, dy, groups, dbias, accumulate=False)
+        dbias = dbias.squeeze(1)
+    return dx, dw, dbias
+
+
+# Under torch.compile the same forward and backward run as two custom ops with a registered autograd formula, so
+# a compiled graph keeps them (no graph break; see moetron/_compile.py). They take the raw group sizes and check
+# and place them at run time, as ``gmm`` does eagerly.
+@torch.library.custom_op("moetron::gmm", mutates_args=(),
+                         schema="(Tensor x, Tensor w, Tensor? bias, Tensor sizes, bool sizes_are_ends, bool trans_w, "
+                                "bool zero_tail) -> Tensor")
+def _gmm_op(x, w, bias, sizes, sizes_are_ends, trans_w, zero_tail):
+    groups = _op_groups(sizes, sizes_are_ends, x, w.shape[0], zero_tail)
+    out = torch.empty(x.shape[0], w.shape[1] if trans_w else w.shape[2], dtype=x.dtype, device=x.device)
+    with per_launch_scratch():
+        return _run_gmm(x, w, bias, groups, out, trans_w)
+
+
+@_gmm_op.register_fake
+def _(x, w, bias, sizes, sizes_are_ends, trans_w, zero_tail):
+    return x.new_empty(x.shape[0], w.shape[1] if trans_w else w.shape[2])
+
+
+@torch.library.custom_op("moetron::gmm_backward", mutates_args=(),
+                         schema="(Tensor dy, Tensor x, Tensor w, Tensor sizes, bool sizes_are_ends, bool trans_w, "
+                                "bool zero_tail, bool need_dx, bool need_dw, bool need_dbias, ScalarType? bias_dtype) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _gmm_backward_op(dy, x, w, sizes, sizes_are_ends, trans_w, zero_tail, need_dx, need_dw, need_dbias, bias_dtype):
+    groups = _op_groups(sizes, sizes_are_ends, x, w.shape[0], zero_tail)
+    with per_launch_scratch():
+        grads = _gmm_backward(dy.contiguous(), x, w, groups, trans_w, need_dx, need_dw, need_dbias, bias_dtype, None)
+    # a custom op returns tensors: an empty one stands for "not needed"
+    return tuple(dy.new_empty(0) if g is None else g for g in grads)
+
+
+@_gmm_backward_op.register_fake
+def _(dy, x, w, sizes, sizes_are_ends, trans_w, zero_tail, need_dx, need_dw, need_dbias, bias_dtype):
+    return (torch.empty_like(x) if need_dx else dy.new_empty(0), torch.empty_like(w) if need_dw else dy.new_empty(0),
+            dy.new_empty(w.shape[0], dy.shape[1], dtype=bias_dtype) if need_dbias else dy.new_empty(0))
+
+
+def _op_groups(sizes, are_ends, x, num_groups, zero_tail) -> _Groups:
+    return _make_groups(None if are_ends else sizes, sizes if are_ends else None, num_groups, x.shape[0], x.device,
+                        zero_tail=zero_tail)
+
+
+def _gmm_op_setup(ctx, inputs, output):
+    x, w, bias, sizes, sizes_are_ends, trans_w, zero_tail = inputs
+    ctx.save_for_backward(x, w, sizes)
+    ctx.flags = (sizes_are_ends, trans_w, zero_tail)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gmm_op_backward(ctx, dy):
+    x, w, sizes = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    grads = torch.ops.moetron.gmm_backward(dy, x, w, sizes, *ctx.flags, *need, ctx.bias_dtype)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
+
+
+_gmm_op.register_autograd(_gmm_op_backward, setup_context=_gmm_op_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1009,7 +1074,10 @@ def _check_host_sizes(name: str, values: list[int], are_ends: bool, num_rows: in
 
 
 def _make_groups(group_sizes, offsets, num_groups: int, num_rows: int, device: torch.device,
-                 group_arg: str = "w", zero_tail: bool = True) -> _Groups:
+                 group_arg: str = "w", zero_tail: bool = True, read_values: bool = True) -> _Groups:
+    """The checked ``_Groups`` of a public call. ``read_values=False`` (a call that hands the sizes to a custom op,
+    which makes its own ``_Groups`` at run time) checks only what the tensor's metadata tells and leaves the
+    sizes where they are."""
     if (group_sizes is None) == (offsets is None):
         raise ValueError("pass exactly one of group_sizes (per-group row counts) or offsets (cumulative row "
                          f"ends), got {'both' if group_sizes is not None else 'neither'}")
@@ -1021,12 +1089,14 @@ def _make_groups(group_sizes, offsets, num_groups: int, num_rows: int, device: t
     if sizes.numel() != num_groups:
         raise ValueError(f"{name} must have one entry per group of {group_arg} ({num_groups}), got "
                          f"{sizes.numel()} entries")
+    if sizes.device != device and sizes.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU or on x's device ({device}), got {sizes.device}")
+    if not read_values:
+        return _Groups(sizes, are_ends, num_rows, zero_tail)
     if sizes.device.type == "cpu" or _env.debug_checks_enabled():
         # CPU values are free to read; GPU values are read only in debug mode (this syncs).
         _check_host_sizes(name, sizes.tolist(), are_ends, num_rows)
     if sizes.device != device:
-        if sizes.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU or on x's device ({device}), got {sizes.device}")
         sizes = sizes.to(device, non_blocking=True)
     return _Groups(sizes.contiguous(), are_ends, num_rows, zero_tail)
 
@@ -1088,7 +1158,12 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
         check_same_device("bias", bias, "x", x)
     if not isinstance(zero_tail, bool):
         raise TypeError(f"zero_tail must be a bool, got {type(zero_tail).__name__}")
-    groups = _make_groups(group_sizes, offsets, G, M, x.device, zero_tail=zero_tail)
+    main_grad = getattr(w, "main_grad", None)
+    # under torch.compile: one custom op (fused main_grad accumulation and out= stay eager, behind a graph break)
+    as_op = compiling() and out is None and main_grad is None
+    groups = _make_groups(group_sizes, offsets, G, M, x.device, zero_tail=zero_tail, read_values=not as_op)
+    if as_op:
+        return torch.ops.moetron.gmm(x, w, bias, groups.sizes, groups.are_ends, trans_w, zero_tail)
 
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                               or (bias is not None and bias.requires_grad))
@@ -1099,7 +1174,6 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
     if not needs_grad:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
         return _run_gmm(x, w, bias, groups, out, trans_w)
-    main_grad = getattr(w, "main_grad", None)
     if main_grad is not None:
         check_tensor("w.main_grad", main_grad, dtypes=(torch.float32,))
         check_shape("w.main_grad", main_grad, tuple(w.shape), "the shape of w")

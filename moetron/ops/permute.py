@@ -42,7 +42,7 @@ from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_shape, check_tensor
-from .._compile import eager_function
+from .._compile import compiling, eager_function
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -687,21 +687,27 @@ class _Permute(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dx_perm, dprobs_perm):
         (row_map_TK,) = ctx.saved_tensors
-        T, K = row_map_TK.shape
-        row_map_R = row_map_TK.reshape(T * K)
-        dx = dprobs = None
         need_dprobs = ctx.needs_input_grad[1] and dprobs_perm is not None
-        if need_dprobs:
-            dprobs = torch.empty(T * K, dtype=dprobs_perm.dtype, device=dprobs_perm.device)
-        if ctx.needs_input_grad[0]:
-            # the adjoint of a copy into k rows is the unweighted sum of those k rows; the same pass over the
-            # row map gathers the probs gradient
-            dx = torch.empty(ctx.x_shape, dtype=dx_perm.dtype, device=dx_perm.device)
-            _run_unpermute(dx_perm.contiguous(), row_map_R, None, K, dx,
-                           dprobs_perm.contiguous() if need_dprobs else None, dprobs)
-        elif need_dprobs:
-            dprobs.copy_(_gather_slots(dprobs_perm, row_map_R))
-        return dx, None if dprobs is None else dprobs.view(T, K), None, None, None
+        return (*_permute_backward(dx_perm, dprobs_perm, row_map_TK, ctx.x_shape, ctx.needs_input_grad[0],
+                                   need_dprobs), None, None, None)
+
+
+def _permute_backward(dx_perm, dprobs_perm, row_map_TK, x_shape, need_dx: bool, need_dprobs: bool):
+    """(dx [T, H], dprobs [T, K]) of ``permute``, None where not needed."""
+    T, K = row_map_TK.shape
+    row_map_R = row_map_TK.reshape(T * K)
+    dx = dprobs = None
+    if need_dprobs:
+        dprobs = torch.empty(T * K, dtype=dprobs_perm.dtype, device=dprobs_perm.device)
+    if need_dx:
+        # the adjoint of a copy into k rows is the unweighted sum of those k rows; the same pass over the row map
+        # gathers the probs gradient
+        dx = torch.empty(x_shape, dtype=dx_perm.dtype, device=dx_perm.device)
+        _run_unpermute(dx_perm.contiguous(), row_map_R, None, K, dx,
+                       dprobs_perm.contiguous() if need_dprobs else None, dprobs)
+    elif need_dprobs:
+        dprobs.copy_(_gather_slots(dprobs_perm, row_map_R))
+    return dx, None if dprobs is None else dprobs.view(T, K)
 
 
 @eager_function
@@ -722,27 +728,157 @@ class _Unpermute(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         y_perm, probs_R, row_map_R, src_slot = ctx.saved_tensors
-        K = ctx.K
-        R_out = ctx.y_shape[0]
         need_dprobs = ctx.probs_dtype is not None and ctx.needs_input_grad[1]
-        if not (ctx.needs_input_grad[0] or need_dprobs):
-            return None, None, None, None
-        dy = dy.contiguous()
-        if src_slot is None:
-            # valid row_maps (from permute) are injective, so inverting them is a plain scatter
-            src_slot = _invert(row_map_R.long(), torch.arange(row_map_R.numel(), device=dy.device), R_out)
-        dy_perm = torch.empty(ctx.y_shape, dtype=dy.dtype, device=dy.device)
-        if probs_R is None:
-            # the adjoint of an unweighted sum is a copy of each token's gradient to its rows: permute's token
-            # scatter, which reads dy once per token where a program per row reads it K times
-            _run_permute(dy, src_slot, K, None, dy_perm, None, row_map_R)
-            return dy_perm, None, None, None
-        dprobs_R = torch.zeros(row_map_R.numel(), dtype=torch.float32, device=dy.device) if need_dprobs else None
-        _run_unpermute_bwd(dy, y_perm, src_slot, probs_R, K, dy_perm, dprobs_R)
-        dprobs = None
-        if need_dprobs:
-            dprobs = dprobs_R.view(-1, K).to(ctx.probs_dtype)
-        return (dy_perm if ctx.needs_input_grad[0] else None), dprobs, None, None
+        dy_perm, dprobs = _unpermute_backward(dy, y_perm, probs_R, row_map_R, src_slot, ctx.K, ctx.y_shape,
+                                              ctx.needs_input_grad[0], need_dprobs, ctx.probs_dtype)
+        return dy_perm, dprobs, None, None
+
+
+def _unpermute_backward(dy, y_perm, probs_R, row_map_R, src_slot, K, y_shape, need_dy_perm: bool, need_dprobs: bool,
+                        probs_dtype):
+    """(dy_perm [R_out, H], dprobs [T, K]) of ``unpermute``, None where not needed. ``y_perm`` is needed only
+    for dprobs."""
+    if not (need_dy_perm or need_dprobs):
+        return None, None
+    dy = dy.contiguous()
+    if src_slot is None:
+        # valid row_maps (from permute) are injective, so inverting them is a plain scatter
+        src_slot = _invert(row_map_R.long(), torch.arange(row_map_R.numel(), device=dy.device), y_shape[0])
+    dy_perm = torch.empty(y_shape, dtype=dy.dtype, device=dy.device)
+    if probs_R is None:
+        # the adjoint of an unweighted sum is a copy of each token's gradient to its rows: permute's token
+        # scatter, which reads dy once per token where a program per row reads it K times
+        _run_permute(dy, src_slot, K, None, dy_perm, None, row_map_R)
+        return dy_perm, None
+    dprobs_R = torch.zeros(row_map_R.numel(), dtype=torch.float32, device=dy.device) if need_dprobs else None
+    _run_unpermute_bwd(dy, y_perm, src_slot, probs_R, K, dy_perm, dprobs_R)
+    dprobs = dprobs_R.view(-1, K).to(probs_dtype) if need_dprobs else None
+    return (dy_perm if need_dy_perm else None), dprobs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops: the same steps under torch.compile, kept in the graph with a registered autograd formula (no graph
+# break; see moetron/_compile.py). A custom op returns tensors, so an empty one stands for None.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _or_empty(t, like):
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("moetron::route", mutates_args=(),
+                         schema="(Tensor expert_ids, int num_experts, Tensor? probs, int pad_to, int? capacity, "
+                                "str drop_policy, int num_rows, bool check_ids) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _route_op(expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, check_ids):
+    if check_ids:
+        _check_expert_ids(expert_ids, num_experts)
+    return tuple(_route(expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows))
+
+
+@_route_op.register_fake
+def _(expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, check_ids):
+    counts = expert_ids.new_empty(num_experts, dtype=torch.int64)
+    return (expert_ids.new_empty(expert_ids.numel(), dtype=torch.int32), counts.new_empty(num_rows), counts,
+            counts.new_empty(num_experts), counts.new_empty(num_experts, dtype=torch.int32), counts.new_empty(()))
+
+
+@torch.library.custom_op("moetron::permute", mutates_args=(),
+                         schema="(Tensor x, Tensor? probs, Tensor row_map, Tensor src_slot, int num_rows) "
+                                "-> (Tensor, Tensor)")
+def _permute_op(x, probs, row_map, src_slot, num_rows):
+    x_perm, probs_perm = _permute_forward(x, probs, row_map.reshape(-1), row_map.shape[1], src_slot, num_rows, None)
+    return x_perm, _or_empty(probs_perm, x)
+
+
+@_permute_op.register_fake
+def _(x, probs, row_map, src_slot, num_rows):
+    return x.new_empty(num_rows, x.shape[1]), x.new_empty(0) if probs is None else probs.new_empty(num_rows)
+
+
+@torch.library.custom_op("moetron::permute_backward", mutates_args=(),
+                         schema="(Tensor dx_perm, Tensor dprobs_perm, Tensor row_map, int[] x_shape, bool need_dx, "
+                                "bool need_dprobs) -> (Tensor, Tensor)")
+def _permute_backward_op(dx_perm, dprobs_perm, row_map, x_shape, need_dx, need_dprobs):
+    dx, dprobs = _permute_backward(dx_perm, dprobs_perm, row_map, x_shape, need_dx, need_dprobs)
+    return _or_empty(dx, dx_perm), _or_empty(dprobs, dx_perm)
+
+
+@_permute_backward_op.register_fake
+def _(dx_perm, dprobs_perm, row_map, x_shape, need_dx, need_dprobs):
+    return (dx_perm.new_empty(x_shape) if need_dx else dx_perm.new_empty(0),
+            dprobs_perm.new_empty(row_map.shape) if need_dprobs else dx_perm.new_empty(0))
+
+
+def _permute_op_setup(ctx, inputs, output):
+    x, probs, row_map, src_slot, num_rows = inputs
+    ctx.save_for_backward(row_map)
+    ctx.x_shape = list(x.shape)
+    ctx.has_probs = probs is not None
+
+
+def _permute_op_backward(ctx, dx_perm, dprobs_perm):
+    (row_map,) = ctx.saved_tensors
+    need_dx, need_dprobs = ctx.needs_input_grad[0], ctx.has_probs and ctx.needs_input_grad[1]
+    if need_dprobs and dprobs_perm is None:
+        dprobs_perm = dx_perm.new_zeros(dx_perm.shape[0], dtype=torch.float32)
+    dx, dprobs = torch.ops.moetron.permute_backward(dx_perm, dprobs_perm if need_dprobs else dx_perm.new_empty(0),
+                                                    row_map, ctx.x_shape, need_dx, need_dprobs)
+    return dx if need_dx else None, dprobs if need_dprobs else None, None, None, None
+
+
+_permute_op.register_autograd(_permute_op_backward, setup_context=_permute_op_setup)
+
+
+@torch.library.custom_op("moetron::unpermute", mutates_args=(),
+                         schema="(Tensor y_perm, Tensor? probs, Tensor row_map, Tensor? src_slot) -> Tensor")
+def _unpermute_op(y_perm, probs, row_map, src_slot):
+    _check_row_map(row_map, y_perm.shape[0])
+    T, K = row_map.shape
+    out = torch.empty(T, y_perm.shape[1], dtype=y_perm.dtype, device=y_perm.device)
+    probs_R = None if probs is None else probs.reshape(T * K).contiguous()
+    _run_unpermute(y_perm, row_map.reshape(T * K).contiguous(), probs_R, K, out)
+    return out
+
+
+@_unpermute_op.register_fake
+def _(y_perm, probs, row_map, src_slot):
+    return y_perm.new_empty(row_map.shape[0], y_perm.shape[1])
+
+
+@torch.library.custom_op("moetron::unpermute_backward", mutates_args=(),
+                         schema="(Tensor dy, Tensor? y_perm, Tensor? probs, Tensor row_map, Tensor? src_slot, "
+                                "int num_rows, bool need_dy_perm, bool need_dprobs) -> (Tensor, Tensor)")
+def _unpermute_backward_op(dy, y_perm, probs, row_map, src_slot, num_rows, need_dy_perm, need_dprobs):
+    T, K = row_map.shape
+    probs_R = None if probs is None else probs.reshape(T * K).contiguous()
+    dy_perm, dprobs = _unpermute_backward(dy, y_perm, probs_R, row_map.reshape(T * K).contiguous(), src_slot, K,
+                                          (num_rows, dy.shape[1]), need_dy_perm, need_dprobs,
+                                          None if probs is None else probs.dtype)
+    return _or_empty(dy_perm, dy), _or_empty(dprobs, dy)
+
+
+@_unpermute_backward_op.register_fake
+def _(dy, y_perm, probs, row_map, src_slot, num_rows, need_dy_perm, need_dprobs):
+    return (dy.new_empty(num_rows, dy.shape[1]) if need_dy_perm else dy.new_empty(0),
+            probs.new_empty(row_map.shape) if need_dprobs else dy.new_empty(0))
+
+
+def _unpermute_op_setup(ctx, inputs, output):
+    y_perm, probs, row_map, src_slot = inputs
+    ctx.save_for_backward(y_perm if probs is not None else None, probs, row_map, src_slot)
+    ctx.num_rows = y_perm.shape[0]
+
+
+def _unpermute_op_backward(ctx, dy):
+    y_perm, probs, row_map, src_slot = ctx.saved_tensors
+    need_dy_perm, need_dprobs = ctx.needs_input_grad[0], probs is not None and ctx.needs_input_grad[1]
+    dy_perm, dprobs = torch.ops.moetron.unpermute_backward(dy, y_perm, probs, row_map, src_slot, ctx.num_rows,
+                                                           need_dy_perm, need_dprobs)
+    return dy_perm if need_dy_perm else None, dprobs if need_dprobs else None, None, None
+
+
+_unpermute_op.register_autograd(_unpermute_op_backward, setup_context=_unpermute_op_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -846,24 +982,47 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, *, prob
     if num_rows >= 2**31:
         raise ValueError(f"the permuted buffer would have {num_rows} rows; row_map and offsets are int32, so "
                          "it must stay below 2**31")
+    if not compiling():  # compiled, the route op checks them when it runs
+        _check_expert_ids(expert_ids, num_experts)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (probs is not None and probs.requires_grad))
+    if out is not None:
+        check_out(out, needs_grad=needs_grad, grad_inputs="x or probs", dtype=x.dtype, shape=(num_rows, H),
+                  what="[R_out, H], R_out from permuted_rows()", like_name="x", like=x)
+    return _permute(x, expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, out,
+                    check_ids=compiling())
+
+
+def _check_expert_ids(expert_ids, num_experts):
     if expert_ids.numel() and (expert_ids.device.type == "cpu" or _env.debug_checks_enabled()):
         lo, hi = int(expert_ids.min()), int(expert_ids.max())  # free on the CPU; a sync in GPU debug mode
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"expert_ids must lie in [0, num_experts) = [0, {num_experts}), got values in "
                              f"[{lo}, {hi}]")
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (probs is not None and probs.requires_grad))
-    if out is not None:
-        check_out(out, needs_grad=needs_grad, grad_inputs="x or probs", dtype=x.dtype, shape=(num_rows, H),
-                  what="[R_out, H], R_out from permuted_rows()", like_name="x", like=x)
-    return _permute(x, expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, out)
 
 
-def _permute(x, expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, out) -> PermuteResult:
-    """``permute`` after validation (tests call it directly to feed it out-of-range ids)."""
-    routing = _route(expert_ids, num_experts, None if probs is None else probs.detach(), pad_to, capacity,
-                     drop_policy, num_rows)
+def _check_row_map(row_map, num_rows):
+    if row_map.numel() and (row_map.device.type == "cpu" or _env.debug_checks_enabled()):
+        lo, hi = int(row_map.min()), int(row_map.max())  # free on the CPU; a sync in GPU debug mode
+        if lo < -1 or hi >= num_rows:
+            raise ValueError(f"row_map must hold rows of y_permuted in [0, {num_rows}) or -1 (dropped), got values "
+                             f"in [{lo}, {hi}]")
+
+
+def _permute(x, expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, out,
+             check_ids: bool = False) -> PermuteResult:
+    """``permute`` after validation (tests call it directly to feed it out-of-range ids). ``check_ids``: the ids
+    still need ``permute``'s range check (a compiled call makes it in the route op)."""
+    rank_probs = None if probs is None else probs.detach()
+    if compiling():
+        routing = _Routing(*torch.ops.moetron.route(expert_ids, num_experts, rank_probs, pad_to, capacity,
+                                                    drop_policy, num_rows, check_ids))
+    else:
+        routing = _route(expert_ids, num_experts, rank_probs, pad_to, capacity, drop_policy, num_rows)
     row_map_TK = routing.row_map_R.view(expert_ids.shape)
-    if torch.is_grad_enabled() and (x.requires_grad or (probs is not None and probs.requires_grad)):
+    if compiling() and out is None:
+        x_perm, probs_perm = torch.ops.moetron.permute(x, probs, row_map_TK, routing.src_slot, num_rows)
+        probs_perm = None if probs is None else probs_perm
+    elif torch.is_grad_enabled() and (x.requires_grad or (probs is not None and probs.requires_grad)):
         x_perm, probs_perm = _Permute.eager_apply(x, probs, row_map_TK, routing.src_slot, num_rows)
     else:
         x_perm, probs_perm = _permute_forward(x, probs, routing.row_map_R, expert_ids.shape[1], routing.src_slot,
@@ -919,11 +1078,8 @@ def unpermute(y_permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tens
         check_tensor("probs", probs, ndim=2, dtypes=FLOAT_DTYPES)
         check_shape("probs", probs, (T, K), "[T, K], the shape of row_map")
         check_same_device("probs", probs, "y_permuted", y_permuted)
-    if row_map.numel() and (row_map.device.type == "cpu" or _env.debug_checks_enabled()):
-        lo, hi = int(row_map.min()), int(row_map.max())  # free on the CPU; a sync in GPU debug mode
-        if lo < -1 or hi >= R_out:
-            raise ValueError(f"row_map must hold rows of y_permuted in [0, {R_out}) or -1 (dropped), got values "
-                             f"in [{lo}, {hi}]")
+    if not compiling():  # compiled, the unpermute op checks it when it runs
+        _check_row_map(row_map, R_out)
     if src_slot is not None:
         check_tensor("src_slot", src_slot, ndim=1, dtypes=(torch.int64,))
         check_shape("src_slot", src_slot, (R_out,), "[R_out], PermuteResult.src_slot of the permute behind row_map")
@@ -936,6 +1092,8 @@ def unpermute(y_permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tens
         probs_R = None if probs is None else probs.reshape(T * K).contiguous()
         _run_unpermute(y_permuted, row_map.reshape(T * K).contiguous(), probs_R, K, out)
         return out
+    if compiling():
+        return torch.ops.moetron.unpermute(y_permuted, probs, row_map, src_slot)
     return _Unpermute.eager_apply(y_permuted, probs, row_map, src_slot)
 
 

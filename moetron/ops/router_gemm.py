@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, num_sms, to_bf16, to_output_dtype
-from .._compile import eager_function
+from .._compile import compiling, eager_function
 
 
 @triton.jit
@@ -233,6 +233,11 @@ def _dw(g: torch.Tensor, x: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
     return dw if w_dtype == torch.float32 else dw.to(w_dtype)
 
 
+def _backward(g, x, w, need_dx: bool, need_dw: bool):
+    g = g.float().contiguous()
+    return _dx(g, w, x.dtype) if need_dx else None, _dw(g, x, w.dtype) if need_dw else None
+
+
 @eager_function
 class _RouterLogits(torch.autograd.Function):
     @staticmethod
@@ -243,10 +248,45 @@ class _RouterLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        g = g.float().contiguous()
-        dx = _dx(g, w, x.dtype) if ctx.needs_input_grad[0] else None
-        dw = _dw(g, x, w.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw
+        return _backward(g, x, w, *ctx.needs_input_grad[:2])
+
+
+# Under torch.compile: the same kernels as custom ops with a registered autograd formula (no graph break; see
+# moetron/_compile.py)
+@torch.library.custom_op("moetron::router_logits", mutates_args=(), schema="(Tensor x, Tensor w) -> Tensor")
+def _router_logits_op(x, w):
+    return _logits(x, w)
+
+
+@_router_logits_op.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("moetron::router_logits_backward", mutates_args=(),
+                         schema="(Tensor g, Tensor x, Tensor w, bool need_dx, bool need_dw) -> (Tensor, Tensor)")
+def _router_logits_backward_op(g, x, w, need_dx, need_dw):
+    dx, dw = _backward(g, x, w, need_dx, need_dw)
+    return x.new_empty(0) if dx is None else dx, w.new_empty(0) if dw is None else dw  # empty: not needed
+
+
+@_router_logits_backward_op.register_fake
+def _(g, x, w, need_dx, need_dw):
+    return torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(w) if need_dw else w.new_empty(0)
+
+
+def _router_logits_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _router_logits_op_backward(ctx, g):
+    x, w = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    dx, dw = torch.ops.moetron.router_logits_backward(g, x, w, need_dx, need_dw)
+    return dx if need_dx else None, dw if need_dw else None
+
+
+_router_logits_op.register_autograd(_router_logits_op_backward, setup_context=_router_logits_op_setup)
 
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -264,4 +304,6 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"router_logits takes bf16 x [T, H] and an fp32/bf16 w [E, H] with the same H, row-major "
                          f"and non-empty, on one device; got x {x.dtype} {tuple(x.shape)} on {x.device}, "
                          f"w {w.dtype} {tuple(w.shape)} on {w.device}")
+    if compiling():
+        return torch.ops.moetron.router_logits(x, w)
     return _RouterLogits.eager_apply(x, w)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2
-from .._compile import eager_function
+from .._compile import compiling, eager_function
 
 MAX_EXPERTS = 1024  # one row of logits per program row in registers
 MAX_TOP_K = 16  # the selection loop is unrolled K times
@@ -198,26 +198,53 @@ def _tile(E: int) -> tuple[int, int]:
     return max(1, _TILE // BE), BE
 
 
+def _softmax_topk_forward(logits, k, pre_softmax, norm, scale, with_losses):
+    """(probs [T, K] fp32, ids [T, K] int64, counts [E] int64, losses [2]: aux_loss, z_loss; unset without
+    ``with_losses``)."""
+    T, E = logits.shape
+    BT, BE = _tile(E)
+    P = cdiv(T, BT)
+    probs = torch.empty((T, k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((T, k), dtype=torch.int64, device=logits.device)
+    counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
+    score_sums = logits.new_empty((P, BE)) if with_losses else probs
+    lse2_sums = logits.new_empty((P,)) if with_losses else probs
+    _fwd_launcher((P,), [logits, probs, ids, counts, score_sums, lse2_sums, T, E, float(scale)],
+                  dict(K=k, BT=BT, BE=BE, BK=next_power_of_2(k), PRE_SOFTMAX=pre_softmax, NORM=norm,
+                       LOSS_SUMS=with_losses), num_warps=4)
+    losses = logits.new_empty((2,))
+    if with_losses:
+        _losses_launcher((1,), [score_sums, lse2_sums, counts, losses, P, E, E / (k * T * T), 1.0 / T],
+                         dict(BE=BE, BP=16), num_warps=4)
+    return probs, ids, counts, losses
+
+
+def _softmax_topk_backward(dprobs, logits, ids, counts, k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale):
+    """d(logits), or None when there is nothing to back-propagate. ``loss_scale``: a float or a 0-d tensor."""
+    T, E = logits.shape
+    BT, BE = _tile(E)
+    aux = bool(aux_coeff)
+    zl = bool(z_coeff)
+    if dprobs is None and not aux and not zl:
+        return None
+    dlogits = torch.empty_like(logits)
+    scale_tensor = isinstance(loss_scale, torch.Tensor)
+    dp = dprobs.contiguous() if dprobs is not None else logits
+    _bwd_launcher((cdiv(T, BT),),
+                  [logits, ids, dp, counts, loss_scale if scale_tensor else logits, dlogits, T, E, float(scale),
+                   float(aux_coeff or 0.0) * E / (k * T * T), float(z_coeff or 0.0) / T,
+                   1.0 if scale_tensor else float(loss_scale)],
+                  dict(K=k, BT=BT, BE=BE, PRE_SOFTMAX=pre_softmax, NORM=norm, HAS_DPROBS=dprobs is not None,
+                       AUX=aux, ZLOSS=zl, SCALE_TENSOR=scale_tensor), num_warps=4)
+    return dlogits
+
+
 @eager_function
 class _SoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale):
-        T, E = logits.shape
-        BT, BE = _tile(E)
-        P = cdiv(T, BT)
         with_losses = aux_coeff is not None or z_coeff is not None
-        probs = torch.empty((T, k), dtype=torch.float32, device=logits.device)
-        ids = torch.empty((T, k), dtype=torch.int64, device=logits.device)
-        counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
-        score_sums = logits.new_empty((P, BE)) if with_losses else probs
-        lse2_sums = logits.new_empty((P,)) if with_losses else probs
-        _fwd_launcher((P,), [logits, probs, ids, counts, score_sums, lse2_sums, T, E, float(scale)],
-                      dict(K=k, BT=BT, BE=BE, BK=next_power_of_2(k), PRE_SOFTMAX=pre_softmax, NORM=norm,
-                           LOSS_SUMS=with_losses), num_warps=4)
-        losses = logits.new_empty((2,))  # [aux_loss, z_loss]; unused without losses
-        if with_losses:
-            _losses_launcher((1,), [score_sums, lse2_sums, counts, losses, P, E, E / (k * T * T), 1.0 / T],
-                             dict(BE=BE, BP=16), num_warps=4)
+        probs, ids, counts, losses = _softmax_topk_forward(logits, k, pre_softmax, norm, scale, with_losses)
         ctx.save_for_backward(logits, ids, counts)
         ctx.args = (k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale)
         ctx.mark_non_differentiable(ids, counts, losses)
@@ -227,24 +254,61 @@ class _SoftmaxTopK(torch.autograd.Function):
     def backward(ctx, dprobs, _ids, _counts, _losses):
         logits, ids, counts = ctx.saved_tensors
         k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale = ctx.args
-        T, E = logits.shape
-        BT, BE = _tile(E)
-        aux = bool(aux_coeff)
-        zl = bool(z_coeff)
-        if dprobs is None and not aux and not zl:
-            return (None,) * 8
-        dlogits = torch.empty_like(logits)
         if callable(loss_scale):
             loss_scale = loss_scale()
-        scale_tensor = isinstance(loss_scale, torch.Tensor)
-        dp = dprobs.contiguous() if dprobs is not None else logits
-        _bwd_launcher((cdiv(T, BT),),
-                      [logits, ids, dp, counts, loss_scale if scale_tensor else logits, dlogits, T, E, float(scale),
-                       float(aux_coeff or 0.0) * E / (k * T * T), float(z_coeff or 0.0) / T,
-                       1.0 if scale_tensor else float(loss_scale)],
-                      dict(K=k, BT=BT, BE=BE, PRE_SOFTMAX=pre_softmax, NORM=norm, HAS_DPROBS=dprobs is not None,
-                           AUX=aux, ZLOSS=zl, SCALE_TENSOR=scale_tensor), num_warps=4)
+        dlogits = _softmax_topk_backward(dprobs, logits, ids, counts, k, pre_softmax, norm, scale, aux_coeff, z_coeff,
+                                         loss_scale)
         return dlogits, None, None, None, None, None, None, None
+
+
+# Under torch.compile: the same kernels as custom ops with a registered autograd formula (no graph break; see
+# moetron/_compile.py). The loss scale is read when the forward runs and travels as a 0-d tensor: a compiled
+# backward is traced once, so it cannot read the scale at backward time as the eager Function does.
+@torch.library.custom_op("moetron::softmax_topk", mutates_args=(),
+                         schema="(Tensor logits, int k, bool pre_softmax, bool norm, float scale, float? aux_coeff, "
+                                "float? z_coeff, Tensor loss_scale) -> (Tensor, Tensor, Tensor, Tensor)")
+def _softmax_topk_op(logits, k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale):
+    # loss_scale is only kept for the backward
+    return _softmax_topk_forward(logits, k, pre_softmax, norm, scale, aux_coeff is not None or z_coeff is not None)
+
+
+@_softmax_topk_op.register_fake
+def _(logits, k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale):
+    T, E = logits.shape
+    return (logits.new_empty(T, k), logits.new_empty(T, k, dtype=torch.int64),
+            logits.new_empty(E, dtype=torch.int64), logits.new_empty(2))
+
+
+@torch.library.custom_op("moetron::softmax_topk_backward", mutates_args=(),
+                         schema="(Tensor dprobs, Tensor logits, Tensor ids, Tensor counts, int k, bool pre_softmax, "
+                                "bool norm, float scale, float aux_coeff, float z_coeff, Tensor loss_scale) -> Tensor")
+def _softmax_topk_backward_op(dprobs, logits, ids, counts, k, pre_softmax, norm, scale, aux_coeff, z_coeff,
+                              loss_scale):
+    dlogits = _softmax_topk_backward(dprobs, logits, ids, counts, k, pre_softmax, norm, scale, aux_coeff, z_coeff,
+                                     loss_scale)
+    return torch.zeros_like(logits) if dlogits is None else dlogits
+
+
+@_softmax_topk_backward_op.register_fake
+def _(dprobs, logits, ids, counts, k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale):
+    return torch.empty_like(logits)
+
+
+def _softmax_topk_op_setup(ctx, inputs, output):
+    logits, k, pre_softmax, norm, scale, aux_coeff, z_coeff, loss_scale = inputs
+    _, ids, counts, losses = output
+    ctx.save_for_backward(logits, ids, counts, loss_scale)
+    ctx.args = (k, pre_softmax, norm, scale, aux_coeff or 0.0, z_coeff or 0.0)
+    ctx.mark_non_differentiable(ids, counts, losses)
+
+
+def _softmax_topk_op_backward(ctx, dprobs, _ids, _counts, _losses):
+    logits, ids, counts, loss_scale = ctx.saved_tensors
+    dlogits = torch.ops.moetron.softmax_topk_backward(dprobs, logits, ids, counts, *ctx.args, loss_scale)
+    return (dlogits,) + (None,) * 7
+
+
+_softmax_topk_op.register_autograd(_softmax_topk_op_backward, setup_context=_softmax_topk_op_setup)
 
 
 def softmax_topk(logits: torch.Tensor, k: int, *, pre_softmax: bool = False, norm_topk_prob: bool = False,
@@ -265,8 +329,15 @@ def softmax_topk(logits: torch.Tensor, k: int, *, pre_softmax: bool = False, nor
                          f"T={T}, E={E}, k={k}")
     norm = bool(pre_softmax and norm_topk_prob and k > 1)
     scale = 1.0 if scaling_factor is None else float(scaling_factor)
-    probs, ids, counts, loss_values = _SoftmaxTopK.eager_apply(logits, k, bool(pre_softmax), norm, scale,
-                                                               aux_loss_coeff, z_loss_coeff, loss_scale)
+    if compiling():
+        if callable(loss_scale):
+            loss_scale = loss_scale()
+        loss_scale = torch.as_tensor(loss_scale, dtype=torch.float32, device=logits.device).reshape(())
+        probs, ids, counts, loss_values = torch.ops.moetron.softmax_topk(
+            logits, k, bool(pre_softmax), norm, scale, aux_loss_coeff, z_loss_coeff, loss_scale)
+    else:
+        probs, ids, counts, loss_values = _SoftmaxTopK.eager_apply(logits, k, bool(pre_softmax), norm, scale,
+                                                                   aux_loss_coeff, z_loss_coeff, loss_scale)
     losses = {}
     if aux_loss_coeff is not None:
         losses["aux_loss"] = loss_values[0]
