@@ -168,7 +168,8 @@ def test_inference_op_names_an_unknown_layer():
 
 
 def test_compiled_transformers_model_with_moetron_experts(monkeypatch):
-    """A tiny transformers Qwen3-MoE with the "moetron" experts, compiled whole, as fine-tuning scripts do."""
+    """A tiny transformers Qwen3-MoE with the "moetron" experts, compiled whole with fullgraph=True, as fine-tuning
+    scripts do: the experts' training ops are custom ops in the graph."""
     pytest.importorskip("transformers")
     import moetron.integrations.hf  # noqa: F401  (registers "moetron")
     from tests.integrations._hf_models import tiny_model
@@ -180,7 +181,7 @@ def test_compiled_transformers_model_with_moetron_experts(monkeypatch):
     compiled_model = tiny_model("qwen3_moe", impl="moetron").to(device)  # the same seed: the same weights
     ids = torch.randint(0, eager.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3)).to(device)
     results = []
-    for model in (eager, torch.compile(compiled_model, backend="aot_eager")):
+    for model in (eager, torch.compile(compiled_model, backend="aot_eager", fullgraph=True)):
         logits = model(ids).logits
         (logits * torch.linspace(-1, 1, logits.numel(), device=device).view_as(logits)).sum().backward()
         results.append((logits.detach(), [p.grad for p in (eager if model is eager else compiled_model).parameters()]))
