@@ -70,8 +70,8 @@ def test_compiled_training_uses_the_aux_loss_scale(monkeypatch, moe_backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
     cfg = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=6, top_k=2, aux_loss_coeff=0.5)
-    block = _Block(cfg)
-    x = torch.randn(2, 9, 32)
+    block = _Block(cfg).to("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(2, 9, 32, device=block.norm.weight.device)
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     try:
         for scale in (1.0, 4.0):

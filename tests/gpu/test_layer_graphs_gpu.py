@@ -77,8 +77,10 @@ def test_compiled_inference_replays_from_cuda_graphs():
 def test_compiled_training_matches_eager(config, mode):
     """torch.compile(fullgraph=True) with Inductor of a training layer: moetron's ops are custom ops with autograd
     formulas in the graph; "reduce-overhead" replays forward and backward from CUDA graphs. Every step routes new
-    tokens; outputs and gradients must match eager (Inductor compiles the torch glue around the ops, e.g. the
-    sigmoid router's scores, so equal to bf16 rounding, not bitwise)."""
+    tokens; outputs and gradients must match eager to bf16 rounding, not bitwise: Inductor compiles the torch glue
+    around moetron's ops (the sigmoid router's scores, the shared expert's activation) and keeps its intermediates
+    in fp32 where eager rounds each op to bf16. So the check is a norm-wise relative error, which a wrong gradient
+    (an O(1) error) cannot pass."""
     torch._dynamo.reset()
     torch.manual_seed(2)
     shape, H = (2, 12, 64), 64
@@ -99,10 +101,10 @@ def test_compiled_training_matches_eager(config, mode):
             y.backward(dy)
             outs.append(y.detach().clone())
             grads.append([xi.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
-        torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-3, msg=f"step {step}: outputs")
-        names = ["x"] + [n for n, _ in eager.named_parameters()]
-        for name, g_eager, g_comp in zip(names, *grads):
-            torch.testing.assert_close(g_comp, g_eager, rtol=2e-2, atol=2e-3, msg=f"step {step}: gradient of {name}")
+        names = ["output", "x"] + [n for n, _ in eager.named_parameters()]
+        for name, want, got in zip(names, [outs[0]] + grads[0], [outs[1]] + grads[1]):
+            error = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+            assert error < 1e-2, f"step {step}: {name} is {error:.2e} (norm-wise) from eager"
         if cfg.expert_bias:  # the biases move with the counts the compiled steps accumulated
             for layer in (eager, compiled_layer):
                 layer.update_expert_bias()
