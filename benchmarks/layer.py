@@ -7,6 +7,8 @@ dispatcher, softmax top-k with aux loss, fp32 router), in one run, with the same
     python benchmarks/layer.py --inference               # eval-mode forward under no_grad (a prefill), mode "infer"
     python benchmarks/layer.py --tokens 16 256 2048 --providers moetron moetron_graphed hf_grouped_mm \
         hf_grouped_mm_graphed --out-name layer_small_batch   # small batches, also captured in CUDA graphs
+    python benchmarks/layer.py --shapes qwen3_30b --tokens 16 256 2048 --providers moetron moetron_compiled \
+        hf_grouped_mm hf_grouped_mm_compiled --out-name layer_compiled   # torch.compile, mode "reduce-overhead"
 
 bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for forward+backward.
 Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with ms the median of --rounds timings taken with
@@ -16,6 +18,9 @@ module, gradients and activations and the shared inputs (as if it were alone on 
 The "*_graphed" providers (training mode, CUDA only, not in the default set) are the same modules captured with
 torch.cuda.make_graphed_callables: forward and backward replay as two CUDA graphs, without the Python that issues
 their kernels, which is what small batches wait on. Their peak memory includes the graphs' private pools.
+The "*_compiled" providers (opt-in, CUDA only, training or --inference) are the same modules under
+torch.compile(mode="reduce-overhead", dynamic=False): Inductor plus CUDA-graph trees. moetron's layer compiles with
+fullgraph=True (its ops are custom ops in the graph); transformers' block compiles with whatever breaks it has.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ TOKENS = (8192, 32768)
 TINY = {"tiny": (64, 32, 8, 2)}
 PROVIDERS = ("moetron", "hf_grouped_mm", "hf_eager", "megatron")
 GRAPHED = ("moetron_graphed", "hf_grouped_mm_graphed")  # opt-in (--providers)
+COMPILED = ("moetron_compiled", "hf_grouped_mm_compiled")  # opt-in (--providers)
 
 
 def master_weights(H, F, E, seed=0):
@@ -150,6 +156,17 @@ def graphed(build, sample):
     return module, run_graphed
 
 
+def compiled(build, sample, fullgraph):
+    """``build``'s module under torch.compile(mode="reduce-overhead") (CUDA only). Returns (module, run) like the
+    builders."""
+    if sample.device.type != "cuda":
+        raise RuntimeError("mode='reduce-overhead' needs a CUDA device")
+    # every case compiles the same builder lambda again (new module, new shapes): allow that many recompilations
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    module, run = build()
+    return module, torch.compile(run, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
+
+
 class Prepared:
     """One provider built and warmed up for one case: its timed functions and its peak memory per mode."""
 
@@ -251,7 +268,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + GRAPHED)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + GRAPHED + COMPILED)
     parser.add_argument("--out-name", default=None, help="results file stem (default layer / layer_infer)")
     parser.add_argument("--eager-max-tokens", type=int, default=8192, help="skip hf_eager above this T")
     parser.add_argument("--rep-ms", type=int, default=200)
@@ -284,6 +301,9 @@ def main(argv=None):
             }
             for name in GRAPHED:
                 builders[name] = lambda build=builders[name.removesuffix("_graphed")]: graphed(build, x)
+            for name in COMPILED:
+                builders[name] = lambda build=builders[name.removesuffix("_compiled")], full=name.startswith(
+                    "moetron"): compiled(build, x, full)
             builders = {p: builders[p] for p in args.providers
                         if not (p == "hf_eager" and T > args.eager_max_tokens)}
             outs = time_case(case, builders, x, dy, flops, device, args.rep_ms, args.rounds, args.inference, rows)
