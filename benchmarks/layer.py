@@ -164,7 +164,15 @@ def compiled(build, sample, fullgraph):
     # every case compiles the same builder lambda again (new module, new shapes): allow that many recompilations
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     module, run = build()
-    return module, torch.compile(run, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
+    compiled_run = torch.compile(run, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
+
+    def run_compiled(x):
+        # each call is a step of its own: the harness also runs forwards without a backward, which CUDA-graph trees
+        # cannot tell from a step that is still going on
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled_run(x)
+
+    return module, run_compiled
 
 
 class Prepared:
