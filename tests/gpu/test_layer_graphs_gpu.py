@@ -13,6 +13,27 @@ from moetron import MoEConfig, MoELayer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _steps(shape, count):
+    """(step, x, dy) of ``count`` training steps that each route differently: step 2 sends every token to a few
+    experts."""
+    for step in range(count):
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        if step == 2:
+            x = x.abs() * 4
+        yield step, x, torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+
+def _output_and_grads(layer, run, x, dy):
+    """One step of ``run`` (``layer`` or a captured / compiled form of it): (output, [dx] + parameter grads)."""
+    layer.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    y = run(xi)
+    y.backward(dy)
+    result = y.detach().clone(), [xi.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    torch.cuda.synchronize()
+    return result
+
+
 @pytest.mark.parametrize("config", [
     dict(),  # softmax top-k with the aux loss: the default
     dict(score_function="sigmoid", num_groups=4, group_topk=2, expert_bias=True, load_balancing=("seq_aux_loss",),
@@ -26,20 +47,9 @@ def test_captured_layer_replays_match_eager(config):
     graphed_layer = copy.deepcopy(eager)
     sample = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     graphed = torch.cuda.make_graphed_callables(graphed_layer, (sample,))
-    for step in range(3):  # every step routes differently: all tokens to few experts in step 2
-        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-        if step == 2:
-            x = x.abs() * 4
-        dy = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-        outs, grads = [], []
-        for layer, run in ((eager, eager), (graphed_layer, graphed)):
-            layer.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            y = run(xi)
-            y.backward(dy)
-            outs.append(y.detach().clone())
-            grads.append([xi.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
-            torch.cuda.synchronize()
+    for step, x, dy in _steps(shape, 3):
+        outs, grads = zip(*(_output_and_grads(layer, run, x, dy)
+                            for layer, run in ((eager, eager), (graphed_layer, graphed))))
         assert torch.equal(outs[0], outs[1]), f"step {step}: outputs differ"
         names = ["x"] + [n for n, _ in eager.named_parameters()]
         for name, g_eager, g_graph in zip(names, *grads):
@@ -88,19 +98,9 @@ def test_compiled_training_matches_eager(config, mode):
     eager = MoELayer(cfg, device="cuda", dtype=torch.bfloat16).train()
     compiled_layer = copy.deepcopy(eager)
     compiled = torch.compile(compiled_layer, mode=mode, fullgraph=True, dynamic=False)
-    for step in range(4):
-        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-        if step == 2:
-            x = x.abs() * 4
-        dy = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-        outs, grads = [], []
-        for layer, run in ((eager, eager), (compiled_layer, compiled)):
-            layer.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            y = run(xi)
-            y.backward(dy)
-            outs.append(y.detach().clone())
-            grads.append([xi.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for step, x, dy in _steps(shape, 4):
+        outs, grads = zip(*(_output_and_grads(layer, run, x, dy)
+                            for layer, run in ((eager, eager), (compiled_layer, compiled))))
         names = ["output", "x"] + [n for n, _ in eager.named_parameters()]
         for name, want, got in zip(names, [outs[0]] + grads[0], [outs[1]] + grads[1]):
             error = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
