@@ -63,6 +63,26 @@ def test_compiled_training_matches_eager_without_graph_breaks(monkeypatch, backe
 
 
 @pytest.mark.parametrize("moe_backend", ["torch", "triton"])
+def test_compiled_training_under_autocast(monkeypatch, moe_backend):
+    """bf16 autocast around a compiled training step (the usual mixed-precision setup): bitwise the eager step."""
+    monkeypatch.setenv("MOETRON_BACKEND", moe_backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=6, top_k=2, aux_loss_coeff=1e-2,
+                    shared_expert_ffn_hidden_size=8)
+    block = _Block(cfg).to("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(2, 9, 32, device=block.norm.weight.device)
+    results = []
+    for model in (block, torch.compile(block, backend="aot_eager", fullgraph=True)):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            results.append(_training_step(model, block, x))
+    (y_eager, g_eager), (y_comp, g_comp) = results
+    assert torch.equal(y_comp, y_eager)
+    for got, want in zip(g_comp, g_eager):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("moe_backend", ["torch", "triton"])
 def test_compiled_training_uses_the_aux_loss_scale(monkeypatch, moe_backend):
     """AuxLossAutoScaler.loss_scale reaches the compiled backward (read when the forward runs): with a scale of 4
     the router weight's gradient is the eager one with the same scale, not the one with scale 1."""
