@@ -63,6 +63,29 @@ def test_compiled_training_matches_eager_without_graph_breaks(monkeypatch, backe
 
 
 @pytest.mark.parametrize("moe_backend", ["torch", "triton"])
+def test_compiled_training_follows_new_token_counts(monkeypatch, moe_backend):
+    """A new number of tokens does not recompile the layer each time: the second one compiles a dynamic-shape
+    graph (the ops take their row counts as SymInt), which serves the rest, bitwise equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setenv("MOETRON_BACKEND", moe_backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=6, top_k=2, aux_loss_coeff=1e-2, pad_to=4)
+    block = _Block(cfg).to("cuda" if torch.cuda.is_available() else "cpu")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    for tokens in (9, 15, 21, 30):
+        x = torch.randn(2, tokens, 32, device=block.norm.weight.device)
+        y_eager, g_eager = _training_step(block, block, x)
+        y_comp, g_comp = _training_step(compiled, block, x)
+        assert torch.equal(y_comp, y_eager)
+        for got, want in zip(g_comp, g_eager):
+            assert torch.equal(got, want)
+    assert counter.frame_count == 2
+
+
+@pytest.mark.parametrize("moe_backend", ["torch", "triton"])
 def test_compiled_training_under_autocast(monkeypatch, moe_backend):
     """bf16 autocast around a compiled training step (the usual mixed-precision setup): bitwise the eager step."""
     monkeypatch.setenv("MOETRON_BACKEND", moe_backend)

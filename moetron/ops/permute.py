@@ -768,7 +768,7 @@ def _or_empty(t, like):
 
 @torch.library.custom_op("moetron::route", mutates_args=(),
                          schema="(Tensor expert_ids, int num_experts, Tensor? probs, int pad_to, int? capacity, "
-                                "str drop_policy, int num_rows, bool check_ids) "
+                                "str drop_policy, SymInt num_rows, bool check_ids) "
                                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _route_op(expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, check_ids):
     if check_ids:
@@ -784,7 +784,7 @@ def _(expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, c
 
 
 @torch.library.custom_op("moetron::permute", mutates_args=(),
-                         schema="(Tensor x, Tensor? probs, Tensor row_map, Tensor src_slot, int num_rows) "
+                         schema="(Tensor x, Tensor? probs, Tensor row_map, Tensor src_slot, SymInt num_rows) "
                                 "-> (Tensor, Tensor)")
 def _permute_op(x, probs, row_map, src_slot, num_rows):
     x_perm, probs_perm = _permute_forward(x, probs, row_map.reshape(-1), row_map.shape[1], src_slot, num_rows, None)
@@ -797,7 +797,7 @@ def _(x, probs, row_map, src_slot, num_rows):
 
 
 @torch.library.custom_op("moetron::permute_backward", mutates_args=(),
-                         schema="(Tensor dx_perm, Tensor dprobs_perm, Tensor row_map, int[] x_shape, bool need_dx, "
+                         schema="(Tensor dx_perm, Tensor dprobs_perm, Tensor row_map, SymInt[] x_shape, bool need_dx, "
                                 "bool need_dprobs) -> (Tensor, Tensor)")
 def _permute_backward_op(dx_perm, dprobs_perm, row_map, x_shape, need_dx, need_dprobs):
     dx, dprobs = _permute_backward(dx_perm, dprobs_perm, row_map, x_shape, need_dx, need_dprobs)
@@ -848,7 +848,7 @@ def _(y_perm, probs, row_map, src_slot):
 
 @torch.library.custom_op("moetron::unpermute_backward", mutates_args=(),
                          schema="(Tensor dy, Tensor? y_perm, Tensor? probs, Tensor row_map, Tensor? src_slot, "
-                                "int num_rows, bool need_dy_perm, bool need_dprobs) -> (Tensor, Tensor)")
+                                "SymInt num_rows, bool need_dy_perm, bool need_dprobs) -> (Tensor, Tensor)")
 def _unpermute_backward_op(dy, y_perm, probs, row_map, src_slot, num_rows, need_dy_perm, need_dprobs):
     T, K = row_map.shape
     probs_R = None if probs is None else probs.reshape(T * K).contiguous()
