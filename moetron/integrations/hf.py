@@ -223,7 +223,8 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     the layout flags of ``@use_experts_implementation``). No host sync. Under ``torch.compile``, a forward that
     records no gradient, with transformers' default gate, no post-expert norm and no autocast, is one custom op
     (``moetron::hf_experts_inference``), so the compiled graph has no break there and can be captured in a CUDA
-    graph (``mode="reduce-overhead"``); anything else runs eagerly behind a graph break."""
+    graph (``mode="reduce-overhead"``). Anything else (training, for one) runs moetron's ops one by one; under
+    ``torch.compile`` they are custom ops with autograd formulas, which a compiled graph keeps too."""
     w1, b1, w2, b2, trans_w = _weights(experts)
     _check_args(hidden_states, top_k_index, top_k_weights, w1, w2, trans_w)
     gate = _default_gate_kind(experts)
