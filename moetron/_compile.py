@@ -33,6 +33,12 @@ def eager_function(cls: type) -> type:
     return cls
 
 
+def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``t``, or an empty tensor like ``like`` for None: a custom op returns tensors, so its backward op marks an
+    input gradient it did not compute this way (the autograd formula returns None for it)."""
+    return like.new_empty(0) if t is None else t
+
+
 def compiling() -> bool:
     """Whether Dynamo is tracing the caller: moetron's public ops then call their custom-op form (an opaque node
     with a registered autograd formula, kept in the graph) instead of their Function (a graph break)."""

@@ -51,6 +51,7 @@ from .ops._launch import per_launch_scratch
 from .parallel import GRAD_GROUP_ATTR, ParallelGroups, check_same_on_all_ranks
 from .router import RouterConfig, RouterOutput, TopKRouter, exclude_router_counters_from_ddp
 from ._checks import config_error, is_int
+from ._compile import compiling
 
 __all__ = ["MoEConfig", "MoELayer"]
 
@@ -467,7 +468,7 @@ class MoELayer(nn.Module):
         the compiled graph needs no break here and can be replayed from a CUDA graph: no gradient to record, one
         process (the local dispatcher), no autocast (a compiled graph bakes autocast's casts in, so the op would
         not see it), no input jitter (random numbers drawn inside an opaque op)."""
-        return (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+        return (compiling() and not torch.is_grad_enabled()
                 and isinstance(self.dispatcher, LocalDispatcher) and not torch.is_autocast_enabled(x.device.type)
                 and not (self.training and self.config.input_jitter is not None))
 

@@ -65,7 +65,7 @@ from ..ops.permute import _route, permute, unpermute
 from ..ops.rmsnorm import rms_norm
 from ..ops.rotary import MAX_HEAD_DIM, apply_rotary, apply_rotary_ref
 from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
-from .._compile import eager_function
+from .._compile import compiling, eager_function
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch", "fuse_lm_loss",
            "unfuse_lm_loss", "fuse_norms", "unfuse_norms", "fuse_rotary", "unfuse_rotary", "fuse", "unfuse",
@@ -229,7 +229,7 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     _check_args(hidden_states, top_k_index, top_k_weights, w1, w2, trans_w)
     gate = _default_gate_kind(experts)
     post_norm = experts.post_expert_norm if getattr(experts, "has_post_expert_norm", False) else None
-    if (torch.compiler.is_compiling() and gate is not None and post_norm is None
+    if (compiling() and gate is not None and post_norm is None
             and not torch.is_autocast_enabled(hidden_states.device.type)
             and not records_grad(hidden_states, top_k_weights, w1, w2, b1, b2)):
         return torch.ops.moetron.hf_experts_inference(hidden_states, top_k_index, top_k_weights, w1, w2, b1, b2,

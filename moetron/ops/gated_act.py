@@ -26,7 +26,7 @@ from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_row_major, check_tensor
-from .._compile import compiling, eager_function
+from .._compile import compiling, eager_function, or_empty
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 _MAX_BLOCK_F = 1024  # columns per program; F=768 (Qwen3) is one block per row
@@ -186,7 +186,7 @@ def _(h, scale, activation, limit):
                                 "Tensor? limit) -> (Tensor, Tensor)")
 def _gated_act_backward_op(h, scale, da, activation, need_scale_grad, limit):
     dh, dscale = _backward(h, scale, da.contiguous(), activation, need_scale_grad, limit)
-    return dh, h.new_empty(0) if dscale is None else dscale  # empty: not needed
+    return dh, or_empty(dscale, h)
 
 
 @_gated_act_backward_op.register_fake

@@ -29,7 +29,7 @@ from ._launch import CachedLauncher, LaunchPlans, per_launch_scratch
 from .gated_act import _gate_and_slope
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
                        check_tensor)
-from .._compile import compiling, eager_function
+from .._compile import compiling, eager_function, or_empty
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -1014,8 +1014,7 @@ def _gmm_backward_op(dy, x, w, sizes, sizes_are_ends, trans_w, zero_tail, need_d
     groups = _op_groups(sizes, sizes_are_ends, x, w.shape[0], zero_tail)
     with per_launch_scratch():
         grads = _gmm_backward(dy.contiguous(), x, w, groups, trans_w, need_dx, need_dw, need_dbias, bias_dtype, None)
-    # a custom op returns tensors: an empty one stands for "not needed"
-    return tuple(dy.new_empty(0) if g is None else g for g in grads)
+    return tuple(or_empty(g, dy) for g in grads)
 
 
 @_gmm_backward_op.register_fake

@@ -42,7 +42,7 @@ from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, to_output_dtype
 from .._checks import FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_shape, check_tensor
-from .._compile import compiling, eager_function
+from .._compile import compiling, eager_function, or_empty
 
 # ---------------------------------------------------------------------------------------------------------
 # Tuning constants
@@ -758,12 +758,8 @@ def _unpermute_backward(dy, y_perm, probs_R, row_map_R, src_slot, K, y_shape, ne
 
 # ---------------------------------------------------------------------------------------------------------
 # Custom ops: the same steps under torch.compile, kept in the graph with a registered autograd formula (no graph
-# break; see moetron/_compile.py). A custom op returns tensors, so an empty one stands for None.
+# break; see moetron/_compile.py). An empty output stands for None (``or_empty``).
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _or_empty(t, like):
-    return like.new_empty(0) if t is None else t
 
 
 @torch.library.custom_op("moetron::route", mutates_args=(),
@@ -788,7 +784,7 @@ def _(expert_ids, num_experts, probs, pad_to, capacity, drop_policy, num_rows, c
                                 "-> (Tensor, Tensor)")
 def _permute_op(x, probs, row_map, src_slot, num_rows):
     x_perm, probs_perm = _permute_forward(x, probs, row_map.reshape(-1), row_map.shape[1], src_slot, num_rows, None)
-    return x_perm, _or_empty(probs_perm, x)
+    return x_perm, or_empty(probs_perm, x)
 
 
 @_permute_op.register_fake
@@ -801,7 +797,7 @@ def _(x, probs, row_map, src_slot, num_rows):
                                 "bool need_dprobs) -> (Tensor, Tensor)")
 def _permute_backward_op(dx_perm, dprobs_perm, row_map, x_shape, need_dx, need_dprobs):
     dx, dprobs = _permute_backward(dx_perm, dprobs_perm, row_map, x_shape, need_dx, need_dprobs)
-    return _or_empty(dx, dx_perm), _or_empty(dprobs, dx_perm)
+    return or_empty(dx, dx_perm), or_empty(dprobs, dx_perm)
 
 
 @_permute_backward_op.register_fake
@@ -855,7 +851,7 @@ def _unpermute_backward_op(dy, y_perm, probs, row_map, src_slot, num_rows, need_
     dy_perm, dprobs = _unpermute_backward(dy, y_perm, probs_R, row_map.reshape(T * K).contiguous(), src_slot, K,
                                           (num_rows, dy.shape[1]), need_dy_perm, need_dprobs,
                                           None if probs is None else probs.dtype)
-    return _or_empty(dy_perm, dy), _or_empty(dprobs, dy)
+    return or_empty(dy_perm, dy), or_empty(dprobs, dy)
 
 
 @_unpermute_backward_op.register_fake

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, next_power_of_2, num_sms, to_bf16, to_output_dtype
-from .._compile import compiling, eager_function
+from .._compile import compiling, eager_function, or_empty
 
 
 @triton.jit
@@ -267,7 +267,7 @@ def _(x, w):
                          schema="(Tensor g, Tensor x, Tensor w, bool need_dx, bool need_dw) -> (Tensor, Tensor)")
 def _router_logits_backward_op(g, x, w, need_dx, need_dw):
     dx, dw = _backward(g, x, w, need_dx, need_dw)
-    return x.new_empty(0) if dx is None else dx, w.new_empty(0) if dw is None else dw  # empty: not needed
+    return or_empty(dx, x), or_empty(dw, w)
 
 
 @_router_logits_backward_op.register_fake
