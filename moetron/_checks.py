@@ -90,3 +90,23 @@ def check_out(out: torch.Tensor, *, needs_grad: bool, grad_inputs: str, dtype: t
     check_shape("out", out, shape, what)
     check_same_device("out", out, like_name, like)
     check_row_major("out", out)
+
+
+def check_consumable(name: str, t: torch.Tensor, consume) -> None:
+    """Validate a ``consume_<name>`` flag: a bool, and not set for a leaf that requires grad, whose data the
+    gradient written over it would replace (and which autograd would then also hand back as its own .grad)."""
+    if not isinstance(consume, bool):
+        raise TypeError(f"consume_{name} must be a bool, got {type(consume).__name__}")
+    if consume and t.is_leaf and t.requires_grad:
+        raise ValueError(f"consume_{name}=True needs {name} to be an intermediate result, got a leaf tensor that "
+                         f"requires grad (its gradient would overwrite its data); pass consume_{name}=False")
+
+
+def check_single_backward(ctx, op: str, why: str) -> None:
+    """For an autograd Function whose backward reuses a saved input's memory (``ctx.ran`` set False in forward):
+    raise a clear error on a second backward through the same graph (``retain_graph=True``), which would
+    otherwise read the overwritten buffer."""
+    if ctx.ran:
+        raise RuntimeError(f"{op}: its backward {why}, so it can run once; a second backward through the same "
+                           "graph (retain_graph=True) is not supported")
+    ctx.ran = True

@@ -171,20 +171,35 @@ class GroupedExperts(_ExpertWeights):
         bias: add per-expert biases ``gate_up_proj_bias``/``up_proj_bias`` and ``down_proj_bias``.
         device, dtype: of the parameters.
 
-    ``forward(x [R, H], offsets [E], row_scale=None, zero_tail=True) -> [R, H]``: expert e transforms rows
+    ``reuse_activation_memory``: the backward writes gradients over the intermediate activations it has finished
+    with (the first GEMM's output, the activation), so the backward holds one buffer of each size instead of two;
+    a second backward through the same graph (``retain_graph=True``) then raises. Off by default here; MoELayer
+    turns it on (``MoEConfig.reuse_activation_memory``).
+
+    ``forward(x [R, H], offsets [E], row_scale=None, zero_tail=True, *, consume_input=False) -> [R, H]``: expert
+    e transforms rows
     [offsets[e-1], offsets[e]) (offsets are cumulative row ends, int32/int64, as ``permute`` returns them); rows
     past ``offsets[-1]`` come out zero, or with ``zero_tail=False`` are left unwritten (on the Triton path; for a
     worst-case-sized dispatcher buffer whose tail nothing reads). ``row_scale [R]`` (optional) multiplies each
     row's activation before the second GEMM: ``y = (row_scale · act(x W1ᵀ + b1)) W2ᵀ + b2``; with no down bias
-    that is the row's routing weight applied to its output. On CUDA nothing is read on the host. Under
-    ``torch.autocast`` the GEMMs run in the autocast dtype.
+    that is the row's routing weight applied to its output. ``consume_input=True`` declares x an intermediate
+    the caller does not read again (a dispatcher's permuted rows): the backward then writes x's gradient over x
+    (``gmm``'s ``consume_x``). On CUDA nothing is read on the host. Under ``torch.autocast`` the GEMMs run in the
+    autocast dtype.
     """
 
+    def __init__(self, *args, reuse_activation_memory: bool = False, **kw):
+        super().__init__(*args, **kw)
+        if not isinstance(reuse_activation_memory, bool):
+            raise ValueError(f"reuse_activation_memory must be a bool, got {reuse_activation_memory!r}")
+        self.reuse_activation_memory = reuse_activation_memory
+
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, row_scale: torch.Tensor | None = None,
-                zero_tail: bool = True) -> torch.Tensor:
+                zero_tail: bool = True, *, consume_input: bool = False) -> torch.Tensor:
         self._check_inputs(x, offsets, row_scale)
-        if not isinstance(zero_tail, bool):
-            raise TypeError(f"zero_tail must be a bool, got {type(zero_tail).__name__}")
+        for name, flag in (("zero_tail", zero_tail), ("consume_input", consume_input)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         dtype = self._compute_dtype(x)
         w1, b1, w2, b2 = self.w1, self.w1_bias, self.down_proj, self._down_bias()
         # zero_tail=False: rows past offsets[-1] are neither computed nor written, here and in the backward
@@ -192,16 +207,19 @@ class GroupedExperts(_ExpertWeights):
         if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
             w1, w2 = w1.to(dtype), w2.to(dtype)
         x = x.to(dtype).contiguous()
+        # the activations made here are read by nothing but the next op (and, for h, its backward)
+        reuse = self.reuse_activation_memory
+        first = dict(offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype), zero_tail=zero_tail,
+                     consume_x=consume_input)
         if self.activation in GATED_ACTIVATIONS and b1 is None and not records_grad(x, w1, row_scale):
             # inference: the activation in the first GEMM's epilogue on Hopper (moetron/ops/gated_gmm.py)
             h = gated_gmm(x, w1, offsets, self.activation, None if row_scale is None else row_scale.contiguous())
         elif self.activation in GATED_ACTIVATIONS:  # one fused kernel each way (moetron/ops/gated_act.py)
-            h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype), zero_tail=zero_tail)
-            h = gated_act(h, self.activation, row_scale=row_scale, num_rows=limit)
+            h = gated_act(gmm(x, w1, **first), self.activation, row_scale=row_scale, num_rows=limit, consume_h=reuse)
         else:
-            h = gmm(x, w1, offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype), zero_tail=zero_tail)
-            h = _scale_rows(apply_activation(h, self.activation), row_scale)
-        return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True, bias=_bias_for(b2, dtype), zero_tail=zero_tail)
+            h = _scale_rows(apply_activation(gmm(x, w1, **first), self.activation), row_scale)
+        return gmm(h.contiguous(), w2, offsets=offsets, trans_w=True, bias=_bias_for(b2, dtype), zero_tail=zero_tail,
+                   consume_x=reuse)
 
     def _down_bias(self) -> torch.Tensor | None:
         return self.down_proj_bias

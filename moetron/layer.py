@@ -123,6 +123,10 @@ class MoEConfig:
     activation: str = "swiglu"
     # Per-expert biases on both expert projections (gpt-oss style).
     expert_linear_bias: bool = False
+    # The experts' backward writes gradients over activations it has finished with (the permuted tokens and the
+    # first projection's output), which lowers its peak memory by up to T·K·(H + 2F) elements. A second backward
+    # through the same graph (retain_graph=True) then raises; set False to allow one.
+    reuse_activation_memory: bool = True
 
     # -- token dropping and padding
     # None: dropless. A float > 0: each expert keeps at most C = ceil(T·K / E · capacity_factor) routed slots.
@@ -153,7 +157,7 @@ class MoEConfig:
             raise _bad("ffn_hidden_size", "a positive int", self.ffn_hidden_size)
         if self.activation not in ACTIVATIONS:
             raise _bad("activation", f"one of {ACTIVATIONS}", self.activation)
-        for name in ("expert_linear_bias", "pad_to_capacity", "shared_expert_gate"):
+        for name in ("expert_linear_bias", "reuse_activation_memory", "pad_to_capacity", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, "a bool", getattr(self, name))
         cf = self.capacity_factor
@@ -310,11 +314,11 @@ class MoELayer(nn.Module):
         E_l = c.num_experts // ep
         self.first_expert = parallel.ep_rank * E_l
         experts_args = (E_l, c.hidden_size, c.ffn_hidden_size // etp, c.activation, c.expert_linear_bias)
+        kw = dict(reuse_activation_memory=c.reuse_activation_memory, device=device, dtype=dtype)
         if etp > 1:
-            self.experts = _ExpertShard(*experts_args, add_down_bias=parallel.etp_rank == 0, device=device,
-                                        dtype=dtype)
+            self.experts = _ExpertShard(*experts_args, add_down_bias=parallel.etp_rank == 0, **kw)
         else:
-            self.experts = GroupedExperts(*experts_args, device=device, dtype=dtype)
+            self.experts = GroupedExperts(*experts_args, **kw)
         if c.shared_expert_ffn_hidden_size is not None:
             self.shared_experts = SharedExperts(c.hidden_size, c.shared_expert_ffn_hidden_size,
                                                 gate=c.shared_expert_gate, activation=c.activation,
@@ -507,6 +511,8 @@ class MoELayer(nn.Module):
             kw = {}
             if self.dispatcher.reads_routed_rows_only and isinstance(self.experts, GroupedExperts):
                 kw["zero_tail"] = False  # nothing reads the buffer's unused tail: do not compute or write it
+            if self.dispatcher.fresh_rows and isinstance(self.experts, GroupedExperts):
+                kw["consume_input"] = self.config.reuse_activation_memory
             h = self.experts(d.x, d.offsets, row_scale=d.row_probs, **kw)
             y_TH = self.dispatcher.combine(h, d.handle)
         if y_shared is not None:

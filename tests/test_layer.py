@@ -637,6 +637,47 @@ def test_autocast_runs_experts_in_the_autocast_dtype():
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kw", [dict(), dict(activation="relu2", pad_to=4), dict(dispatcher="allgather")],
+                         ids=["swiglu", "relu2_padded", "allgather"])
+def test_reused_activation_memory_is_bitwise_the_same_and_backward_runs_once(backend, kw, monkeypatch):
+    """reuse_activation_memory (the default) writes gradients over the permuted rows and the expert activations:
+    outputs and every gradient bitwise equal to the layer that keeps them; a second backward raises a clear error
+    instead of reading overwritten buffers, and with the option off it runs."""
+    device = _select_backend(monkeypatch, backend)
+    if kw.get("dispatcher") == "allgather":
+        monkeypatch.setattr(MoELayer, "__init__", _one_process_allgather(MoELayer.__init__))
+    x = torch.randn(11, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    dy = torch.randn(11, H, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(device)
+    runs = []
+    for reuse in (False, True):
+        layer = MoELayer(make_cfg(reuse_activation_memory=reuse, z_loss_coeff=1e-3, **kw), dtype=torch.bfloat16)
+        randomize(layer, 7)
+        layer.to(device)
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(dy, retain_graph=True)
+        runs.append([t.clone() for t in [y, xi.grad] + [p.grad for p in layer.parameters()]])
+        if reuse:
+            with pytest.raises(RuntimeError, match="can run once"):
+                y.backward(dy)
+        else:
+            y.backward(dy)  # a second backward through the kept graph works
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def _one_process_allgather(init):
+    """MoELayer.__init__ that accepts dispatcher="allgather" in one process (no expert spreading to check)."""
+    from moetron.dispatch import AllGatherDispatcher
+
+    def wrapped(self, config, **kw):
+        init(self, dataclasses.replace(config, dispatcher="local"), **kw)
+        self.config = config
+        self.dispatcher = AllGatherDispatcher(config, self.parallel)
+    return wrapped
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -653,6 +694,7 @@ def test_autocast_runs_experts_in_the_autocast_dtype():
     (dict(shared_expert_ffn_hidden_size=-1), r"MoEConfig\.shared_expert_ffn_hidden_size"),
     (dict(shared_expert_gate=True), r"MoEConfig\.shared_expert_gate"),
     (dict(dispatcher="nccl"), r"MoEConfig\.dispatcher"),
+    (dict(reuse_activation_memory=1), r"MoEConfig\.reuse_activation_memory"),
     (dict(load_balancing="sinkhorn", score_function="sigmoid"), r"MoEConfig\.score_function"),
 ])
 def test_config_errors(kw, match):

@@ -57,11 +57,14 @@ class Dispatched(NamedTuple):
 class TokenDispatcher:
     """Interface of the dispatchers. ``syncs``: whether ``dispatch`` reads device data on the host.
     ``reads_routed_rows_only``: whether ``combine`` (and the backward of ``dispatch``) touch only the rows that
-    routing filled, so the experts may leave the buffer's tail past the last expert unwritten."""
+    routing filled, so the experts may leave the buffer's tail past the last expert unwritten.
+    ``fresh_rows``: whether ``Dispatched.x`` is a new tensor that nothing but the experts reads afterwards (not a
+    persistent communication buffer), so the experts' backward may write its gradient over it."""
 
     name = "base"
     syncs = False
     reads_routed_rows_only = False
+    fresh_rows = False
 
     def __init__(self, config, groups):
         self.config = config

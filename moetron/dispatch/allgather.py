@@ -39,6 +39,7 @@ def check_same_tokens(T: int, group, what: str) -> None:
 class AllGatherDispatcher(TokenDispatcher):
     name = "allgather"
     reads_routed_rows_only = True  # unpermute gathers rows through the row map
+    fresh_rows = True  # permute's output
 
     def __init__(self, config, groups):
         super().__init__(config, groups)

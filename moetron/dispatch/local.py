@@ -58,6 +58,7 @@ class LocalDispatcher(TokenDispatcher):
 
     name = "local"
     reads_routed_rows_only = True  # unpermute gathers rows through the row map
+    fresh_rows = True  # permute's output
     weights_in_experts = False
 
     def _slots(self, x_TH, probs_TK, ids_TK):

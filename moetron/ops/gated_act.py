@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import _env
 from ._launch import CachedLauncher
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, to_output_dtype
-from .._checks import FLOAT_DTYPES, check_row_major, check_tensor
+from .._checks import FLOAT_DTYPES, check_consumable, check_row_major, check_single_backward, check_tensor
 from .._compile import compiling, eager_function, or_empty
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -126,8 +126,9 @@ def _forward(h: torch.Tensor, scale: torch.Tensor | None, activation: str, limit
     return a
 
 
-def _backward(h, scale, da, activation: str, need_scale_grad: bool, limit=None):
-    """(dh [R, 2F], dscale [R] or None)."""
+def _backward(h, scale, da, activation: str, need_scale_grad: bool, limit=None, into_h: bool = False):
+    """(dh [R, 2F], dscale [R] or None). ``into_h``: the kernel writes dh over h (each element is read before it
+    is written, by the same program), so no second [R, 2F] buffer is allocated; the torch path ignores it."""
     rows, f = h.shape[0], h.shape[1] // 2
     if rows == 0 or f == 0:
         return torch.zeros_like(h), None if scale is None else torch.zeros_like(scale)
@@ -140,7 +141,7 @@ def _backward(h, scale, da, activation: str, need_scale_grad: bool, limit=None):
         if scale is not None:
             da = da * scale.float()[:, None]
         return torch.cat([da * up * slope, da * act], dim=1).to(h.dtype), dscale
-    dh = torch.empty_like(h)
+    dh = h if into_h else torch.empty_like(h)
     grid, block = _grid(rows, f)
     ds = torch.empty(rows, grid[1], dtype=torch.float32, device=h.device) if scale is not None else None
     _launch_bwd(grid, (h, da, h if scale is None else scale, dh, dh if ds is None else ds,
@@ -155,17 +156,22 @@ def _backward(h, scale, da, activation: str, need_scale_grad: bool, limit=None):
 @eager_function
 class _GatedAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, scale, activation, limit):
+    def forward(ctx, h, scale, activation, limit, consume_h):
         ctx.save_for_backward(h, scale, limit)
-        ctx.activation = activation
+        ctx.activation, ctx.consume_h, ctx.ran = activation, consume_h, False
         return _forward(h, scale, activation, limit)
 
     @staticmethod
     def backward(ctx, da):
+        if ctx.consume_h:
+            check_single_backward(ctx, "gated_act(consume_h=True)", "writes the gradient over h")
         h, scale, limit = ctx.saved_tensors
         need_scale_grad = scale is not None and ctx.needs_input_grad[1]
-        dh, dscale = _backward(h, scale, da.contiguous(), ctx.activation, need_scale_grad, limit)
-        return dh, dscale, None, None
+        dh, dscale = _backward(h, scale, da.contiguous(), ctx.activation, need_scale_grad, limit,
+                               into_h=ctx.consume_h)
+        if dh is h:  # whoever else saved h for backward now fails autograd's version check instead of reading dh
+            torch.autograd.graph.increment_version(h)
+        return dh, dscale, None, None, None
 
 
 # Under torch.compile: the same two kernels as custom ops with a registered autograd formula (no graph break;
@@ -211,7 +217,7 @@ _gated_act_op.register_autograd(_gated_act_op_backward, setup_context=_gated_act
 
 
 def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tensor | None = None,
-              num_rows: torch.Tensor | None = None) -> torch.Tensor:
+              num_rows: torch.Tensor | None = None, *, consume_h: bool = False) -> torch.Tensor:
     """``act(h[:, :F]) * h[:, F:]`` for ``h [R, 2F]`` (gate columns first, then up), returned as ``[R, F]`` in h's
     dtype; act is silu (``"swiglu"``) or tanh-approximated gelu (``"geglu"``). ``row_scale [R]`` (optional,
     fp32/bf16/fp16) multiplies each row: an MoE layer applies its routing weights here, before the second GEMM,
@@ -222,7 +228,12 @@ def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tens
     ``num_rows`` (optional): a one-element integer tensor on h's device, read by the kernels (no sync): only the
     rows below it are computed, and the output rows (and the backward's dh and row_scale gradient rows) at and
     past it are left unwritten, for a worst-case-sized buffer whose tail nothing reads (``gmm``'s
-    ``zero_tail=False``). The PyTorch path computes every row."""
+    ``zero_tail=False``). The PyTorch path computes every row.
+
+    ``consume_h=True`` declares h an intermediate that nothing else reads after this call (an expert MLP's
+    first GEMM output): the CUDA backward then writes dh over h instead of allocating a second ``[R, 2F]``
+    buffer, which lowers the backward's peak memory by that much. The backward can then run once: a second one
+    (``retain_graph=True``) raises. Ignored under torch.compile, which plans its own buffers."""
     check_tensor("h", h, ndim=2, dtypes=FLOAT_DTYPES)
     if h.shape[1] % 2:
         raise ValueError(f"h must be [R, 2F] (gate then up columns), got an odd width: shape {tuple(h.shape)}")
@@ -241,9 +252,10 @@ def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tens
             raise ValueError(f"num_rows must be a one-element integer tensor on {h.device}, got shape "
                              f"{tuple(num_rows.shape)} on {num_rows.device}")
         num_rows = num_rows.reshape(1)
+    check_consumable("h", h, consume_h)
     if compiling():
         return torch.ops.moetron.gated_act(h, row_scale, activation, num_rows)
-    return _GatedAct.eager_apply(h, row_scale, activation, num_rows)
+    return _GatedAct.eager_apply(h, row_scale, activation, num_rows, consume_h)
 
 
 def _torch_gate_and_slope(g: torch.Tensor, activation: str):

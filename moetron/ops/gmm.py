@@ -28,7 +28,7 @@ from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, num_s
 from ._launch import CachedLauncher, LaunchPlans, per_launch_scratch
 from .gated_act import _gate_and_slope
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
-                       check_tensor)
+                       check_consumable, check_single_backward, check_tensor)
 from .._compile import compiling, eager_function, or_empty
 
 # ---------------------------------------------------------------------------------------------------------
@@ -945,31 +945,33 @@ def _run_gmm_k(a, b, groups, out, accumulate):
 @eager_function
 class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad):
+    def forward(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad, consume_x: bool):
         M, N = x.shape[0], (w.shape[1] if trans_w else w.shape[2])
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
         _run_gmm(x, w, bias, groups, out, trans_w)
         ctx.save_for_backward(x, w)
-        ctx.groups, ctx.trans_w, ctx.main_grad = groups, trans_w, main_grad
+        ctx.groups, ctx.trans_w, ctx.main_grad, ctx.consume_x, ctx.ran = groups, trans_w, main_grad, consume_x, False
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.consume_x:
+            check_single_backward(ctx, "gmm(consume_x=True)", "writes dx over x")
         x, w = ctx.saved_tensors
         need_dx, need_dw, need_dbias = ctx.needs_input_grad[:3]
         dx, dw, dbias = _gmm_backward(dy.contiguous(), x, w, ctx.groups, ctx.trans_w, need_dx, need_dw, need_dbias,
-                                      ctx.bias_dtype, ctx.main_grad)
-        return dx, dw, dbias, None, None, None
+                                      ctx.bias_dtype, ctx.main_grad, into_x=ctx.consume_x)
+        if dx is x:  # whoever else saved x for backward now fails autograd's version check instead of reading dx
+            torch.autograd.graph.increment_version(x)
+        return dx, dw, dbias, None, None, None, None
 
 
 def _gmm_backward(dy, x, w, groups: _Groups, trans_w: bool, need_dx: bool, need_dw: bool, need_dbias: bool,
-                  bias_dtype, main_grad):
-    """(dx, dw, dbias) of ``gmm``, None where not needed; dw None too when it went into ``main_grad``."""
+                  bias_dtype, main_grad, into_x: bool = False):
+    """(dx, dw, dbias) of ``gmm``, None where not needed; dw None too when it went into ``main_grad``.
+    ``into_x``: dx is written over x (the last use of x: the weight gradient, which reads it, runs first)."""
     dx = dw = dbias = None
-    if need_dx:
-        dx = torch.empty_like(x)
-        _run_gmm(dy, w, None, groups, dx, not trans_w)
     if need_dw:
         # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
         a, b = (dy, x) if trans_w else (x, dy)
@@ -985,6 +987,9 @@ def _gmm_backward(dy, x, w, groups: _Groups, trans_w: bool, need_dx: bool, need_
         dbias = torch.empty(groups.num_groups, 1, dy.shape[1], dtype=bias_dtype, device=dy.device)
         _run_gmm_k(ones, dy, groups, dbias, accumulate=False)
         dbias = dbias.squeeze(1)
+    if need_dx:
+        dx = x if into_x else torch.empty_like(x)
+        _run_gmm(dy, w, None, groups, dx, not trans_w)
     return dx, dw, dbias
 
 
@@ -1102,7 +1107,7 @@ def _make_groups(group_sizes, offsets, num_groups: int, num_rows: int, device: t
 
 def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = None, *,
         offsets: torch.Tensor | None = None, trans_w: bool = False, bias: torch.Tensor | None = None,
-        out: torch.Tensor | None = None, zero_tail: bool = True) -> torch.Tensor:
+        out: torch.Tensor | None = None, zero_tail: bool = True, consume_x: bool = False) -> torch.Tensor:
     """m-grouped GEMM: ``out[rows of g] = x[rows of g] @ w[g] (+ bias[g])``.
 
     Args:
@@ -1122,6 +1127,10 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
             in the backward's dx. False leaves them unwritten (uninitialised unless ``out`` is given): for
             worst-case-sized buffers whose unused tail nothing reads (a sync-free dispatcher's), it saves
             writing it. The CPU path writes zeros either way.
+        consume_x: x is an intermediate that nothing else reads after this call (an MoE layer's permuted
+            tokens): the backward computes the weight gradient first and then writes dx over x, instead of
+            allocating a second ``[M, K]`` buffer. The backward can then run once: a second one
+            (``retain_graph=True``) raises. Ignored under torch.compile.
 
     Returns:
         ``[M, N]`` in x's dtype, accumulated in fp32. Rows past the last group are zeros (with ``zero_tail``).
@@ -1157,6 +1166,7 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
         check_same_device("bias", bias, "x", x)
     if not isinstance(zero_tail, bool):
         raise TypeError(f"zero_tail must be a bool, got {type(zero_tail).__name__}")
+    check_consumable("x", x, consume_x)
     main_grad = getattr(w, "main_grad", None)
     # under torch.compile: one custom op (fused main_grad accumulation and out= stay eager, behind a graph break)
     as_op = compiling() and out is None and main_grad is None
@@ -1177,7 +1187,7 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
         check_tensor("w.main_grad", main_grad, dtypes=(torch.float32,))
         check_shape("w.main_grad", main_grad, tuple(w.shape), "the shape of w")
         check_same_device("w.main_grad", main_grad, "w", w)
-    return _GroupedMatmul.eager_apply(x, w, bias, groups, trans_w, main_grad)
+    return _GroupedMatmul.eager_apply(x, w, bias, groups, trans_w, main_grad, consume_x)
 
 
 def gmm_k(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Tensor | None = None, *,

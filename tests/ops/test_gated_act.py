@@ -84,3 +84,36 @@ def test_num_rows_computes_the_live_rows_only(device, scaled):
     assert not torch.isnan(outs[1][0].float()).any()
     with pytest.raises(ValueError, match="num_rows must be a one-element integer tensor"):
         gated_act(h, num_rows=torch.tensor([1, 2], device=device))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "row_scale"])
+def test_consume_h_writes_dh_over_h(device, scaled):
+    """consume_h=True: bitwise the same output and gradients, dh in h's memory on the Triton path, and a second
+    backward raises (on every path, so CPU and GPU code behave alike)."""
+    torch.manual_seed(5)
+    rows, f = 9, 40
+    h0 = torch.randn(rows, 2 * f).to(torch.bfloat16).to(device)
+    s0 = (torch.rand(rows) + 0.1).to(device)
+    da = torch.randn(rows, f).to(torch.bfloat16).to(device)
+    runs = []
+    for consume in (False, True):
+        leaf = h0.clone().requires_grad_(True)
+        h = leaf * 1
+        memory = h.data_ptr()
+        s = s0.clone().requires_grad_(True) if scaled else None
+        seen = {}
+        h.register_hook(lambda g: seen.setdefault("dh", g))
+        a = gated_act(h, "swiglu", row_scale=s, consume_h=consume)
+        a.backward(da, retain_graph=True)
+        runs.append((a, seen["dh"], leaf.grad, s.grad if scaled else None))
+        triton_path = os.environ["MOETRON_BACKEND"] != "torch"
+        assert (seen["dh"].data_ptr() == memory) == (consume and triton_path)
+        if consume:
+            with pytest.raises(RuntimeError, match="can run once"):
+                a.backward(da)
+    for x, y in zip(*runs):
+        assert (x is None and y is None) or torch.equal(x, y)
+    with pytest.raises(ValueError, match="consume_h=True needs h to be an intermediate result"):
+        gated_act(h0.clone().requires_grad_(True), consume_h=True)
+    with pytest.raises(TypeError, match="consume_h must be a bool"):
+        gated_act(h0, consume_h="yes")

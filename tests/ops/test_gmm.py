@@ -250,6 +250,45 @@ def test_backward_cases(path, name, sizes, M, K, N, reason):
     _check_backward(path, _case_sizes(name, sizes, M), M, K, N, torch.bfloat16, False, False, seed=4)
 
 
+@pytest.mark.parametrize("trans_w", [False, True], ids=["w_GKN", "w_GNK"])
+@pytest.mark.parametrize("with_main_grad", [False, True], ids=["grad", "main_grad"])
+def test_consume_x_writes_dx_over_x(path, trans_w, with_main_grad):
+    """consume_x=True: the same dx and dw as without it (bitwise), dx lives in x's memory, the tail rows past the
+    last group get dx's zeros, and a second backward raises instead of reading the overwritten x."""
+    sizes = [0, 9, 4, 0, 13]
+    M, K, N = 30, 19, 24
+    x0, w0, _ = _make(M, K, N, len(sizes), torch.bfloat16, path, trans_w=trans_w, seed=12)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16).to(path)
+    runs = []
+    for consume in (False, True):
+        leaf = x0.clone().requires_grad_(True)
+        x = leaf * 1  # an intermediate, as a layer's permuted rows are
+        x_memory = x.data_ptr()
+        w = w0.clone().requires_grad_(True)
+        if with_main_grad:
+            w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=path)
+        seen = {}
+        x.register_hook(lambda g: seen.setdefault("dx", g))
+        out = moetron.gmm(x, w, torch.tensor(sizes), trans_w=trans_w, consume_x=consume)
+        out.backward(dy, retain_graph=True)
+        runs.append((seen["dx"], w.main_grad if with_main_grad else w.grad, leaf.grad))
+        assert (seen["dx"].data_ptr() == x_memory) == consume
+        if consume:
+            with pytest.raises(RuntimeError, match="can run once"):
+                out.backward(dy)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert torch.count_nonzero(runs[1][0][sum(sizes):]) == 0  # rows past the last group: zero gradient
+
+
+def test_consume_x_rejects_leaves_and_non_bools(path):
+    x, w, _ = _make(6, 5, 4, 2, torch.float32, path, seed=14)
+    with pytest.raises(ValueError, match="consume_x=True needs x to be an intermediate result"):
+        moetron.gmm(x.requires_grad_(True), w, torch.tensor([2, 4]), consume_x=True)
+    with pytest.raises(TypeError, match="consume_x must be a bool"):
+        moetron.gmm(x, w, torch.tensor([2, 4]), consume_x=1)
+
+
 def test_main_grad_accumulation(path):
     """A weight with an fp32 .main_grad gets dw added there (twice = two backward passes), w.grad stays None."""
     sizes = [5, 0, 12, 3]
