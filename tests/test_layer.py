@@ -645,8 +645,6 @@ def test_reused_activation_memory_is_bitwise_the_same_and_backward_runs_once(bac
     outputs and every gradient bitwise equal to the layer that keeps them; a second backward raises a clear error
     instead of reading overwritten buffers, and with the option off it runs."""
     device = _select_backend(monkeypatch, backend)
-    if kw.get("dispatcher") == "allgather":
-        monkeypatch.setattr(MoELayer, "__init__", _one_process_allgather(MoELayer.__init__))
     x = torch.randn(11, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
     dy = torch.randn(11, H, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(device)
     runs = []
@@ -665,17 +663,6 @@ def test_reused_activation_memory_is_bitwise_the_same_and_backward_runs_once(bac
             y.backward(dy)  # a second backward through the kept graph works
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-
-
-def _one_process_allgather(init):
-    """MoELayer.__init__ that accepts dispatcher="allgather" in one process (no expert spreading to check)."""
-    from moetron.dispatch import AllGatherDispatcher
-
-    def wrapped(self, config, **kw):
-        init(self, dataclasses.replace(config, dispatcher="local"), **kw)
-        self.config = config
-        self.dispatcher = AllGatherDispatcher(config, self.parallel)
-    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------------------
