@@ -170,18 +170,21 @@ def _expert_tile(E: int) -> int:
     return min(128, max(16, next_power_of_2(E)))
 
 
-def _config(kind: str, t: torch.Tensor, E: int) -> tuple[dict, bool]:
-    """(tiles and launch options, FIXUPS) of kernel ``kind`` for operands on t's device."""
+def _config(kind: str, t: torch.Tensor, E: int, split_w: bool = False) -> tuple[dict, bool]:
+    """(tiles and launch options, FIXUPS) of kernel ``kind`` for operands on t's device; ``split_w``: an fp32
+    router weight, split into three bf16 parts in registers."""
     if not (t.is_cuda or _GPU_TILES_ON_CPU):
         return _CPU_TILES, True
     # H100 sweep at Qwen3-30B's router (E=128, H=2048; benchmarks/NOTES.md, session 11), us per call at T=32768:
     # logits 64-row tiles 252 -> 128-row tiles 145 (but 128-row tiles leave SMs idle below ~128 tiles' worth
     # of tokens, so small batches keep 64); dx 128x64 434 -> 128x256 262 (each g tile is split once per 256
-    # columns of H instead of per 64); dw 128x64 264 -> 128x128 with 8 warps 136.
+    # columns of H instead of per 64); dw 128x64 264 -> 128x128 with 8 warps 136. With a bf16 weight (session 16,
+    # T=8192 / 2048, us with L2 flushed): 64-row logits tiles reducing 128 columns a step, 32.0 -> 24.4 / 20.8 ->
+    # 15.6 (half the steps of a latency-bound loop); an fp32 weight's three parts keep 64 (register room).
     if kind == "logits":
         if t.shape[0] >= 128 * (num_sms(t.device.index or 0) if t.is_cuda else 1):  # CPU: the compile test
             return dict(BM=128, BN=_expert_tile(E), BK=64, num_warps=8, num_stages=3), False
-        return dict(BM=64, BN=_expert_tile(E), BK=64, num_warps=4, num_stages=3), False
+        return dict(BM=64, BN=_expert_tile(E), BK=64 if split_w else 128, num_warps=4, num_stages=3), False
     if kind == "dx":
         return dict(BM=128, BN=256, BK=min(64, _expert_tile(E)), num_warps=8, num_stages=2), False
     return dict(BE=_expert_tile(E), BN=128, BT=64, num_warps=8, num_stages=3), False
@@ -195,7 +198,7 @@ def _logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     T, H = x.shape
     E = w.shape[0]
     out = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    cfg, fixups = _config("logits", x, E)
+    cfg, fixups = _config("logits", x, E, split_w=w.dtype == torch.float32)
     _launch(_launch_logits, (cdiv(T, cfg["BM"]), cdiv(E, cfg["BN"])),
             (x, w, out, T, E, H, x.stride(0), w.stride(0), out.stride(0)),
             dict(SPLIT_W=w.dtype == torch.float32, FIXUPS=fixups, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"]), cfg)

@@ -41,6 +41,7 @@ from .._compile import compiling, eager_function
 MAX_EXPERTS = 1024  # one row of logits per program row in registers
 MAX_TOP_K = 16  # the selection loop is unrolled K times
 _TILE = 4096  # logits per program (BT rows x BE columns)
+_LOSS_TILE = 32768  # partial sums per step of the loss reduction (BP rows x BE columns)
 
 
 @triton.jit
@@ -214,8 +215,10 @@ def _softmax_topk_forward(logits, k, pre_softmax, norm, scale, with_losses):
                        LOSS_SUMS=with_losses), num_warps=4)
     losses = logits.new_empty((2,))
     if with_losses:
+        # the one program reads the P partial rows in a few wide steps: a step is a dependent round trip to
+        # memory (session 16, H100, T=8192, P=256: 16 rows a step 34.5 us, 256 rows with 16 warps 10.7 us)
         _losses_launcher((1,), [score_sums, lse2_sums, counts, losses, P, E, E / (k * T * T), 1.0 / T],
-                         dict(BE=BE, BP=16), num_warps=4)
+                         dict(BE=BE, BP=min(256, max(16, _LOSS_TILE // BE))), num_warps=16)
     return probs, ids, counts, losses
 
 
