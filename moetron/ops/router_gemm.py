@@ -13,10 +13,11 @@ training step, and that step is close to host-bound (benchmarks/NOTES.md). Here 
 registers:
 
 - forward: ``logits = Σ_j x @ w_j.T`` (j over the three parts of w; one part for a bf16 w);
-- ``dx = Σ g_i @ w_j`` over the pairs (i, j) with i + j <= 2 (part i is ~2^-8i of the whole, so the other
-  products fall below fp32's precision), rounded once to x's dtype;
+- ``dx = Σ g_i @ w_j`` over the pairs (i, j) with i + j <= 1 (part i is ~2^-8i of the whole, so the other
+  products sit near 2^-16 of it: below the bf16 rounding of dx, x's dtype, by a factor ~2^8);
 - ``dw = Σ_i g_i.T @ x``: S programs per output tile each reduce a chunk of tokens into an fp32 partial
-  [S, E, H], summed in a fixed order afterwards (deterministic, no atomics).
+  [S, E, H], summed in a fixed order afterwards (deterministic, no atomics). All three parts of g for an fp32
+  weight; for a bf16 one, whose gradient is rounded to bf16, the first two (as for dx).
 
 Under Triton's CPU interpreter (tests) bf16 dots and fp32 -> bf16 rounding are wrong (_triton_utils), so there the
 parts are rounded on their bits and multiplied in fp32: the same exact products.
@@ -36,11 +37,16 @@ from .._compile import compiling, eager_function, or_empty
 @triton.jit
 def _split3(v, FIXUPS: tl.constexpr):
     """An fp32 tile as three bf16 tiles, largest first, whose sum is exactly v (fp32's 24 significand bits)."""
-    p0 = to_bf16(v, FIXUPS)
-    rest = v - p0.to(tl.float32)
-    p1 = to_bf16(rest, FIXUPS)
-    p2 = to_bf16(rest - p1.to(tl.float32), FIXUPS)
+    p0, p1 = _split2(v, FIXUPS)
+    p2 = to_bf16(v - p0.to(tl.float32) - p1.to(tl.float32), FIXUPS)
     return p0, p1, p2
+
+
+@triton.jit
+def _split2(v, FIXUPS: tl.constexpr):
+    """The two largest of _split3's parts: v to ~2^-16 of itself."""
+    p0 = to_bf16(v, FIXUPS)
+    return p0, to_bf16(v - p0.to(tl.float32), FIXUPS)
 
 
 @triton.jit
@@ -95,7 +101,7 @@ def _router_dx_kernel(
     FIXUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """One [BM, BN] tile of dx = g @ w per program, reducing over E; the six part products that reach fp32."""
+    """One [BM, BN] tile of dx = g @ w per program, reducing over E; the part products above dx's bf16 rounding."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok, col_ok = rows < T, cols < H
@@ -105,18 +111,14 @@ def _router_dx_kernel(
         e_ok = es < E
         g = tl.load(g_ptr + rows[:, None] * stride_gt + es[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
         w = tl.load(w_ptr + es[:, None] * stride_we + cols[None, :], mask=e_ok[:, None] & col_ok[None, :], other=0.0)
-        g0, g1, g2 = _split3(g, FIXUPS)
+        g0, g1 = _split2(g, FIXUPS)
         if SPLIT_W:
-            w0, w1, w2 = _split3(w, FIXUPS)
+            w0, w1 = _split2(w, FIXUPS)
             # smallest products first
-            acc = _dot(g0, w2, acc, FIXUPS)
-            acc = _dot(g1, w1, acc, FIXUPS)
-            acc = _dot(g2, w0, acc, FIXUPS)
             acc = _dot(g0, w1, acc, FIXUPS)
             acc = _dot(g1, w0, acc, FIXUPS)
             acc = _dot(g0, w0, acc, FIXUPS)
         else:
-            acc = _dot(g2, w, acc, FIXUPS)
             acc = _dot(g1, w, acc, FIXUPS)
             acc = _dot(g0, w, acc, FIXUPS)
     tl.store(dx_ptr + rows[:, None] * stride_dxt + cols[None, :], to_output_dtype(acc, dx_ptr, FIXUPS),
@@ -130,6 +132,7 @@ def _router_dw_kernel(
     partial_ptr,  # out [S, E, H] fp32: chunk s's sum of g.T @ x over its tokens
     T, E, H, CHUNK,
     stride_gt, stride_xt,
+    THREE_PARTS: tl.constexpr,
     FIXUPS: tl.constexpr,
     BE: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
 ):
@@ -147,8 +150,11 @@ def _router_dw_kernel(
         g = tl.load(g_ptr + ts[None, :] * stride_gt + experts[:, None], mask=t_ok[None, :] & expert_ok[:, None],
                     other=0.0)  # [BE, BT]: g transposed
         x = tl.load(x_ptr + ts[:, None] * stride_xt + cols[None, :], mask=t_ok[:, None] & col_ok[None, :], other=0.0)
-        g0, g1, g2 = _split3(g, FIXUPS)
-        acc = _dot(g2, x, acc, FIXUPS)
+        if THREE_PARTS:
+            g0, g1, g2 = _split3(g, FIXUPS)
+            acc = _dot(g2, x, acc, FIXUPS)
+        else:
+            g0, g1 = _split2(g, FIXUPS)
         acc = _dot(g1, x, acc, FIXUPS)
         acc = _dot(g0, x, acc, FIXUPS)
     out = partial_ptr + chunk.to(tl.int64) * E * H + experts[:, None].to(tl.int64) * H + cols[None, :]
@@ -231,7 +237,7 @@ def _dw(g: torch.Tensor, x: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
     partial = torch.empty(chunks, E, H, dtype=torch.float32, device=g.device)
     _launch(_launch_dw, (cdiv(E, cfg["BE"]), cdiv(H, cfg["BN"]), chunks),
             (g, x, partial, T, E, H, chunk, g.stride(0), x.stride(0)),
-            dict(FIXUPS=fixups, BE=cfg["BE"], BN=cfg["BN"], BT=cfg["BT"]), cfg)
+            dict(THREE_PARTS=w_dtype == torch.float32, FIXUPS=fixups, BE=cfg["BE"], BN=cfg["BN"], BT=cfg["BT"]), cfg)
     dw = partial[0] if chunks == 1 else partial.sum(dim=0)
     return dw if w_dtype == torch.float32 else dw.to(w_dtype)
 
