@@ -232,8 +232,9 @@ def gated_act(h: torch.Tensor, activation: str = "swiglu", row_scale: torch.Tens
 
     ``consume_h=True`` declares h an intermediate that nothing else reads after this call (an expert MLP's
     first GEMM output): the Triton backward then writes dh over h instead of allocating a second ``[R, 2F]``
-    buffer, which lowers the backward's peak memory by that much (the PyTorch path allocates it as before). The backward can then run once: a second one
-    (``retain_graph=True``) raises. Ignored under torch.compile, which plans its own buffers."""
+    buffer, which lowers the backward's peak memory by that much (the PyTorch path allocates it as before). The
+    backward can then run once: a second one (``retain_graph=True``) raises. Ignored under torch.compile, which
+    plans its own buffers."""
     check_tensor("h", h, ndim=2, dtypes=FLOAT_DTYPES)
     if h.shape[1] % 2:
         raise ValueError(f"h must be [R, 2F] (gate then up columns), got an odd width: shape {tuple(h.shape)}")

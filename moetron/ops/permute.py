@@ -698,6 +698,17 @@ class _Permute(torch.autograd.Function):
                                    need_dprobs), None, None, None)
 
 
+def _unpermute_forward(y_perm, probs, row_map_TK, out=None):
+    """(out [T, H], row_map_R [T·K], probs_R [T·K] or None) of ``unpermute``, into ``out`` when given."""
+    T, K = row_map_TK.shape
+    row_map_R = row_map_TK.reshape(T * K).contiguous()
+    probs_R = None if probs is None else probs.reshape(T * K).contiguous()
+    if out is None:
+        out = torch.empty(T, y_perm.shape[1], dtype=y_perm.dtype, device=y_perm.device)
+    _run_unpermute(y_perm, row_map_R, probs_R, K, out)
+    return out, row_map_R, probs_R
+
+
 def _permute_backward(dx_perm, dprobs_perm, row_map_TK, x_shape, need_dx: bool, need_dprobs: bool):
     """(dx [T, H], dprobs [T, K]) of ``permute``, None where not needed."""
     T, K = row_map_TK.shape
@@ -720,11 +731,8 @@ def _permute_backward(dx_perm, dprobs_perm, row_map_TK, x_shape, need_dx: bool, 
 class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_perm, probs, row_map_TK, src_slot=None):
-        T, K = row_map_TK.shape
-        row_map_R = row_map_TK.reshape(T * K).contiguous()
-        probs_R = None if probs is None else probs.reshape(T * K).contiguous()
-        out = torch.empty(T, y_perm.shape[1], dtype=y_perm.dtype, device=y_perm.device)
-        _run_unpermute(y_perm, row_map_R, probs_R, K, out)
+        K = row_map_TK.shape[1]
+        out, row_map_R, probs_R = _unpermute_forward(y_perm, probs, row_map_TK)
         need_y = probs is not None and ctx.needs_input_grad[1]
         ctx.save_for_backward(y_perm if need_y else None, probs_R, row_map_R, src_slot)
         ctx.K, ctx.y_shape, ctx.probs_dtype = K, y_perm.shape, None if probs is None else probs.dtype
@@ -836,11 +844,7 @@ _permute_op.register_autograd(_permute_op_backward, setup_context=_permute_op_se
                          schema="(Tensor y_perm, Tensor? probs, Tensor row_map, Tensor? src_slot) -> Tensor")
 def _unpermute_op(y_perm, probs, row_map, src_slot):
     _check_row_map(row_map, y_perm.shape[0])
-    T, K = row_map.shape
-    out = torch.empty(T, y_perm.shape[1], dtype=y_perm.dtype, device=y_perm.device)
-    probs_R = None if probs is None else probs.reshape(T * K).contiguous()
-    _run_unpermute(y_perm, row_map.reshape(T * K).contiguous(), probs_R, K, out)
-    return out
+    return _unpermute_forward(y_perm, probs, row_map)[0]
 
 
 @_unpermute_op.register_fake
@@ -1091,9 +1095,7 @@ def unpermute(y_permuted: torch.Tensor, row_map: torch.Tensor, probs: torch.Tens
     if out is not None:
         check_out(out, needs_grad=needs_grad, grad_inputs="y_permuted or probs", dtype=y_permuted.dtype,
                   shape=(T, H), what="[T, H]", like_name="y_permuted", like=y_permuted)
-        probs_R = None if probs is None else probs.reshape(T * K).contiguous()
-        _run_unpermute(y_permuted, row_map.reshape(T * K).contiguous(), probs_R, K, out)
-        return out
+        return _unpermute_forward(y_permuted, probs, row_map, out)[0]
     if compiling():
         return torch.ops.moetron.unpermute(y_permuted, probs, row_map, src_slot)
     return _Unpermute.eager_apply(y_permuted, probs, row_map, src_slot)
