@@ -750,6 +750,17 @@ def test_grouped_experts_zero_tail_must_be_a_bool():
         experts(torch.randn(4, H), torch.tensor([1, 2, 4]), zero_tail=0)
 
 
+def test_grouped_experts_memory_reuse_flags_are_checked():
+    with pytest.raises(ValueError, match="reuse_activation_memory must be a bool, got 1"):
+        GroupedExperts(3, H, FF, reuse_activation_memory=1)
+    experts = GroupedExperts(3, H, FF)
+    with pytest.raises(TypeError, match="consume_input must be a bool, got str"):
+        experts(torch.randn(4, H), torch.tensor([1, 2, 4]), consume_input="yes")
+    # a leaf the caller owns is not an intermediate: its gradient would overwrite its data
+    with pytest.raises(ValueError, match="consume_x=True needs x to be an intermediate result"):
+        experts(torch.randn(4, H, requires_grad=True), torch.tensor([1, 2, 4]), consume_input=True)
+
+
 def test_wrong_dtype():
     layer = MoELayer(make_cfg())
     with pytest.raises(TypeError, match="x must have the experts' dtype"):
