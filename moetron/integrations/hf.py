@@ -64,7 +64,7 @@ from ..ops.gmm import gmm
 from ..ops.permute import _route, permute, unpermute
 from ..ops.rmsnorm import rms_norm
 from ..ops.rotary import MAX_HEAD_DIM, apply_rotary, apply_rotary_ref
-from ..ops.routed_experts import folds, gathered_gemm, records_grad, row_tokens
+from ..ops.routed_experts import folds, gathered_gemm, records_grad
 from .._compile import compiling, eager_function
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch", "fuse_lm_loss",
@@ -273,11 +273,10 @@ def _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w:
         K = top_k_index.shape[1]
         layout = _route(top_k_index, E, None, 1, None, "probs", T * K)
         offsets, row_map = layout.offsets, layout.row_map_R.view(T, K)
-        row_token = row_tokens(layout.src_slot, K)
         if gated is not None:
-            h = gated_gmm(x, w1, offsets, gated, gather=row_token)
+            h = gated_gmm(x, w1, offsets, gated, gather=layout.src_slot, gather_div=K)
         else:
-            h = apply_gate(gathered_gemm(x, w1, row_token, offsets, trans_w, _bias_in(b1, dtype)))
+            h = apply_gate(gathered_gemm(x, w1, layout.src_slot, K, offsets, trans_w, _bias_in(b1, dtype)))
     else:
         # EP sentinels (and any other id outside [0, E)): group E, zero weight, so no gradient reaches them
         valid = (top_k_index >= 0) & (top_k_index < E)

@@ -205,23 +205,25 @@ def _tile_coords(tile, total_m_tiles, num_n, starts, ends, first_tiles, tiles,
 
 
 @triton.jit
-def _gather_rows(gather_ptr, rows, row_ok, num_src_rows):
-    """Source rows of a gathered operand: row i reads row gather[i] of a [num_src_rows, ...] tensor. A negative
-    index (a padding row) or rows outside the caller's mask read nothing; indices past the source are clamped
-    so a corrupt index can never read out of bounds. Returns (int64 source rows, the mask of rows to load)."""
+def _gather_rows(gather_ptr, rows, row_ok, num_src_rows, gather_div):
+    """Source rows of a gathered operand: row i reads row gather[i] // gather_div of a [num_src_rows, ...] tensor
+    (gather_div K: gather holds routed slots t·K+k, as permute's src_slot does, and the row is the slot's token
+    t). A negative index (a padding row) or rows outside the caller's mask read nothing; indices past the source
+    are clamped so a corrupt index can never read out of bounds. Returns (int64 source rows, the mask of rows to
+    load)."""
     src = tl.load(gather_ptr + rows, mask=row_ok, other=-1)
     ok = row_ok & (src >= 0)
-    return tl.minimum(tl.maximum(src, 0), num_src_rows - 1).to(tl.int64), ok
+    return tl.minimum(tl.maximum(src, 0) // gather_div, num_src_rows - 1).to(tl.int64), ok
 
 
 @triton.jit
-def _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, stride_xm, GATHER: tl.constexpr,
+def _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, gather_div, stride_xm, GATHER: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr):
     """With GATHER, the pointers to the k=0 chunk of a tile's gathered x rows and the mask of rows that load
     (rows past row_end and padding rows read zeros); without, placeholders (the tile loads through TMA)."""
     if GATHER:
         rows = row0 + tl.arange(0, BM)
-        src_rows, src_ok = _gather_rows(gather_ptr, rows, rows < row_end, num_src_rows)
+        src_rows, src_ok = _gather_rows(gather_ptr, rows, rows < row_end, num_src_rows, gather_div)
         x_ptrs = x_ptr + src_rows[:, None] * stride_xm + tl.arange(0, BK)[None, :]
     else:
         x_ptrs = x_ptr
@@ -240,7 +242,7 @@ def _x_tile(x_desc, x_ptrs, src_ok, row0, k0, K, GATHER: tl.constexpr, BK: tl.co
 @triton.jit
 def _gmm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr, gather_ptr,
-    M, N, K, G, num_programs, num_src_rows,
+    M, N, K, G, num_programs, num_src_rows, gather_div,
     stride_xm, stride_xk,
     stride_wg, stride_wk, stride_wn,
     stride_bg, stride_bn,
@@ -256,7 +258,7 @@ def _gmm_kernel(
 ):
     """Persistent m-grouped GEMM. Tile t covers BM rows of one group and BN columns; rows outside the group
     are loaded (or masked) but never stored, so each group boundary costs at most one partial tile.
-    GATHER: row i of the GEMM reads x[gather[i]] (see _gather_rows)."""
+    GATHER: row i of the GEMM reads x[gather[i] // gather_div] (see _gather_rows)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     starts, ends, first_tiles, tiles = _group_schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BM, BLOCK_G)
@@ -275,7 +277,7 @@ def _gmm_kernel(
             ks = tl.arange(0, BK)
             load_ok = row_ok
             if GATHER:  # padding rows (index -1) load zeros but are still stored (as zeros)
-                src_rows, load_ok = _gather_rows(gather_ptr, rows, row_ok, num_src_rows)
+                src_rows, load_ok = _gather_rows(gather_ptr, rows, row_ok, num_src_rows, gather_div)
             else:
                 src_rows = rows64
             x_ptrs = x_ptr + src_rows[:, None] * stride_xm + ks[None, :] * stride_xk
@@ -299,7 +301,7 @@ def _gmm_kernel(
 @triton.jit
 def _gmm_tma_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, sizes_ptr, gather_ptr,
-    M, N, K, G, num_programs, num_src_rows,
+    M, N, K, G, num_programs, num_src_rows, gather_div,
     stride_xm, stride_wg, stride_w1,
     stride_bg, stride_bn,
     stride_om,
@@ -328,9 +330,9 @@ def _gmm_tma_kernel(
     The descriptors are built here on the device rather than passed from the host: a host descriptor costs
     ~40 us of Python per launch (benchmarks/NOTES.md), more than a small grouped GEMM takes on the GPU.
 
-    GATHER: row i reads x[gather[i]] (the permute folded into the GEMM). Hopper's TMA has no row gather, so x
-    then takes pointer loads (pipelined as async copies) while w keeps its descriptor: at the Qwen3-30B
-    forward shape that ran within 0-10% of the TMA load of a permuted copy (benchmarks/NOTES.md).
+    GATHER: row i reads x[gather[i] // gather_div] (the permute folded into the GEMM). Hopper's TMA has no row
+    gather, so x then takes pointer loads (pipelined as async copies) while w keeps its descriptor: at the
+    Qwen3-30B forward shape that ran within 0-10% of the TMA load of a permuted copy (benchmarks/NOTES.md).
 
     SWAP_AB (fp32 on TF32 with a [G, K, N] weight): Hopper's TF32 MMA reads a shared-memory operand only with
     its reduction dim contiguous, which x is and a [K, N] w tile is not. Computed as the transposed tile
@@ -361,7 +363,8 @@ def _gmm_tma_kernel(
             acc = tl.zeros((BN, BM), dtype=tl.float32)  # out^T
         else:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-        x_ptrs, src_ok = _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, stride_xm, GATHER, BM, BK)
+        x_ptrs, src_ok = _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, gather_div, stride_xm,
+                                       GATHER, BM, BK)
         for k0 in range(0, k_end, BK):
             a = _x_tile(x_desc, x_ptrs, src_ok, row0, k0, K, GATHER, BK)
             if TRANS_W:
@@ -401,10 +404,11 @@ def _gmm_tma_kernel(
 @triton.jit
 def _gmm_gated_tma_kernel(
     x_ptr, w_ptr, scale_ptr, a_ptr, sizes_ptr, gather_ptr,
-    M, F_, K, G, num_programs, num_src_rows,
+    M, F_, K, G, num_programs, num_src_rows, gather_div,
     stride_xm, stride_wg, stride_w1, stride_am,
     GELU: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    SCALE_BY_SLOT: tl.constexpr,
     GATHER: tl.constexpr,
     FLATTEN: tl.constexpr,
     SIZES_ARE_ENDS: tl.constexpr,
@@ -419,7 +423,8 @@ def _gmm_gated_tma_kernel(
     a = act(gate)·up (·scale per row). h [M, 2F] is never written: that is the point (the separate activation
     kernel reads it back and writes a). The activation sees gate and up rounded to x's dtype first, so a is bit
     for bit what gmm followed by gated_act gives. Schedule, group edges, the zero tail and GATHER as in
-    _gmm_tma_kernel; only pointer stores."""
+    _gmm_tma_kernel; only pointer stores. SCALE_BY_SLOT (with GATHER): row r's scale is scale[gather[r]], the
+    routing weight of the slot the row holds, so no permuted copy of the weights is needed either."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[num_src_rows, K], strides=[stride_xm, 1],
                                        block_shape=[BM, BK])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, 2 * F_, K], strides=[stride_wg, stride_w1, 1],
@@ -435,7 +440,8 @@ def _gmm_gated_tma_kernel(
         k_end = tl.where(g < G, K, 0)  # the tail entry has no weight: its rows stay zero
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        x_ptrs, src_ok = _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, stride_xm, GATHER, BM, BK)
+        x_ptrs, src_ok = _x_tile_setup(x_ptr, gather_ptr, row0, row_end, num_src_rows, gather_div, stride_xm,
+                                       GATHER, BM, BK)
         for k0 in range(0, k_end, BK):
             a = _x_tile(x_desc, x_ptrs, src_ok, row0, k0, K, GATHER, BK)
             # gate columns past F read up rows (and up columns past 2F read zeros): never stored
@@ -454,7 +460,14 @@ def _gmm_gated_tma_kernel(
         act, _ = _gate_and_slope(gate.to(tl.float32), GELU)
         out = act * up.to(tl.float32)
         if HAS_SCALE:
-            out = out * tl.load(scale_ptr + rows, mask=rows < row_end, other=0.0).to(tl.float32)[:, None]
+            row_ok = rows < row_end
+            if SCALE_BY_SLOT:  # a padding row (slot -1) gets 0; a corrupt slot is clamped into the slots
+                slot = tl.load(gather_ptr + rows, mask=row_ok, other=-1)
+                idx = tl.minimum(tl.maximum(slot, 0), num_src_rows * gather_div - 1)
+                scale = tl.load(scale_ptr + idx, mask=row_ok & (slot >= 0), other=0.0)
+            else:
+                scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+            out = out * scale.to(tl.float32)[:, None]
         tl.store(a_ptr + rows64[:, None] * stride_am + cols[None, :], to_output_dtype(out, a_ptr, BF16_FIXUPS),
                  mask=ok)
 
@@ -735,12 +748,13 @@ def _plan_key(tensors, extra) -> tuple | None:
     return tuple(parts)
 
 
-def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
-    """out = the m-grouped GEMM of x (of x[gather] when gather [M] is given) with w, on the GPU or the
-    interpreter."""
+def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, gather_div: int = 1):
+    """out = the m-grouped GEMM of x (of x[gather // gather_div] when gather [M] is given) with w, on the GPU or
+    the interpreter."""
     tensors = (x, w, bias if bias is not None else out, out, groups.sizes,
                gather if gather is not None else groups.sizes)
-    plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends, gather is None, groups.zero_tail))
+    plan_key = _plan_key(tensors, (trans_w, bias is None, groups.are_ends, gather is None, gather_div,
+                                   groups.zero_tail))
     if plan_key is not None and _FWD_PLANS.run(plan_key, tensors):
         return out
     M, N = out.shape
@@ -769,8 +783,8 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
     if tma:
         tma_store = cfg.get("tma_store", False) and _tma_eligible(out)
         launcher = _launch_gmm_tma
-        args = (x, w, bias_arg, out, groups.sizes, gather_arg, M, N, K, G, programs, x.shape[0], x.stride(0),
-                w.stride(0), w.stride(1), *bias_strides, out.stride(0))
+        args = (x, w, bias_arg, out, groups.sizes, gather_arg, M, N, K, G, programs, x.shape[0], gather_div,
+                x.stride(0), w.stride(0), w.stride(1), *bias_strides, out.stride(0))
         constexprs.update(TRANS_W=trans_w, SWAP_AB=cfg.get("swap_ab", False),
                           WARP_SPECIALIZE=cfg.get("warp_specialize", False), FLATTEN=cfg.get("flatten", False),
                           TMA_STORE=tma_store)
@@ -778,8 +792,9 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None):
         # w[g] element (k, n): [G, K, N] row-major, or [G, N, K] row-major read transposed
         stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
         launcher = _launch_gmm_pointer
-        args = (x, w, bias_arg, out, groups.sizes, gather_arg, M, N, K, G, programs, x.shape[0], x.stride(0),
-                x.stride(1), w.stride(0), stride_wk, stride_wn, *bias_strides, out.stride(0), out.stride(1))
+        args = (x, w, bias_arg, out, groups.sizes, gather_arg, M, N, K, G, programs, x.shape[0], gather_div,
+                x.stride(0), x.stride(1), w.stride(0), stride_wk, stride_wn, *bias_strides, out.stride(0),
+                out.stride(1))
     launcher((programs,), args, constexprs, **options)
     if plan_key is not None:
         _FWD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options)
@@ -800,10 +815,12 @@ GATED_EPILOGUE = True
 
 
 def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str,
-              row_scale: torch.Tensor | None = None, gather: torch.Tensor | None = None):
+              row_scale: torch.Tensor | None = None, gather: torch.Tensor | None = None, gather_div: int = 1,
+              scale_by_slot: bool = False):
     """The first expert GEMM and its gated activation in one kernel (``_gmm_gated_tma_kernel``), no autograd:
-    ``a = act(h[:, :F]) * h[:, F:] (* row_scale)`` for ``h = gmm(x (or x[gather]), w, trans_w=True)`` with
-    ``w [G, 2F, K]``. Returns ``a [M, F]``, bit for bit what ``gmm`` then ``gated_act`` give; or None where the
+    ``a = act(h[:, :F]) * h[:, F:] (* row_scale)`` for ``h = gmm(x (or x[gather // gather_div]), w,
+    trans_w=True)`` with ``w [G, 2F, K]``; with ``scale_by_slot`` row r's scale is ``row_scale[gather[r]]`` (0
+    for a padding row). Returns ``a [M, F]``, bit for bit what ``gmm`` then ``gated_act`` give; or None where the
     kernel does not apply (not Hopper/TMA, fp32, misaligned operands, per-expert weights of 8M elements or more,
     where the plain forward's large-weight tiles ran faster in a scratch A/B, benchmarks/NOTES.md), and the
     caller runs the two steps. M is ``groups.num_rows``."""
@@ -819,15 +836,17 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
     # the tensors in the order the kernel takes them (placeholders for absent ones are never read)
     tensors = (x, w, row_scale if row_scale is not None else a, a, groups.sizes,
                gather if gather is not None else groups.sizes)
-    plan_key = _plan_key(tensors, (activation, groups.are_ends, gather is None, row_scale is None, groups.zero_tail))
+    plan_key = _plan_key(tensors, (activation, groups.are_ends, gather is None, gather_div, row_scale is None,
+                                   scale_by_slot, groups.zero_tail))
     if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
         return a
     cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(on_cpu=not x.is_cuda)
     G = groups.num_groups
     max_tiles = (cdiv(M, cfg["BM"]) + G) * cdiv(F_, cfg["BN"])
     programs = max(1, min(num_sms(x.device.index or 0) if x.is_cuda else 4, max_tiles))
-    args = (*tensors, M, F_, K, G, programs, x.shape[0], x.stride(0), w.stride(0), w.stride(1), a.stride(0))
-    constexprs = dict(GELU=activation == "geglu", HAS_SCALE=row_scale is not None,
+    args = (*tensors, M, F_, K, G, programs, x.shape[0], gather_div, x.stride(0), w.stride(0), w.stride(1),
+            a.stride(0))
+    constexprs = dict(GELU=activation == "geglu", HAS_SCALE=row_scale is not None, SCALE_BY_SLOT=scale_by_slot,
                       GATHER=gather is not None, FLATTEN=cfg.get("flatten", False), **groups.kernel_args(),
                       BF16_FIXUPS=interpreter_bf16_fixups(x), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
                       GROUP_M=cfg["GROUP_M"])
@@ -905,23 +924,23 @@ def _torch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     return out
 
 
-def _gathered(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """x[gather] with zero rows where gather < 0 (the torch path of a gathered operand)."""
+def _gathered(x: torch.Tensor, gather: torch.Tensor, gather_div: int = 1) -> torch.Tensor:
+    """x[gather // gather_div] with zero rows where gather < 0 (the torch path of a gathered operand)."""
     keep = gather >= 0
     if x.shape[0] == 0:
         return x.new_zeros(gather.shape[0], x.shape[1])
-    return torch.where(keep[:, None], x.index_select(0, torch.where(keep, gather, 0).long()), 0)
+    return torch.where(keep[:, None], x.index_select(0, torch.where(keep, gather, 0).long() // gather_div), 0)
 
 
-def _run_gmm(x, w, bias, groups, out, trans_w, gather=None):
-    """out = gmm(x, w); with gather [M], row i reads x[gather[i]] (zeros where gather[i] < 0)."""
+def _run_gmm(x, w, bias, groups, out, trans_w, gather=None, gather_div: int = 1):
+    """out = gmm(x, w); with gather [M], row i reads x[gather[i] // gather_div] (zeros where gather[i] < 0)."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
     if x.shape[0] != 0 and x.shape[1] != 0 and _env.use_triton(x):
-        return _launch_gmm(x, w, bias, groups, out, trans_w, gather)
+        return _launch_gmm(x, w, bias, groups, out, trans_w, gather, gather_div)
     if gather is not None:
-        x = _gathered(x, gather)
+        x = _gathered(x, gather, gather_div)
     return _torch_gmm(x, w, bias, groups, out, trans_w)  # also the empty reduction: bias only, tail rows zero
 
 

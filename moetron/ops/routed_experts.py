@@ -10,10 +10,12 @@ It computes what ``permute`` → ``GroupedExperts`` (routing weights applied in 
 ``unpermute`` computes, on the same layout, but the first GEMM gathers its rows of x itself, so the [R, H]
 permuted copy of x is never written:
 
-    h = gmm(x[row_token], w1)      a = gated_act(h, row_probs)      y_R = gmm(a, w2)      y = unpermute(y_R)
+    h = gmm(x[src_slot // K], w1)    a = gated_act(h, probs[src_slot])    y_R = gmm(a, w2)    y = unpermute(y_R)
 
-``row_token[r]`` is the token of row r (``src_slot // K``), -1 for padding and tail rows, which read zeros. At
-Qwen3-30B shapes (T=8192, K=8, H=2048, bf16) the copy is 268 MB. The fold sped up the Qwen3-30B and OLMoE
+``src_slot[r]`` is the slot t·K+k that row r holds, -1 for padding and tail rows, which read zeros. The GEMM
+reads the row's token t and its routing weight through it, so neither a permuted copy of x (268 MB at Qwen3-30B
+shapes, T=8192, K=8, H=2048, bf16) nor per-row token and weight indices (ten small torch ops per call, which
+were most of the layer's host time at decode sizes) are made. The fold sped up the Qwen3-30B and OLMoE
 layers' inference (benchmarks/results/infer_fusions_h100.json: T=32768 -12%, T=8192 -4%, the latter within that
 run's noise) and slowed Mixtral's in scratch A/B runs (benchmarks/NOTES.md, session 7), whose large-expert GEMMs
 lose more to pointer loads than the copy costs, so only experts with a small per-expert weight fold
@@ -32,7 +34,7 @@ import torch
 from .._env import fold_permute_enabled, use_triton
 from .gated_gmm import gated_gmm
 from .gmm import _Groups, _run_gmm
-from .permute import _gather_slots, _run_unpermute
+from .permute import _run_unpermute
 
 # Fold only below this many elements per expert in the first projection: Qwen3-30B and OLMoE (3-4M) gained,
 # Mixtral (117M) lost (scratch A/B, benchmarks/NOTES.md).
@@ -52,20 +54,16 @@ def folds(x: torch.Tensor, w1: torch.Tensor, *others) -> bool:
             and fold_permute_enabled())
 
 
-def row_tokens(src_slot: torch.Tensor, K: int) -> torch.Tensor:
-    """[R] int32 token of each row of ``permute``'s layout (src_slot // K), -1 for rows no slot fills."""
-    return torch.where(src_slot >= 0, src_slot // K, -1).to(torch.int32)
-
-
 @torch.no_grad()
-def gathered_gemm(x: torch.Tensor, w: torch.Tensor, row_token: torch.Tensor, offsets: torch.Tensor,
+def gathered_gemm(x: torch.Tensor, w: torch.Tensor, src_slot: torch.Tensor, top_k: int, offsets: torch.Tensor,
                   trans_w: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``[R, N]`` = ``gmm(x_permuted, w, offsets=offsets, trans_w=trans_w, bias=bias)`` for the rows of
-    ``row_token [R]`` (``row_tokens``: the token of each row, -1 for a zero row), reading each row's token of
+    """``[R, N]`` = ``gmm(x_permuted, w, offsets=offsets, trans_w=trans_w, bias=bias)`` for the layout of
+    ``src_slot [R]`` (the slot t·K+k of each row, -1 for a zero row; K = ``top_k``), reading each row's token t of
     ``x [T, H]`` directly instead of a permuted copy. No autograd."""
-    R = row_token.shape[0]
+    R = src_slot.shape[0]
     out = torch.empty(R, w.shape[1] if trans_w else w.shape[2], dtype=x.dtype, device=x.device)
-    return _run_gmm(x.contiguous(), w, bias, _Groups(offsets, True, R), out, trans_w, gather=row_token)
+    return _run_gmm(x.contiguous(), w, bias, _Groups(offsets, True, R), out, trans_w, gather=src_slot,
+                    gather_div=top_k)
 
 
 @torch.no_grad()
@@ -88,9 +86,9 @@ def routed_gated_experts(x: torch.Tensor, probs: torch.Tensor | None, w1: torch.
     experts have no biases, and that no gradient is needed; the layer has validated the shapes."""
     T, K = row_map.shape
     R = src_slot.shape[0]
-    row_probs = None if probs is None else _gather_slots(probs.reshape(T * K).float(), src_slot)
+    slot_probs = None if probs is None else probs.reshape(T * K).contiguous()
     # the activation in the first GEMM's epilogue where it applies: h never goes to memory
-    a = gated_gmm(x, w1, offsets, activation, row_probs, gather=row_tokens(src_slot, K))
+    a = gated_gmm(x, w1, offsets, activation, gather=src_slot, gather_div=K, slot_scale=slot_probs)
     y_R = torch.empty(R, w2.shape[1], dtype=x.dtype, device=x.device)
     _run_gmm(a, w2, None, _Groups(offsets, True, R), y_R, True)
     y = torch.empty(T, w2.shape[1], dtype=x.dtype, device=x.device)

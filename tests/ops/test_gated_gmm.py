@@ -79,6 +79,31 @@ def test_gathered_rows_with_padding():
     assert torch.equal(a[gather < 0].float(), torch.zeros(int((gather < 0).sum()), F, device=DEVICE))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "fallback"])
+def test_gathered_slots_with_slot_scales(monkeypatch, fused):
+    # the MoE layer's folded inference: gather holds routed slots t·K+k (-1: padding), row r reads token
+    # slot // K and takes the slot's routing weight; the same bits as gathering rows and scales up front
+    top_k = 3
+    x, w, _, _ = _inputs(torch.bfloat16, seed=7)
+    tokens = x[:11]
+    g = torch.Generator().manual_seed(8)
+    slots = torch.randint(-1, 11 * top_k, (M,), generator=g).to(DEVICE)  # int64, as permute's src_slot
+    slot_probs = torch.rand(11 * top_k, generator=g).to(DEVICE)
+    offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
+    keep = slots >= 0
+    row_token = torch.where(keep, slots // top_k, -1).to(torch.int32)
+    row_scale = torch.where(keep, slot_probs[slots.clamp(min=0)], 0.0)
+    if not fused:
+        monkeypatch.setattr(gmm_module, "GATED_EPILOGUE", False)
+    a = gated_gmm_module.gated_gmm(tokens, w, offsets, "swiglu", gather=slots, gather_div=top_k,
+                                   slot_scale=slot_probs)
+    assert torch.equal(a, gated_gmm_module.gated_gmm(tokens, w, offsets, "swiglu", row_scale, gather=row_token))
+    rows = torch.where(keep[:, None], tokens[row_token.clamp(min=0).long()], 0)
+    ref = _reference(rows.double().cpu(), w.double().cpu(), row_scale.double().cpu(), "swiglu")
+    assert_close_to_ref("a", a, ref, _reference(rows, w, row_scale, "swiglu"))
+    assert torch.equal(a[~keep].float(), torch.zeros(int((~keep).sum()), F, device=DEVICE))
+
+
 def test_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     # fp32 inputs, large per-expert weights and the kernel switched off all take gmm + gated_act: same values
     x, w, scale, _ = _inputs(torch.float32, seed=5)

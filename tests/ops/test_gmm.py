@@ -165,19 +165,21 @@ def test_fp32_tf32_swapped_operands(monkeypatch, tiles):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("trans_w", [False, True], ids=["w_GKN", "w_GNK"])
-def test_forward_gathered_rows(path, dtype, trans_w):
-    # Row i of the GEMM reads x[gather[i]] (the MoE layer's inference path folds its permute this way): indices
-    # repeat and skip source rows, -1 marks padding rows (zeros in, zeros out), groups are empty, unaligned,
-    # and the tail rows past the last group stay zero. Reference: the same GEMM on the gathered copy, float64.
+@pytest.mark.parametrize("div", [1, 3], ids=["rows", "slots"])
+def test_forward_gathered_rows(path, dtype, trans_w, div):
+    # Row i of the GEMM reads x[gather[i] // div] (the MoE layer's inference path folds its permute this way;
+    # div = top-k when gather holds routed slots t·K+k): indices repeat and skip source rows, -1 marks padding
+    # rows (zeros in, zeros out), groups are empty, unaligned, and the tail rows past the last group stay zero.
+    # Reference: the same GEMM on the gathered copy, float64.
     sizes, M, T, K, N = [6, 0, 19, 1, 0, 11], 45, 13, 33, 26
     x, w, b = _make(T, K, N, len(sizes), dtype, path, trans_w, bias=True, seed=8)
     gen = torch.Generator().manual_seed(9)
-    gather = torch.randint(0, T, (M,), generator=gen, dtype=torch.int32)
+    gather = torch.randint(0, T * div, (M,), generator=gen, dtype=torch.int32 if div == 1 else torch.int64)
     gather[torch.randperm(M, generator=gen)[:7]] = -1
-    rows = torch.where((gather >= 0)[:, None], x.cpu()[gather.clamp(min=0).long()], 0).to(path)
+    rows = torch.where((gather >= 0)[:, None], x.cpu()[gather.clamp(min=0).long() // div], 0).to(path)
     out = _poison((M, N), dtype, path)
     gmm_module._run_gmm(x, w, b, gmm_module._make_groups(torch.tensor(sizes), None, len(sizes), M, x.device), out,
-                        trans_w, gather=gather.to(path))
+                        trans_w, gather=gather.to(path), gather_div=div)
     ref = _ref_forward(rows.double().cpu(), w.double().cpu(), sizes, trans_w, b.double().cpu())
     assert_close_to_ref("out", out, ref, _ref_forward(rows, w, sizes, trans_w, b))
     assert torch.equal(out[sum(sizes):].float().cpu(), torch.zeros(M - sum(sizes), N))
