@@ -89,9 +89,12 @@ def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool 
     # Large per-group weights also want bands of 16 m-tiles, not 8: each w[g] column panel (K x 256) is then
     # fetched from memory half as often (two H100 sweeps: mixtral_up fwd 562-582 -> 683-684 TFLOP/s, dgrad
     # 590-615 -> 686-697; the small-weight cases did not move or lost a little).
+    # Narrow [G, K, N] outputs (256 <= N < 1024: the Qwen3-30B down projection's dgrad, N=768) also take 4 stages
+    # and plain stores (benchmarks/NOTES.md, session 17, H100: 394.7 -> 369.6 us at T=8192, level at T=32768;
+    # session 15 saw the same); at N=1024 and wider the two were level or split by shape: those keep the TMA store.
     large_weight = k * n >= _LARGE_OUTPUT
     if n >= 256:
-        if trans_w and not large_weight:
+        if (trans_w or n < 1024) and not large_weight:
             return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4, flatten=True)
         return dict(BM=128, BN=256, BK=64, GROUP_M=16 if large_weight else _GROUP_M, num_warps=8, num_stages=3,
                     flatten=True, tma_store=True)
