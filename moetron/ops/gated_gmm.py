@@ -36,9 +36,11 @@ def gated_gmm(x: torch.Tensor, w1: torch.Tensor, offsets: torch.Tensor, activati
     zero row): permute's ``src_slot`` with ``gather_div`` = K, so no per-row token index is built. ``slot_scale``
     (instead of ``row_scale``, with ``gather``): ``[T·gather_div]`` contiguous per-slot scales, row r taking
     ``slot_scale[gather[r]]``. Inputs are the experts' own (validated there)."""
+    by_slot = slot_scale is not None
+    if by_slot and (gather is None or row_scale is not None):
+        raise ValueError("slot_scale indexes the scales through gather: pass gather, and no row_scale beside it")
     R = x.shape[0] if gather is None else gather.shape[0]
     groups = _make_groups(None, offsets, w1.shape[0], R, x.device)  # checked as gmm checks them
-    by_slot = slot_scale is not None
     a = gmm_gated(x, w1, groups, activation, slot_scale if by_slot else row_scale, gather=gather,
                   gather_div=gather_div, scale_by_slot=by_slot)
     if a is not None:

@@ -102,6 +102,11 @@ def test_gathered_slots_with_slot_scales(monkeypatch, fused):
     ref = _reference(rows.double().cpu(), w.double().cpu(), row_scale.double().cpu(), "swiglu")
     assert_close_to_ref("a", a, ref, _reference(rows, w, row_scale, "swiglu"))
     assert torch.equal(a[~keep].float(), torch.zeros(int((~keep).sum()), F, device=DEVICE))
+    with pytest.raises(ValueError, match="slot_scale"):  # without gather there are no slots to index by
+        gated_gmm_module.gated_gmm(x, w, offsets, "swiglu", slot_scale=slot_probs)
+    with pytest.raises(ValueError, match="slot_scale"):
+        gated_gmm_module.gated_gmm(tokens, w, offsets, "swiglu", row_scale, gather=slots, gather_div=top_k,
+                                   slot_scale=slot_probs)
 
 
 def test_falls_back_where_the_kernel_does_not_apply(monkeypatch):
