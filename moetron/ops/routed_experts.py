@@ -19,8 +19,9 @@ ops per call: a Qwen3-30B layer at T=16 ran 19 kernels before, 8 now; benchmarks
 fold sped up the Qwen3-30B and OLMoE layers' inference (benchmarks/results/infer_fusions_h100.json: T=32768 -12%,
 T=8192 -4%, the latter within that run's noise) and slowed Mixtral's in scratch A/B runs (benchmarks/NOTES.md,
 session 7), whose large-expert GEMMs lose more to pointer loads than the copy costs, so only experts with a small
-per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``). The first GEMM with the activation in its epilogue is ``gated_gmm``'s.
-``gathered_gemm`` is the folded first GEMM alone (the transformers backend uses it with its own gates).
+per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``). The first GEMM with the activation in its epilogue is
+``gated_gmm``'s. ``gathered_gemm`` is the folded first GEMM alone (the transformers backend uses it with its own
+gates).
 
 Inference only: a training step needs the gathered rows again for a weight gradient, and there the GEMM that
 gathered its own rows ran slower than on a copy, while copying in backward what the forward skipped left the
