@@ -24,6 +24,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetron import GroupedExperts, MoEConfig, MoELayer, SequentialExperts, SharedExperts
 from moetron.router import AuxLossAutoScaler
@@ -940,6 +941,38 @@ def test_inference_folds_the_permute_into_the_first_gemm(case, monkeypatch, pois
     assert results["1"][1] == results["0"][1]
     monkeypatch.setenv("MOETRON_FOLD_PERMUTE", "1")
     assert not layer._gathers_rows(x.requires_grad_(), layer.router(x).probs)  # training keeps the permuted copy
+
+
+class _AtenOps(TorchDispatchMode):
+    """The names of the aten ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_folded_inference_computes_nothing_outside_its_kernels(monkeypatch):
+    """At inference the first GEMM reads each row's token and routing weight through permute's slot index itself
+    (gmm's gather_div, the gated epilogue's scale_by_slot), so the forward builds no per-row index or weight
+    tensor with torch ops: eleven small kernels per call at decode sizes before (benchmarks/NOTES.md, session 17).
+    Only allocations and views may run outside the Triton kernels (and, on CPU, the interpreter's own copies)."""
+    device = _select_backend(monkeypatch, "triton")
+    monkeypatch.setenv("MOETRON_TMA", "1")  # the gated epilogue is a TMA kernel (the interpreter runs it when asked)
+    layer = MoELayer(make_cfg(num_experts=5))
+    randomize(layer, 5)
+    layer.to(device, torch.bfloat16).eval()
+    x = torch.randn(2, 7, H, generator=torch.Generator().manual_seed(6)).to(device, torch.bfloat16)
+    with torch.no_grad():
+        assert layer._gathers_rows(x.reshape(-1, H), layer.router(x.reshape(-1, H)).probs)
+        with _AtenOps() as ops:
+            layer(x)
+    allowed = {"empty", "empty_like", "new_empty", "zeros", "full", "view", "_unsafe_view", "reshape", "select",
+               "slice", "alias", "detach", "set_", "copy_"}
+    assert ops.names - allowed == set()
 
 
 def test_row_scale_of_the_wrong_length_raises():
