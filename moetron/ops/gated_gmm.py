@@ -22,6 +22,7 @@ import torch
 
 from .gated_act import _forward as _gated_forward
 from .gmm import _make_groups, _run_gmm, gmm_gated
+from .permute import _gather_slots
 
 
 @torch.no_grad()
@@ -48,6 +49,5 @@ def gated_gmm(x: torch.Tensor, w1: torch.Tensor, offsets: torch.Tensor, activati
     h = torch.empty(R, w1.shape[1], dtype=x.dtype, device=x.device)
     _run_gmm(x.contiguous(), w1, None, groups, h, True, gather=gather, gather_div=gather_div)
     if by_slot:
-        keep = gather >= 0
-        row_scale = torch.where(keep, slot_scale[torch.where(keep, gather, 0).long()], 0)
+        row_scale = _gather_slots(slot_scale, gather)
     return _gated_forward(h, row_scale, activation)
