@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_tensor
+from ._compile import compiling
 from .ops.gated_act import gated_act
 from .ops.gated_gmm import gated_gmm
 from .ops.gmm import gmm
@@ -211,9 +212,11 @@ class GroupedExperts(_ExpertWeights):
         reuse = self.reuse_activation_memory
         first = dict(offsets=offsets, trans_w=True, bias=_bias_for(b1, dtype), zero_tail=zero_tail,
                      consume_x=consume_input)
-        if self.activation in GATED_ACTIVATIONS and b1 is None and not records_grad(x, w1, row_scale):
-            # inference: the activation in the first GEMM's epilogue on Hopper (moetron/ops/gated_gmm.py)
-            h = gated_gmm(x, w1, offsets, self.activation, None if row_scale is None else row_scale.contiguous())
+        if self.activation in GATED_ACTIVATIONS and b1 is None and not (compiling() and records_grad(x, w1, row_scale)):
+            # the activation in the first GEMM's epilogue on Hopper (moetron/ops/gated_gmm.py); when training, that
+            # kernel also stores h for the backward
+            h = gated_gmm(x, w1, offsets, self.activation, None if row_scale is None else row_scale.contiguous(),
+                          zero_tail=zero_tail, consume_x=consume_input, consume_h=reuse)
         elif self.activation in GATED_ACTIVATIONS:  # one fused kernel each way (moetron/ops/gated_act.py)
             h = gated_act(gmm(x, w1, **first), self.activation, row_scale=row_scale, num_rows=limit, consume_h=reuse)
         else:

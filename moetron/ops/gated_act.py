@@ -156,10 +156,12 @@ def _backward(h, scale, da, activation: str, need_scale_grad: bool, limit=None, 
 @eager_function
 class _GatedAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, scale, activation, limit, consume_h):
+    def forward(ctx, h, scale, activation, limit, consume_h, computed=None):
+        """``computed``: the activation already computed from h (by the fused first GEMM, ops/gated_gmm.py), which
+        this node then returns and differentiates instead of computing it again."""
         ctx.save_for_backward(h, scale, limit)
         ctx.activation, ctx.consume_h, ctx.ran = activation, consume_h, False
-        return _forward(h, scale, activation, limit)
+        return _forward(h, scale, activation, limit) if computed is None else computed
 
     @staticmethod
     def backward(ctx, da):
@@ -171,7 +173,7 @@ class _GatedAct(torch.autograd.Function):
                                into_h=ctx.consume_h)
         if dh is h:  # whoever else saved h for backward now fails autograd's version check instead of reading dh
             torch.autograd.graph.increment_version(h)
-        return dh, dscale, None, None, None
+        return dh, dscale, None, None, None, None
 
 
 # Under torch.compile: the same two kernels as custom ops with a registered autograd formula (no graph break;

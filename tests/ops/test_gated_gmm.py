@@ -1,8 +1,9 @@
-"""The first expert GEMM with its gated activation in the epilogue (gmm.gmm_gated, ops/gated_gmm.py: inference).
+"""The first expert GEMM with its gated activation in the epilogue (gmm.gmm_gated, ops/gated_gmm.py).
 
 Against an independent float64 reference (DESIGN.md tolerance rule) and bit for bit against ``gmm`` followed by
 ``gated_act``: empty, unaligned and single-row groups, a zero tail, rows gathered by index
-with padding rows, row scales, the fallbacks. On CPU the fused kernel runs in Triton's interpreter (MOETRON_TMA=1:
+with padding rows, row scales, h stored for training and the gradients of the training node, both epilogue
+configs (small and large per-expert weights), the fallbacks. On CPU the fused kernel runs in Triton's interpreter (MOETRON_TMA=1:
 it is a TMA kernel); on a GPU machine on the GPU.
 """
 
@@ -48,9 +49,12 @@ def _reference(x, w, scale, act):
     return gated_act.gated_act_ref(h, act, scale.to(x.dtype))
 
 
+@pytest.mark.parametrize("large", [False, True], ids=["small_w", "large_w"])
 @pytest.mark.parametrize("act", ["swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_forward(act, dtype):
+def test_forward(monkeypatch, act, dtype, large):
+    if large:  # the large-weight epilogue (TMA stores) at test sizes
+        monkeypatch.setattr(gmm_module, "_LARGE_OUTPUT", 16)
     x, w, scale, _ = _inputs(dtype, seed=1)
     offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
     groups = gmm_module._Groups(offsets, True, M)
@@ -59,10 +63,91 @@ def test_forward(act, dtype):
     h_twin = gmm_module.gmm(x, w, offsets=offsets, trans_w=True)
     assert torch.equal(a, gated_act.gated_act(h_twin, act, row_scale=scale))
     assert torch.equal(gated_gmm_module.gated_gmm(x, w, offsets, act, scale), a)
+    # storing h (training) changes nothing in a, and h is gmm's output, zero tail included
+    h = torch.full((M, 2 * F), float("nan"), dtype=dtype, device=DEVICE)
+    assert torch.equal(gmm_module.gmm_gated(x, w, groups, act, scale, h_out=h), a)
+    assert torch.equal(h, h_twin)
     # and the float64 reference
     ref = _reference(x.double().cpu(), w.double().cpu(), scale.double().cpu(), act)
     assert_close_to_ref("a", a, ref, _reference(x, w, scale, act))
     assert torch.equal(a[sum(SIZES):].float().cpu(), torch.zeros(5, F))
+
+
+def _two_ops(x, w, scale, offsets, act, zero_tail=True):
+    h = gmm_module.gmm(x, w, offsets=offsets, trans_w=True, zero_tail=zero_tail)
+    return gated_act.gated_act(h, act, row_scale=scale, num_rows=None if zero_tail else offsets[-1:])
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small_w", "large_w"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "fallback"])
+@pytest.mark.parametrize("act", ["swiglu", "geglu"])
+def test_training_matches_the_two_ops(monkeypatch, act, fused, large):
+    # the training node: output and the x, w and row-scale gradients bit for bit those of gmm then gated_act,
+    # and close to float64 autograd through the plain per-group reference
+    if large:
+        monkeypatch.setattr(gmm_module, "_LARGE_OUTPUT", 16)
+    if not fused:
+        monkeypatch.setattr(gmm_module, "GATED_EPILOGUE", False)
+    x, w, scale, dy = _inputs(torch.bfloat16, seed=11)
+    offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
+    calls = []
+    real = gmm_module.gmm_gated
+    monkeypatch.setattr(gated_gmm_module, "gmm_gated", lambda *a, **k: calls.append(k.get("h_out")) or real(*a, **k))
+    grads = []
+    for fn in (gated_gmm_module.gated_gmm, None):
+        leaves = [t.clone().requires_grad_() for t in (x, w, scale)]
+        a = fn(*leaves[:2], offsets, act, leaves[2]) if fn else _two_ops(*leaves, offsets, act)
+        a.backward(dy)
+        grads.append([a.detach()] + [t.grad for t in leaves])
+    assert len(calls) == 1 and calls[0] is not None  # the training node asked the kernel to store h
+    for name, got, want in zip(("a", "dx", "dw", "dscale"), *grads):
+        assert torch.equal(got, want), name
+    leaves64 = [t.double().cpu().requires_grad_() for t in (x, w, scale)]
+    ref = _reference(*leaves64, act)
+    ref.backward(dy.double().cpu())
+    base = [t.clone().requires_grad_() for t in (x, w, scale)]
+    _reference(*base, act).backward(dy)
+    for name, got, t64, tb in zip(("dx", "dw", "dscale"), grads[0][1:], leaves64, base):
+        assert_close_to_ref(name, got, t64.grad, tb.grad)
+
+
+def test_training_without_zero_tail_and_reusing_memory():
+    # zero_tail=False leaves the tail rows unwritten (forward and dx) and the rest bit for bit; consume_x /
+    # consume_h write the gradients over x and h, so a second backward raises
+    x, w, scale, dy = _inputs(torch.bfloat16, seed=12)
+    offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
+    n = sum(SIZES)
+    want = [t.clone().requires_grad_() for t in (x, w, scale)]
+    _two_ops(*want, offsets, "swiglu").backward(dy)
+    leaves = [t.clone().requires_grad_() for t in (x, w, scale)]
+    a = gated_gmm_module.gated_gmm(*leaves[:2], offsets, "swiglu", leaves[2], zero_tail=False)
+    a.backward(dy)
+    assert torch.equal(leaves[0].grad[:n], want[0].grad[:n])
+    assert torch.equal(leaves[1].grad, want[1].grad) and torch.equal(leaves[2].grad[:n], want[2].grad[:n])
+    leaves = [t.clone().requires_grad_() for t in (x, w, scale)]
+    x_mid = leaves[0] * 1  # an intermediate, as a dispatcher's permuted rows are
+    a = gated_gmm_module.gated_gmm(x_mid, leaves[1], offsets, "swiglu", leaves[2], consume_x=True, consume_h=True)
+    (a * dy).sum().backward(retain_graph=True)
+    assert torch.equal(leaves[0].grad, want[0].grad) and torch.equal(leaves[1].grad, want[1].grad)
+    with pytest.raises(RuntimeError, match="can run once"):
+        (a * dy).sum().backward()
+    with pytest.raises(ValueError, match="consume_x"):  # a leaf's data must not be overwritten
+        gated_gmm_module.gated_gmm(leaves[0], leaves[1], offsets, "swiglu", consume_x=True)
+
+
+def test_training_adds_into_main_grad():
+    x, w, scale, dy = _inputs(torch.bfloat16, seed=13)
+    offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
+    wp = w.clone().requires_grad_()
+    _two_ops(x, wp, scale, offsets, "swiglu").backward(dy)
+    wm = w.clone().requires_grad_()
+    wm.main_grad = torch.ones(w.shape, device=DEVICE)
+    gated_gmm_module.gated_gmm(x, wm, offsets, "swiglu", scale).backward(dy)
+    assert wm.grad is None
+    assert torch.allclose(wm.main_grad, 1 + wp.grad.float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="gather"):
+        gated_gmm_module.gated_gmm(x[:3], wm, offsets, "swiglu", gather=torch.zeros(M, dtype=torch.int32,
+                                                                                          device=DEVICE))
 
 
 def test_gathered_rows_with_padding():
@@ -110,7 +195,7 @@ def test_gathered_slots_with_slot_scales(monkeypatch, fused):
 
 
 def test_falls_back_where_the_kernel_does_not_apply(monkeypatch):
-    # fp32 inputs, large per-expert weights and the kernel switched off all take gmm + gated_act: same values
+    # fp32 inputs and the kernel switched off take gmm + gated_act: same values
     x, w, scale, _ = _inputs(torch.float32, seed=5)
     offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
     groups = gmm_module._Groups(offsets, True, M)
@@ -118,27 +203,31 @@ def test_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     expect = gated_act.gated_act(gmm_module.gmm(x, w, offsets=offsets, trans_w=True), "swiglu", row_scale=scale)
     assert torch.equal(gated_gmm_module.gated_gmm(x, w, offsets, "swiglu", scale), expect)
     xb, wb, sb, _ = _inputs(torch.bfloat16, seed=5)
-    monkeypatch.setattr(gmm_module, "_LARGE_OUTPUT", 16)
-    assert gmm_module.gmm_gated(xb, wb, groups, "geglu") is None
-    monkeypatch.undo()
     monkeypatch.setattr(gmm_module, "GATED_EPILOGUE", False)
     assert torch.equal(gated_gmm_module.gated_gmm(xb, wb, offsets, "geglu", sb),
                        gated_act.gated_act(gmm_module.gmm(xb, wb, offsets=offsets, trans_w=True), "geglu",
                                            row_scale=sb))
 
 
-def test_layer_inference_uses_it_and_training_does_not(monkeypatch):
+def test_layer_uses_it_in_inference_and_training(monkeypatch):
     from moetron import GroupedExperts
 
     experts = GroupedExperts(len(SIZES), K, F).to(DEVICE, torch.bfloat16)
-    x, _, scale, _ = _inputs(torch.bfloat16, seed=6)
+    x, _, scale, dy = _inputs(torch.bfloat16, seed=6)
     offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
     calls = []
     real = gmm_module.gmm_gated
-    monkeypatch.setattr(gated_gmm_module, "gmm_gated", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(gated_gmm_module, "gmm_gated", lambda *a, **k: calls.append(k.get("h_out")) or real(*a, **k))
     with torch.no_grad():
         y_infer = experts(x, offsets, row_scale=scale)
-    assert calls == [1]
+    assert len(calls) == 1 and calls[0] is None
     y_train = experts(x, offsets, row_scale=scale)
-    assert calls == [1] and y_train.requires_grad
+    assert len(calls) == 2 and calls[1] is not None and y_train.requires_grad
     assert torch.equal(y_infer, y_train.detach())
+    y_train.backward(dy[:, :1].expand(M, K).contiguous())
+    fused_grads = [p.grad.clone() for p in experts.parameters()]
+    experts.zero_grad()
+    monkeypatch.setattr(gmm_module, "GATED_EPILOGUE", False)
+    experts(x, offsets, row_scale=scale).backward(dy[:, :1].expand(M, K).contiguous())
+    for got, p in zip(fused_grads, experts.parameters()):
+        assert torch.equal(got, p.grad)
