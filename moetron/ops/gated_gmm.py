@@ -92,6 +92,8 @@ class _FirstGemmWithActivation(torch.autograd.Function):
         h = torch.empty(groups.num_rows, w1.shape[1], dtype=x.dtype, device=x.device)
         a = _forward(x, w1, scale, groups, activation, limit, h_out=h)
         ctx.mark_non_differentiable(a)
+        # a's gradient is always None here: not materialised as an [R, F] tensor of zeros (memory at the peak)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, w1)
         ctx.groups, ctx.trans_w, ctx.bias_dtype, ctx.main_grad = groups, True, None, main_grad
         ctx.consume_x, ctx.ran = consume_x, False
@@ -99,4 +101,5 @@ class _FirstGemmWithActivation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, _):
-        return (*_node_backward(ctx, dh), None, None, None, None, None, None)
+        grads = (None, None, None) if dh is None else _node_backward(ctx, dh)
+        return (*grads, None, None, None, None, None, None)

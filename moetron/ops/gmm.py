@@ -824,11 +824,13 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, ga
 
 def _gmm_gated_config(on_cpu: bool, large_weight: bool, store_h: bool) -> dict:
     """Config of ``_gmm_gated_tma_kernel``: BN columns of a per tile, so a [BM, 2·BN] accumulator.
-    H100 sweep (benchmarks/NOTES.md, session 18, us at T=8192, gmm + gated_act in brackets): small per-expert
+    H100 sweeps (benchmarks/NOTES.md, session 18, us at T=8192, gmm + gated_act in brackets): small per-expert
     weights keep 4 stages and pointer stores (inference Qwen3 725 [776], OLMoE 855 [962]; with h stored 758,
     914); large ones (Mixtral) want the plain forward's bands of 16 m-tiles with 3 stages and TMA stores
-    (inference 5494-5506 [5751-5807], with h 5597-5712); the two TMA-stored outputs together do not fit in
-    shared memory beside 3 stages, so with h, a takes pointer stores."""
+    (inference 5412-5567 [5729-5807]). With h stored too, large weights gained in one sweep (5597-5712 [5751-5807])
+    and lost in the next (5753-5800 [5729-5776]): storing h costs ~300 us there, so ``gmm_gated`` leaves that case
+    to gmm + gated_act on the GPU (the interpreter still runs it, for the tests). The two TMA-stored outputs do not
+    fit in shared memory beside 3 stages, so with h, a takes pointer stores."""
     if on_cpu:  # the interpreter takes the large-weight epilogue too (tests patch _LARGE_OUTPUT to reach it)
         return dict(_INTERPRETER_CONFIG, flatten=False, store_h=(2 if large_weight else 1) if store_h else 0,
                     a_tma_store=large_weight)
@@ -859,6 +861,9 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
             or not _env.use_triton(x) or x.shape[0] == 0 or x.shape[1] == 0 or w.shape[1] % 2
             or not _tma_eligible(x, w)):
         return None
+    large_weight = w[0].numel() >= _LARGE_OUTPUT
+    if large_weight and h_out is not None and x.is_cuda:
+        return None  # storing h too ran no faster than gmm + gated_act there (see _gmm_gated_config)
     M, F_, K = groups.num_rows, w.shape[1] // 2, x.shape[1]
     a = torch.empty(M, F_, dtype=x.dtype, device=x.device)
     if M == 0 or F_ == 0:
@@ -870,8 +875,7 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
                                    scale_by_slot, groups.zero_tail, h_out is None))
     if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
         return a
-    cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(not x.is_cuda, w[0].numel() >= _LARGE_OUTPUT,
-                                                               h_out is not None)
+    cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(not x.is_cuda, large_weight, h_out is not None)
     G = groups.num_groups
     max_tiles = (cdiv(M, cfg["BM"]) + G) * cdiv(F_, cfg["BN"])
     programs = max(1, min(num_sms(x.device.index or 0) if x.is_cuda else 4, max_tiles))

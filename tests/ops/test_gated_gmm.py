@@ -63,10 +63,14 @@ def test_forward(monkeypatch, act, dtype, large):
     h_twin = gmm_module.gmm(x, w, offsets=offsets, trans_w=True)
     assert torch.equal(a, gated_act.gated_act(h_twin, act, row_scale=scale))
     assert torch.equal(gated_gmm_module.gated_gmm(x, w, offsets, act, scale), a)
-    # storing h (training) changes nothing in a, and h is gmm's output, zero tail included
+    # storing h (training) changes nothing in a, and h is gmm's output, zero tail included; on the GPU large weights
+    # leave that to gmm + gated_act (no faster fused there)
     h = torch.full((M, 2 * F), float("nan"), dtype=dtype, device=DEVICE)
-    assert torch.equal(gmm_module.gmm_gated(x, w, groups, act, scale, h_out=h), a)
-    assert torch.equal(h, h_twin)
+    a_with_h = gmm_module.gmm_gated(x, w, groups, act, scale, h_out=h)
+    if large and DEVICE == "cuda":
+        assert a_with_h is None
+    else:
+        assert torch.equal(a_with_h, a) and torch.equal(h, h_twin)
     # and the float64 reference
     ref = _reference(x.double().cpu(), w.double().cpu(), scale.double().cpu(), act)
     assert_close_to_ref("a", a, ref, _reference(x, w, scale, act))
@@ -133,6 +137,19 @@ def test_training_without_zero_tail_and_reusing_memory():
         (a * dy).sum().backward()
     with pytest.raises(ValueError, match="consume_x"):  # a leaf's data must not be overwritten
         gated_gmm_module.gated_gmm(leaves[0], leaves[1], offsets, "swiglu", consume_x=True)
+
+
+def test_training_materialises_no_gradient_for_the_activation(monkeypatch):
+    # the first node returns a as a non-differentiable side output: its backward must get None there, not an [R, F]
+    # tensor of zeros allocated by autograd (that was +0.47 GB at the Mixtral layer's peak, T=8192)
+    node = gated_gmm_module._FirstGemmWithActivation
+    seen = []
+    real = node.backward
+    monkeypatch.setattr(node, "backward", staticmethod(lambda ctx, dh, da: seen.append(da) or real(ctx, dh, da)))
+    x, w, scale, dy = _inputs(torch.bfloat16, seed=14)
+    offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
+    gated_gmm_module.gated_gmm(x, w.requires_grad_(), offsets, "swiglu", scale).backward(dy)
+    assert seen == [None] and w.grad is not None
 
 
 def test_training_adds_into_main_grad():
