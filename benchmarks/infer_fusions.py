@@ -6,8 +6,9 @@
 
     python benchmarks/infer_fusions.py        # GPU; writes benchmarks/results/infer_fusions_<gpu>.json
 
-MoELayer in eval mode under no_grad, bf16; variants take turns for 3 rounds, the median is kept. Mixtral is the
-control: its experts are above both fusions' size limit, so all three variants run the same kernels there.
+MoELayer in eval mode under no_grad, bf16; variants take turns for 3 rounds, the median is kept. Mixtral's experts
+are above the fold's size limit, so "fold" runs plain's kernels there (a control) and "fold_gate" adds only the
+gated epilogue (large weights take it since session 18).
 """
 
 from __future__ import annotations
