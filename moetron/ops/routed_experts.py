@@ -16,8 +16,8 @@ permuted copy of x is never written:
 reads the row's token t and its routing weight through it, so neither a permuted copy of x (268 MB at Qwen3-30B
 shapes, T=8192, K=8, H=2048, bf16) nor per-row token and weight indices are made (those took eleven small torch
 ops per call: a Qwen3-30B layer at T=16 ran 19 kernels before, 8 now; benchmarks/NOTES.md, session 17). The
-fold sped up the Qwen3-30B and OLMoE layers' inference (benchmarks/results/infer_fusions_h100.json: T=32768 -12%,
-T=8192 -4%, the latter within that run's noise) and slowed Mixtral's in scratch A/B runs (benchmarks/NOTES.md,
+fold sped up the Qwen3-30B and OLMoE layers' inference (benchmarks/results/infer_fusions_h100.json: Qwen3-30B
+T=32768 -7%, T=8192 -4%, OLMoE -2%) and slowed Mixtral's in scratch A/B runs (benchmarks/NOTES.md,
 session 7), whose large-expert GEMMs lose more to pointer loads than the copy costs, so only experts with a small
 per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``). The first GEMM with the activation in its epilogue is
 ``gated_gmm``'s. ``gathered_gemm`` is the folded first GEMM alone (the transformers backend uses it with its own
