@@ -11,8 +11,9 @@ On Hopper (16-bit inputs, TMA-aligned operands) this is one kernel whose epilogu
 ``_gmm_gated_tma_kernel``); elsewhere ``gmm`` then ``gated_act``. Results are bit for bit the same either way.
 Without autograd h [R, 2F] never goes to memory. When autograd records, the kernel also stores h for the backward
 (gated_act's backward followed by gmm's, as two autograd nodes), so the activation's separate pass that read h
-back is gone (H100, T=8192, benchmarks/NOTES.md session 18: Mixtral's first projection and activation
-5751-5807 -> 5597-5712 us, OLMoE 960 -> 914, Qwen3-30B 776 -> 758).
+back is gone (H100, T=8192, benchmarks/NOTES.md session 18: first projection and activation 960 -> 914 us at
+OLMoE, 776 -> 758 at Qwen3-30B). Large per-expert weights (Mixtral) train with gmm then gated_act: storing h
+from the fused kernel was no faster there.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class _FirstGemmWithActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, bias, scale, groups: _Groups, activation, limit, main_grad, consume_x):
+        # bias is always None: it holds gmm's input slot, so gmm's node backward reads needs_input_grad unchanged
         h = torch.empty(groups.num_rows, w1.shape[1], dtype=x.dtype, device=x.device)
         a = _forward(x, w1, scale, groups, activation, limit, h_out=h)
         ctx.mark_non_differentiable(a)

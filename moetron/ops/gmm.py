@@ -428,20 +428,17 @@ def _gmm_gated_tma_kernel(
     both BN-row panels and the loop runs one MMA per k-step, like the plain forward's 128x256 tile (two MMAs per
     step ran 5-25% slower, benchmarks/NOTES.md, session 18). The epilogue stores a = act(gate)·up (·scale per
     row); the activation sees gate and up rounded to x's dtype first, so a is bit for bit what gmm followed by
-    gated_act gives. STORE_H (training) also stores h [M, 2F] for the backward: 1 through pointer stores, 2
-    through a TMA store of each tile wholly inside its group (masked stores at group edges). A_TMA_STORE stores
-    such tiles of a through TMA too. Without STORE_H h never goes to memory (inference: the separate activation
-    kernel would read it back and write a). Schedule, group edges, the zero tail and GATHER as in
-    _gmm_tma_kernel. SCALE_BY_SLOT (with GATHER): row r's scale is scale[gather[r]], the routing weight of the
-    slot the row holds, so no permuted copy of the weights is needed either."""
+    gated_act gives. STORE_H (training) also stores h [M, 2F] for the backward (pointer stores). A_TMA_STORE
+    stores the tiles of a that lie wholly inside their group through TMA (masked stores at group edges). Without
+    STORE_H h never goes to memory (inference: the separate activation kernel would read it back and write a).
+    Schedule, group edges, the zero tail and GATHER as in _gmm_tma_kernel. SCALE_BY_SLOT (with GATHER): row r's
+    scale is scale[gather[r]], the routing weight of the slot the row holds, so no permuted copy of the weights is
+    needed either."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[num_src_rows, K], strides=[stride_xm, 1],
                                        block_shape=[BM, BK])
     # gate columns past F read zeros (the box is bounded per dimension) and are never stored
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[G, 2, F_, K], strides=[stride_wg, F_ * stride_w1, stride_w1, 1],
                                        block_shape=[1, 2, BN, BK])
-    if STORE_H == 2:
-        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[M, 2, F_], strides=[stride_hm, F_, 1],
-                                           block_shape=[BM, 2, BN])
     if A_TMA_STORE:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, F_], strides=[stride_am, 1], block_shape=[BM, BN])
     pid = tl.program_id(0)
@@ -470,9 +467,7 @@ def _gmm_gated_tma_kernel(
         interior = row0 + BM <= row_end
         h_tile = to_output_dtype(acc, a_ptr, BF16_FIXUPS).reshape(BM, 2, BN)  # a has x's dtype: h's rounding
         gate, up = tl.split(tl.permute(h_tile, 0, 2, 1))
-        if STORE_H == 2 and interior:
-            h_desc.store([row0, 0, n_tile * BN], h_tile)
-        elif STORE_H != 0:
+        if STORE_H:
             h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
             tl.store(h_ptrs, gate, mask=ok)
             tl.store(h_ptrs + F_, up, mask=ok)
@@ -822,23 +817,19 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, ga
     return out
 
 
-def _gmm_gated_config(on_cpu: bool, large_weight: bool, store_h: bool) -> dict:
+def _gmm_gated_config(on_cpu: bool, large_weight: bool) -> dict:
     """Config of ``_gmm_gated_tma_kernel``: BN columns of a per tile, so a [BM, 2·BN] accumulator.
     H100 sweeps (benchmarks/NOTES.md, session 18, us at T=8192, gmm + gated_act in brackets): small per-expert
     weights keep 4 stages and pointer stores (inference Qwen3 725 [776], OLMoE 855 [962]; with h stored 758,
     914); large ones (Mixtral) want the plain forward's bands of 16 m-tiles with 3 stages and TMA stores
-    (inference 5412-5567 [5729-5807]). With h stored too, large weights gained in one sweep (5597-5712 [5751-5807])
-    and lost in the next (5753-5800 [5729-5776]): storing h costs ~300 us there, so ``gmm_gated`` leaves that case
-    to gmm + gated_act on the GPU (the interpreter still runs it, for the tests). The two TMA-stored outputs do not
-    fit in shared memory beside 3 stages, so with h, a takes pointer stores."""
+    (inference 5412-5567 [5729-5807]). With h stored too, large weights gained in one sweep (5597-5712 with h
+    TMA-stored [5751-5807]) and lost in the next (5753-5800 [5729-5776]): storing h costs ~300 us there, so
+    ``gmm_gated`` leaves that case to gmm + gated_act on the GPU (the interpreter still runs it, for the tests)."""
     if on_cpu:  # the interpreter takes the large-weight epilogue too (tests patch _LARGE_OUTPUT to reach it)
-        return dict(_INTERPRETER_CONFIG, flatten=False, store_h=(2 if large_weight else 1) if store_h else 0,
-                    a_tma_store=large_weight)
+        return dict(_INTERPRETER_CONFIG, flatten=False, a_tma_store=large_weight)
     if large_weight:
-        return dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3, flatten=True,
-                    store_h=2 if store_h else 0, a_tma_store=not store_h)
-    return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4, flatten=True,
-                store_h=1 if store_h else 0, a_tma_store=False)
+        return dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3, flatten=True, a_tma_store=True)
+    return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4, flatten=True, a_tma_store=False)
 
 
 _GATED_PLANS = LaunchPlans()
@@ -875,18 +866,17 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
                                    scale_by_slot, groups.zero_tail, h_out is None))
     if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
         return a
-    cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(not x.is_cuda, large_weight, h_out is not None)
+    cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(not x.is_cuda, large_weight)
     G = groups.num_groups
     max_tiles = (cdiv(M, cfg["BM"]) + G) * cdiv(F_, cfg["BN"])
     programs = max(1, min(num_sms(x.device.index or 0) if x.is_cuda else 4, max_tiles))
     args = (*tensors, M, F_, K, G, programs, x.shape[0], gather_div, x.stride(0), w.stride(0), w.stride(1),
             a.stride(0), tensors[4].stride(0))
-    # a and h as TMA boxes ([M, F] and [M, 2, F]) need 16-byte aligned row pitches; else pointer stores
+    # a as a TMA box needs a 16-byte aligned row pitch; else pointer stores
     pitch_ok = (F_ * x.element_size()) % 16 == 0
-    store_h = 0 if h_out is None else (cfg["store_h"] if pitch_ok else 1)
     constexprs = dict(GELU=activation == "geglu", HAS_SCALE=row_scale is not None, SCALE_BY_SLOT=scale_by_slot,
-                      GATHER=gather is not None, STORE_H=store_h, A_TMA_STORE=cfg.get("a_tma_store", False) and pitch_ok,
-                      FLATTEN=cfg.get("flatten", False),
+                      GATHER=gather is not None, STORE_H=h_out is not None,
+                      A_TMA_STORE=cfg.get("a_tma_store", False) and pitch_ok, FLATTEN=cfg.get("flatten", False),
                       **groups.kernel_args(), BF16_FIXUPS=interpreter_bf16_fixups(x), BM=cfg["BM"], BN=cfg["BN"],
                       BK=cfg["BK"], GROUP_M=cfg["GROUP_M"])
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
