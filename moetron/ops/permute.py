@@ -546,6 +546,10 @@ _launch_unpermute_bwd = CachedLauncher(_unpermute_bwd_kernel)
 # Benchmarks switch the token-scatter permute off here, to time it against a program per destination row.
 PERMUTE_SCATTER = True
 _ZERO_ROWS = 16  # rows per zeroing program of _permute_scatter_kernel
+# Warps of _permute_scatter_kernel on the GPU: 2 beat 4 and 8 (session 18, H100, us per call with 4 KB blocks: Qwen3
+# T=8192 116 / 123 / 137, T=32768 470 / 497 / 547, Mixtral T=8192 75.5 / 76.1 / 80.1; scratch_dev/permute_sweep.py):
+# more small programs in flight per SM for a pass that only moves rows.
+_SCATTER_WARPS = 2
 
 
 def _run_permute(x, src_slot, K, probs_R, out, probs_out, row_map_R):
@@ -564,7 +568,8 @@ def _run_permute(x, src_slot, K, probs_R, out, probs_out, row_map_R):
                 (T + cdiv(R_out, zero_rows),),
                 (x, row_map_R, src_slot, probs_R if has_probs else src_slot, out,
                  probs_out if has_probs else src_slot, T, R_out, H, K, x.stride(0), out.stride(0)),
-                dict(HAS_PROBS=has_probs, ZERO_ROWS=zero_rows, BLOCK_H=cfg["BLOCK_H"]), num_warps=cfg["num_warps"],
+                dict(HAS_PROBS=has_probs, ZERO_ROWS=zero_rows, BLOCK_H=cfg["BLOCK_H"]),
+                num_warps=min(cfg["num_warps"], _SCATTER_WARPS),
             )
             return
         _launch_permute(
