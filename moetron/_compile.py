@@ -39,6 +39,11 @@ def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if t is None else t
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (None allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def compiling() -> bool:
     """Whether Dynamo is tracing the caller: moetron's public ops then call their custom-op form (an opaque node
     with a registered autograd formula, kept in the graph) instead of their Function (a graph break)."""

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_tensor
-from ._compile import compiling
+from ._compile import compiling, records_grad
 from .ops.gated_act import gated_act
 from .ops.gated_gmm import gated_gmm
 from .ops.gmm import gmm
-from .ops.routed_experts import folds, records_grad, routed_gated_experts
+from .ops.routed_experts import folds, routed_gated_experts
 
 __all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "GroupedExperts", "SequentialExperts", "SharedExperts",
            "apply_activation"]

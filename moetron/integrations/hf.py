@@ -64,8 +64,8 @@ from ..ops.gmm import gmm
 from ..ops.permute import _route, permute, unpermute
 from ..ops.rmsnorm import rms_norm
 from ..ops.rotary import MAX_HEAD_DIM, apply_rotary, apply_rotary_ref
-from ..ops.routed_experts import folds, gathered_gemm, records_grad
-from .._compile import compiling, eager_function
+from ..ops.routed_experts import folds, gathered_gemm
+from .._compile import compiling, eager_function, records_grad
 
 __all__ = ["IMPLEMENTATION_NAME", "experts_forward", "register", "is_registered", "patch", "unpatch", "fuse_lm_loss",
            "unfuse_lm_loss", "fuse_norms", "unfuse_norms", "fuse_rotary", "unfuse_rotary", "fuse", "unfuse",

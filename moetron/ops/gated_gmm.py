@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_consumable
-from .._compile import eager_function
+from .._compile import eager_function, records_grad
 from .gated_act import _GatedAct, _forward as _gated_forward
-from .gmm import _Groups, _make_groups, _node_backward, _run_gmm, checked_main_grad, gmm_gated
+from .gmm import _Groups, _make_groups, _node_backward, _node_setup, _run_gmm, checked_main_grad, gmm_gated
 from .permute import _gather_slots
 
 
@@ -48,7 +48,7 @@ def gated_gmm(x: torch.Tensor, w1: torch.Tensor, offsets: torch.Tensor, activati
     by_slot = slot_scale is not None
     if by_slot and (gather is None or row_scale is not None):
         raise ValueError("slot_scale indexes the scales through gather: pass gather, and no row_scale beside it")
-    records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, row_scale))
+    records = records_grad(x, w1, row_scale)
     if records and gather is not None:
         raise ValueError("gather (and slot_scale) are for inference: call gated_gmm under torch.no_grad(), or "
                          "permute x first")
@@ -96,9 +96,7 @@ class _FirstGemmWithActivation(torch.autograd.Function):
         ctx.mark_non_differentiable(a)
         # a's gradient is always None here: not materialised as an [R, F] tensor of zeros (memory at the peak)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, w1)
-        ctx.groups, ctx.trans_w, ctx.bias_dtype, ctx.main_grad = groups, True, None, main_grad
-        ctx.consume_x, ctx.ran = consume_x, False
+        _node_setup(ctx, x, w1, bias, groups, True, main_grad, consume_x)
         return h, a
 
     @staticmethod

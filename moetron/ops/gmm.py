@@ -997,9 +997,7 @@ class _GroupedMatmul(torch.autograd.Function):
         M, N = x.shape[0], (w.shape[1] if trans_w else w.shape[2])
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
         _run_gmm(x, w, bias, groups, out, trans_w)
-        ctx.save_for_backward(x, w)
-        ctx.groups, ctx.trans_w, ctx.main_grad, ctx.consume_x, ctx.ran = groups, trans_w, main_grad, consume_x, False
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _node_setup(ctx, x, w, bias, groups, trans_w, main_grad, consume_x)
         return out
 
     @staticmethod
@@ -1007,9 +1005,15 @@ class _GroupedMatmul(torch.autograd.Function):
         return (*_node_backward(ctx, dy), None, None, None, None)
 
 
+def _node_setup(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad, consume_x: bool):
+    """What ``_node_backward`` reads, saved by the forward of a gmm autograd node."""
+    ctx.save_for_backward(x, w)
+    ctx.groups, ctx.trans_w, ctx.main_grad, ctx.consume_x, ctx.ran = groups, trans_w, main_grad, consume_x, False
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
 def _node_backward(ctx, dy):
-    """(dx, dw, dbias) of a gmm autograd node that saved (x, w) and set ``groups``, ``trans_w``, ``bias_dtype``,
-    ``main_grad``, ``consume_x`` and ``ran`` on ctx; its inputs x, w, bias come first."""
+    """(dx, dw, dbias) of a gmm autograd node set up by ``_node_setup``; its inputs x, w, bias come first."""
     if ctx.consume_x:
         check_single_backward(ctx, "gmm(consume_x=True)", "writes dx over x")
     x, w = ctx.saved_tensors

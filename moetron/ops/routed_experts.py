@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compile import records_grad
 from .._env import fold_permute_enabled, use_triton
 from .gated_gmm import gated_gmm
 from .gmm import _Groups, _run_gmm
@@ -40,11 +41,6 @@ from .permute import _run_unpermute
 # Fold only below this many elements per expert in the first projection: Qwen3-30B and OLMoE (3-4M) gained,
 # Mixtral (117M) lost (scratch A/B, benchmarks/NOTES.md).
 FOLD_MAX_WEIGHT = 1 << 23
-
-
-def records_grad(*tensors) -> bool:
-    """Whether autograd records an op on these tensors (None allowed)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def folds(x: torch.Tensor, w1: torch.Tensor, *others) -> bool:

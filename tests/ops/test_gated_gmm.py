@@ -1,10 +1,10 @@
 """The first expert GEMM with its gated activation in the epilogue (gmm.gmm_gated, ops/gated_gmm.py).
 
 Against an independent float64 reference (DESIGN.md tolerance rule) and bit for bit against ``gmm`` followed by
-``gated_act``: empty, unaligned and single-row groups, a zero tail, rows gathered by index
-with padding rows, row scales, h stored for training and the gradients of the training node, both epilogue
-configs (small and large per-expert weights), the fallbacks. On CPU the fused kernel runs in Triton's interpreter (MOETRON_TMA=1:
-it is a TMA kernel); on a GPU machine on the GPU.
+``gated_act``: empty, unaligned and single-row groups, a zero tail, rows gathered by index with padding rows, row
+scales, h stored for training and the gradients of the training node, both epilogue configs (small and large
+per-expert weights), the fallbacks. On CPU the fused kernel runs in Triton's interpreter (MOETRON_TMA=1: it is a
+TMA kernel); on a GPU machine on the GPU.
 """
 
 import importlib
