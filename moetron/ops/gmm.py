@@ -474,10 +474,9 @@ def _gmm_gated_tma_kernel(
         act, _ = _gate_and_slope(gate.to(tl.float32), GELU)
         out = act * up.to(tl.float32)
         if HAS_SCALE:
-            if SCALE_BY_SLOT:  # a padding row (slot -1) gets 0; a corrupt slot is clamped into the slots
-                slot = tl.load(gather_ptr + rows, mask=row_ok, other=-1)
-                idx = tl.minimum(tl.maximum(slot, 0), num_src_rows * gather_div - 1)
-                scale = tl.load(scale_ptr + idx, mask=row_ok & (slot >= 0), other=0.0)
+            if SCALE_BY_SLOT:  # the row's slot, read as a gathered row of the [T·K] scales: padding rows get 0
+                slot, slot_ok = _gather_rows(gather_ptr, rows, row_ok, num_src_rows * gather_div, 1)
+                scale = tl.load(scale_ptr + slot, mask=slot_ok, other=0.0)
             else:
                 scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
             out = out * scale.to(tl.float32)[:, None]
