@@ -4,8 +4,8 @@ Triton's CPU interpreter runs programs that the compiler rejects: a loop variabl
 passed every interpreter test and failed only on the H100. Here a workload runs under the interpreter with
 MOETRON_RECORD_KERNELS set (every kernel specialization it launches is written down: argument types, constexprs,
 warps, stages), and a second process without the interpreter compiles each one with ``triton.compile`` for
-GPUTarget("cuda", 90, 32). The workload covers gmm (pointer and TMA kernels, every epilogue, trans_w, bias,
-counts and offsets, fp32/bf16/fp16, rows gathered by index), gmm_k (overwrite, accumulate, TMA store), the
+GPUTarget("cuda", 90, 32). The workload covers gmm (pointer and TMA kernels, every epilogue, the decode tiles,
+trans_w, bias, counts and offsets, fp32/bf16/fp16, rows gathered by index), gmm_k (overwrite, accumulate, TMA store), the
 gated activations, rotary, the fused router and the router's GEMMs (interpreter and GPU tiles),
 rms_norm (interpreter and GPU tile shapes, mixed x/weight/output dtypes), permute and unpermute (dropless, padded,
 capacity) with their backward, and the fused dispatch/combine kernels (the CPU tests of
@@ -60,6 +60,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         if tma and dtype != torch.float32:  # the first expert GEMM with its activation in the epilogue
             gg.gated_gmm(torch.randn(M, 32, dtype=dtype), torch.randn(5, 48, 32, dtype=dtype), sizes.cumsum(0),
                          "geglu", torch.rand(M))
+        if tma and dtype == torch.bfloat16 and store:  # the GPU's decode tiles (few rows per group)
+            for few_tiles in (False, True):
+                gm._CONFIG_OVERRIDES["fwd"] = gm._gmm_config(dtype, 1 << 12, 1 << 12, False, True, True, few_tiles)
+                moetron.gmm(torch.randn(M, 32, dtype=dtype), torch.randn(5, 48, 32, dtype=dtype), sizes,
+                            trans_w=True)
+            gm._CONFIG_OVERRIDES["gated"] = gm._gmm_gated_config(False, False, True)
+            gg.gated_gmm(torch.randn(M, 32, dtype=dtype), torch.randn(5, 48, 32, dtype=dtype), sizes.cumsum(0),
+                         "swiglu")
+            del gm._CONFIG_OVERRIDES["gated"]
         # the first expert GEMM gathering its rows (inference), with padding rows
         lay = pm._route(torch.randint(0, 4, (9, 2)), 4, None, 8, None, "probs", pm.permuted_rows(9, 2, 4, pad_to=8))
         re.routed_gated_experts(torch.randn(9, 32, dtype=dtype), torch.rand(9, 2), torch.randn(4, 48, 32, dtype=dtype),

@@ -55,18 +55,47 @@ _FP32_POINTER_CONFIG = dict(BM=128, BN=64, BK=32, GROUP_M=_GROUP_M, num_warps=4,
 # Mixtral and DeepSeek-V3 EP8 anchor cases (15M-117M elements), not the fine-grained Qwen3 ones (1.5-3M).
 _LARGE_OUTPUT = 1 << 23
 
+# At most this many rows per group on average (M <= _FEW_ROWS_PER_GROUP * G: decode and small batches), the
+# 16-bit m-grouped GEMMs take 64-row tiles (_FEW_ROWS_CONFIG, _FEW_ROWS_GATED_CONFIG): there every tile holds a
+# handful of real rows and the GEMM streams the active experts' weights, so what counts is how many weight bytes
+# are in flight, not the MMA shape. This is a regime switch, not a tuning per batch size: each (G, N, K, dtype)
+# compiles at most these two kernels, and both give bit-identical results (same K order). Session 19 H100 sweep
+# (benchmarks/NOTES.md, us per call, 128-row default -> 64-row tiles): Mixtral down projection at T=1 / 16 / 256
+# tokens 189 / 340 / 342 -> 125 / 324 / 335 and at T=1024 (128 rows per expert) 564 -> 621, so the bound sits
+# below that; Qwen3-30B down at T=1 / 16 / 256 17 / 109 / 159 -> 12 / 98 / 148.
+_FEW_ROWS_PER_GROUP = 32
+
 
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool = False) -> dict:
-    """Tile config for the m-grouped kernel, keyed on (dtype, N, K, layout) and never on M, so a new batch
-    size reuses the compiled kernel."""
+def _few_rows(num_rows: int, num_groups: int) -> bool:
+    """Whether an m-grouped GEMM of num_rows rows over num_groups groups takes the few-rows tiles (see
+    _FEW_ROWS_PER_GROUP)."""
+    return num_rows <= _FEW_ROWS_PER_GROUP * num_groups
+
+
+def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool = False,
+                few_rows: bool = False, few_tiles: bool = False) -> dict:
+    """Tile config for the m-grouped kernel, keyed on (dtype, N, K, layout) and never on M itself, so a new
+    batch size reuses a compiled kernel; ``few_rows`` (see _few_rows) picks the 16-bit decode tiles, and
+    ``few_tiles`` (those tiles would leave SMs idle) their narrow form."""
     tf32 = dtype == torch.float32 and _input_precision(dtype) == "tf32"
     if on_cpu:  # the interpreter runs the swapped form too (tests)
         return dict(_INTERPRETER_CONFIG, swap_ab=tf32 and not trans_w)
+    large_weight = k * n >= _LARGE_OUTPUT
+    if few_rows and dtype != torch.float32:
+        # 64x128 tiles reducing 128 columns a step over 4 stages led the session-19 sweep from 1 to 64 rows per
+        # expert on both layouts (Mixtral and Qwen3-30B projections). Where they cannot fill the SMs and each
+        # streams a long weight panel (Mixtral's down projection at one token: two experts, 64 tiles), 64x64
+        # tiles over 6 stages keep more bytes in flight: 93 against 125 us there (on Qwen3-30B's short panels
+        # they lost, 15 against 12 us).
+        if few_tiles and large_weight:
+            return dict(BM=64, BN=64, BK=128, GROUP_M=16, num_warps=4, num_stages=6, flatten=True)
+        return dict(BM=64, BN=128, BK=128, GROUP_M=16 if large_weight else _GROUP_M, num_warps=4, num_stages=4,
+                    flatten=True)
     if dtype == torch.float32:
         # fp32 on TF32 with a [G, N, K] weight runs Hopper's TF32 MMA: 128x256x32 tiles led the H100 sweep on
         # every anchor case (240-350 TFLOP/s, 128x64x32 127-156). A [G, K, N] weight is not an operand that MMA
@@ -92,7 +121,6 @@ def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool 
     # Narrow [G, K, N] outputs (256 <= N < 1024: the Qwen3-30B down projection's dgrad, N=768) also take 4 stages
     # and plain stores (benchmarks/NOTES.md, session 17, H100: 394.7 -> 369.6 us at T=8192, level at T=32768;
     # session 15 saw the same); at N=1024 and wider the two were level or split by shape: those keep the TMA store.
-    large_weight = k * n >= _LARGE_OUTPUT
     if n >= 256:
         if (trans_w or n < 1024) and not large_weight:
             return dict(BM=128, BN=256, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4, flatten=True)
@@ -775,8 +803,13 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, ga
     M, N = out.shape
     K = x.shape[1]
     G = groups.num_groups
-    cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w)
-    tma = cfg.get("tma", True) and _tma_eligible(x, w)
+    tma = _tma_eligible(x, w)
+    few_rows = tma and _few_rows(M, G)  # the decode tiles are sized for the TMA kernel's shared memory
+    # with 64-row tiles at most M // 64 full ones plus one partial tile per non-empty group (or the tail)
+    few_tiles = few_rows and x.is_cuda and (M // 64 + min(G + 1, M)) * cdiv(N, 128) < num_sms(x.device.index or 0)
+    cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w,
+                                                      few_rows=few_rows, few_tiles=few_tiles)
+    tma = cfg.get("tma", True) and tma
     if cfg.get("swap_ab") and not tma:  # the pointer kernel (before Hopper) has no swapped form
         cfg = dict(_FP32_POINTER_CONFIG) if x.is_cuda else dict(_INTERPRETER_CONFIG)
     num_n = cdiv(N, cfg["BN"])
@@ -816,7 +849,7 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, ga
     return out
 
 
-def _gmm_gated_config(on_cpu: bool, large_weight: bool) -> dict:
+def _gmm_gated_config(on_cpu: bool, large_weight: bool, few_rows: bool = False) -> dict:
     """Config of ``_gmm_gated_tma_kernel``: BN columns of a per tile, so a [BM, 2·BN] accumulator.
     H100 sweeps (benchmarks/NOTES.md, session 18, us at T=8192, gmm + gated_act in brackets): small per-expert
     weights keep 4 stages and pointer stores (inference Qwen3 725 [776], OLMoE 855 [962]; with h stored 758,
@@ -826,6 +859,12 @@ def _gmm_gated_config(on_cpu: bool, large_weight: bool) -> dict:
     ``gmm_gated`` leaves that case to gmm + gated_act on the GPU (the interpreter still runs it, for the tests)."""
     if on_cpu:  # the interpreter takes the large-weight epilogue too (tests patch _LARGE_OUTPUT to reach it)
         return dict(_INTERPRETER_CONFIG, flatten=False, a_tma_store=large_weight)
+    if few_rows:
+        # decode and small batches (see _FEW_ROWS_PER_GROUP): 64-row tiles of 64 gate and 64 up columns, 128 per
+        # k-step, 4 stages; session-19 H100 sweep, us per call: Mixtral at T=1 / 16 / 256 tokens 201 / 684 / 693
+        # -> 180 / 637 / 685, Qwen3-30B 36 / 203 / 306 -> 24 / 186 / 284
+        return dict(BM=64, BN=64, BK=128, GROUP_M=16 if large_weight else _GROUP_M, num_warps=4, num_stages=4,
+                    flatten=True, a_tma_store=False)
     if large_weight:
         return dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3, flatten=True, a_tma_store=True)
     return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=8, num_stages=4, flatten=True, a_tma_store=False)
@@ -865,8 +904,8 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
                                    scale_by_slot, groups.zero_tail, h_out is None))
     if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
         return a
-    cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(not x.is_cuda, large_weight)
     G = groups.num_groups
+    cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(not x.is_cuda, large_weight, _few_rows(M, G))
     max_tiles = (cdiv(M, cfg["BM"]) + G) * cdiv(F_, cfg["BN"])
     programs = max(1, min(num_sms(x.device.index or 0) if x.is_cuda else 4, max_tiles))
     args = (*tensors, M, F_, K, G, programs, x.shape[0], gather_div, x.stride(0), w.stride(0), w.stride(1),

@@ -1,13 +1,17 @@
 """GPU-only checks of moetron.gmm: full-size shapes, no host sync, CUDA-graph capture, determinism.
 Run on a CUDA machine with `python -m pytest tests/gpu tests/ops -q` (the tests/ops cases then run on CUDA)."""
 
+import importlib
 import math
 
 import pytest
 import torch
 
 import moetron
+from moetron.ops._launch import LaunchPlans
 from tests._tolerance import assert_close_to_ref
+
+gm = importlib.import_module("moetron.ops.gmm")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -66,6 +70,42 @@ def test_large_forward_backward(name, sizes, K, N):
     assert_close_to_ref("dx", xg.grad, ref_dx, _loop(dy, w.transpose(1, 2).contiguous(), sizes))
     ref_dw = _loop_wgrad(x, dy, sizes, torch.float32)
     assert_close_to_ref("dw", wg.grad, ref_dw, _loop_wgrad(x, dy, sizes, torch.bfloat16))
+
+
+@pytest.mark.parametrize("name,sizes,K,N,trans_w", [
+    # one token, top-2: two 1-row groups; the 64-row tiles cannot fill the GPU, so the narrow decode tiles run
+    ("mixtral_down_one_token", [1, 0, 0, 0, 0, 1, 0, 0], 14336, 4096, True),
+    # a few tokens over Mixtral's up projection ([G, K, N] weight), empties and unaligned rows
+    ("mixtral_up_few_tokens", [3, 0, 5, 1, 0, 2, 4, 1], 4096, 14336, False),
+    # fine-grained experts at decode: 0-3 rows per expert over 128 experts
+    ("qwen3_decode", None, 2048, 768, True),
+])
+def test_decode_tiles_match_the_standard_tiles(monkeypatch, name, sizes, K, N, trans_w):
+    # With few rows per group (gmm._FEW_ROWS_PER_GROUP) the forward and dx take 64-row tiles; they must give
+    # the same bits as the tiles of larger batches, and both the reference's values
+    if sizes is None:
+        sizes = torch.randint(0, 4, (128,), generator=torch.Generator().manual_seed(3)).tolist()
+    M, G = sum(sizes), len(sizes)
+    assert gm._few_rows(M, G)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(G, *((N, K) if trans_w else (K, N)), device="cuda") / math.sqrt(K)).to(torch.bfloat16)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    sizes_t = torch.tensor(sizes, device="cuda")
+    results = []
+    for standard in (False, True):
+        if standard:
+            monkeypatch.setattr(gm, "_FEW_ROWS_PER_GROUP", 0)
+            monkeypatch.setattr(gm, "_FWD_PLANS", LaunchPlans())
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = moetron.gmm(xg, wg, sizes_t, trans_w=trans_w)
+        out.backward(dy)
+        results.append((out, xg.grad, wg.grad))
+    for label, decode, std in zip(("out", "dx", "dw"), *results):
+        assert torch.equal(decode, std), label
+    w_kn = w.transpose(1, 2) if trans_w else w
+    assert_close_to_ref("out", results[0][0], _loop(x, w_kn, sizes, torch.float32), _loop(x, w_kn, sizes))
+    ref_dx = _loop(dy, w_kn.transpose(1, 2), sizes, torch.float32)
+    assert_close_to_ref("dx", results[0][1], ref_dx, _loop(dy, w_kn.transpose(1, 2).contiguous(), sizes))
 
 
 def test_no_host_sync():

@@ -17,17 +17,36 @@ gated_act = importlib.import_module("moetron.ops.gated_act")
 from tests._tolerance import assert_close_to_ref
 
 gmm_module = importlib.import_module("moetron.ops.gmm")
+from moetron.ops._launch import LaunchPlans  # noqa: E402
 gated_gmm_module = importlib.import_module("moetron.ops.gated_gmm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [40, 0, 16, 33, 1]
 M, K, F = sum(SIZES) + 5, 40, 24  # 5 tail rows; F is not a multiple of the interpreter's 16-wide tiles
+# On the GPU these few rows per expert take the decode tiles (gmm._FEW_ROWS_PER_GROUP); "standard" turns that off
+# so the tests also reach the tiles larger batches run. The interpreter has one tile config.
+TILES = ["decode", "standard"] if DEVICE == "cuda" else ["interpreter"]
 
 
 @pytest.fixture(autouse=True)
 def _fused_kernel(monkeypatch):
     monkeypatch.setenv("MOETRON_BACKEND", "triton" if DEVICE == "cpu" else "auto")
     monkeypatch.setenv("MOETRON_TMA", "1" if DEVICE == "cpu" else "auto")
+
+
+@pytest.fixture(params=TILES)
+def tiles(request, monkeypatch):
+    if request.param == "standard":
+        standard_tiles(monkeypatch)
+    return request.param
+
+
+def standard_tiles(monkeypatch):
+    """Turn the decode tiles off for this test, with launch plans of its own (a plan cached by an earlier test
+    would replay the decode tiles)."""
+    monkeypatch.setattr(gmm_module, "_FEW_ROWS_PER_GROUP", 0)
+    for plans in ("_FWD_PLANS", "_GATED_PLANS"):
+        monkeypatch.setattr(gmm_module, plans, LaunchPlans())
 
 
 def _inputs(dtype, seed):
@@ -52,7 +71,7 @@ def _reference(x, w, scale, act):
 @pytest.mark.parametrize("large", [False, True], ids=["small_w", "large_w"])
 @pytest.mark.parametrize("act", ["swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_forward(monkeypatch, act, dtype, large):
+def test_forward(monkeypatch, tiles, act, dtype, large):
     if large:  # the large-weight epilogue (TMA stores) at test sizes
         monkeypatch.setattr(gmm_module, "_LARGE_OUTPUT", 16)
     x, w, scale, _ = _inputs(dtype, seed=1)
@@ -85,7 +104,7 @@ def _two_ops(x, w, scale, offsets, act, zero_tail=True):
 @pytest.mark.parametrize("large", [False, True], ids=["small_w", "large_w"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "fallback"])
 @pytest.mark.parametrize("act", ["swiglu", "geglu"])
-def test_training_matches_the_two_ops(monkeypatch, act, fused, large):
+def test_training_matches_the_two_ops(monkeypatch, tiles, act, fused, large):
     # the training node: output and the x, w and row-scale gradients bit for bit those of gmm then gated_act,
     # and close to float64 autograd through the plain per-group reference
     if large:
@@ -167,7 +186,7 @@ def test_training_adds_into_main_grad():
                                                                                           device=DEVICE))
 
 
-def test_gathered_rows_with_padding():
+def test_gathered_rows_with_padding(tiles):
     # rows read x[gather[r]] (the MoE layer's inference path); -1 marks padding rows, which come out zero
     x, w, scale, _ = _inputs(torch.bfloat16, seed=3)
     tokens = x[:13]
@@ -182,7 +201,7 @@ def test_gathered_rows_with_padding():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "fallback"])
-def test_gathered_slots_with_slot_scales(monkeypatch, fused):
+def test_gathered_slots_with_slot_scales(monkeypatch, tiles, fused):
     # the MoE layer's folded inference: gather holds routed slots t·K+k (-1: padding), row r reads token
     # slot // K and takes the slot's routing weight; the same bits as gathering rows and scales up front
     top_k = 3
