@@ -61,6 +61,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             gg.gated_gmm(torch.randn(M, 32, dtype=dtype), torch.randn(5, 48, 32, dtype=dtype), sizes.cumsum(0),
                          "geglu", torch.rand(M))
         if tma and dtype == torch.bfloat16 and store:  # the GPU's decode tiles (few rows per group)
+            saved = dict(gm._CONFIG_OVERRIDES)
             for few_tiles in (False, True):
                 gm._CONFIG_OVERRIDES["fwd"] = gm._gmm_config(dtype, 1 << 12, 1 << 12, False, True, True, few_tiles)
                 moetron.gmm(torch.randn(M, 32, dtype=dtype), torch.randn(5, 48, 32, dtype=dtype), sizes,
@@ -68,7 +69,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             gm._CONFIG_OVERRIDES["gated"] = gm._gmm_gated_config(False, False, True)
             gg.gated_gmm(torch.randn(M, 32, dtype=dtype), torch.randn(5, 48, 32, dtype=dtype), sizes.cumsum(0),
                          "swiglu")
-            del gm._CONFIG_OVERRIDES["gated"]
+            gm._CONFIG_OVERRIDES["wgrad"] = gm._gmm_k_config(dtype, 1 << 12, 1 << 12, False, few_rows=True)
+            moetron.gmm_k(torch.randn(M, 32, dtype=dtype), torch.randn(M, 48, dtype=dtype), sizes)
+            gm._CONFIG_OVERRIDES.clear()
+            gm._CONFIG_OVERRIDES.update(saved)
         # the first expert GEMM gathering its rows (inference), with padding rows
         lay = pm._route(torch.randint(0, 4, (9, 2)), 4, None, 8, None, "probs", pm.permuted_rows(9, 2, 4, pad_to=8))
         re.routed_gated_experts(torch.randn(9, 32, dtype=dtype), torch.rand(9, 2), torch.randn(4, 48, 32, dtype=dtype),

@@ -56,10 +56,11 @@ _FP32_POINTER_CONFIG = dict(BM=128, BN=64, BK=32, GROUP_M=_GROUP_M, num_warps=4,
 _LARGE_OUTPUT = 1 << 23
 
 # At most this many rows per group on average (M <= _FEW_ROWS_PER_GROUP * G: decode and small batches), the
-# 16-bit m-grouped GEMMs take 64-row tiles (_FEW_ROWS_CONFIG, _FEW_ROWS_GATED_CONFIG): there every tile holds a
-# handful of real rows and the GEMM streams the active experts' weights, so what counts is how many weight bytes
-# are in flight, not the MMA shape. This is a regime switch, not a tuning per batch size: each (G, N, K, dtype)
-# compiles at most these two kernels, and both give bit-identical results (same K order). Session 19 H100 sweep
+# 16-bit m-grouped GEMMs take 64-row tiles (see _gmm_config, _gmm_gated_config) and the weight gradient of large
+# outputs a write-bound config (_gmm_k_config): there every tile holds a handful of real rows, and the GEMM streams
+# the active experts' weights (or writes their gradients), so what counts is how many bytes are in flight, not
+# the MMA shape. This is a regime switch, not a tuning per batch size: each (G, N, K, dtype) compiles at most two
+# kernels per op, and both give bit-identical results (same reduction order). Session 19 H100 sweep
 # (benchmarks/NOTES.md, us per call, 128-row default -> 64-row tiles): Mixtral down projection at T=1 / 16 / 256
 # tokens 189 / 340 / 342 -> 125 / 324 / 335 and at T=1024 (128 rows per expert) 564 -> 621, so the bound sits
 # below that; Qwen3-30B down at T=1 / 16 / 256 17 / 109 / 159 -> 12 / 98 / 148.
@@ -129,8 +130,9 @@ def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool 
     return dict(BM=128, BN=128, BK=64, GROUP_M=_GROUP_M, num_warps=4, num_stages=4)
 
 
-def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
-    """Tile config for the k-grouped kernel: BK x BN output tile per program, BM rows reduced per step."""
+def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool, few_rows: bool = False) -> dict:
+    """Tile config for the k-grouped kernel: BK x BN output tile per program, BM rows reduced per step;
+    ``few_rows`` (see _few_rows) picks the decode tiles of large outputs."""
     if on_cpu:
         return dict(BK=16, BN=16, BM=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
@@ -147,6 +149,14 @@ def _gmm_k_config(dtype: torch.dtype, ka: int, nb: int, on_cpu: bool) -> dict:
     # mixtral_up case 6527 -> 5751): with few rows per group a tile is one masked chunk, and a TMA load of it
     # after the loop exposed its whole latency; the prefetch and a TMA store's staging tile do not fit together.
     if ka * nb >= _LARGE_OUTPUT:
+        if few_rows:
+            # With a few rows per group the tile is one prefetched chunk and the kernel is bound by writing the
+            # gradient: 32-row chunks over 2 stages leave room for a TMA store, which hands each 64 KB tile to the
+            # copy engine (session-19 H100 sweep, Mixtral up / down, us per call: T=1 726 / 346 -> 640 / 306,
+            # T=16 1021 / 433 -> 659 / 314, T=128 1149 / 456 -> 899 / 356; session 13 saw this config lose
+            # 5-9% at thousands of rows per group)
+            return dict(BK=128, BN=256, BM=32, num_warps=8, num_stages=2, persistent=True, flatten=True,
+                        prefetch_tail=True, tma_store=True)
         return dict(BK=128, BN=256, BM=64, num_warps=8, num_stages=3, persistent=True, flatten=True,
                     prefetch_tail=True)
     # Small outputs also prefetch each group's last partial row chunk (session 11, scratch H100 sweep, TFLOP/s):
@@ -931,7 +941,8 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
         return out
     KA, NB = a.shape[1], b.shape[1]
     G = groups.num_groups
-    cfg = _CONFIG_OVERRIDES.get("wgrad") or _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda)
+    cfg = _CONFIG_OVERRIDES.get("wgrad") or _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda,
+                                                          few_rows=_few_rows(a.shape[0], G))
     grid = (G * cdiv(KA, cfg["BK"]) * cdiv(NB, cfg["BN"]),)
     constexprs = dict(
         ACCUMULATE=accumulate,

@@ -81,8 +81,9 @@ def test_large_forward_backward(name, sizes, K, N):
     ("qwen3_decode", None, 2048, 768, True),
 ])
 def test_decode_tiles_match_the_standard_tiles(monkeypatch, name, sizes, K, N, trans_w):
-    # With few rows per group (gmm._FEW_ROWS_PER_GROUP) the forward and dx take 64-row tiles; they must give
-    # the same bits as the tiles of larger batches, and both the reference's values
+    # With few rows per group (gmm._FEW_ROWS_PER_GROUP) the forward and dx take 64-row tiles and the Mixtral-sized
+    # weight gradients a write-bound config; they must give the same bits as the tiles of larger batches, and the
+    # reference's values
     if sizes is None:
         sizes = torch.randint(0, 4, (128,), generator=torch.Generator().manual_seed(3)).tolist()
     M, G = sum(sizes), len(sizes)
@@ -96,6 +97,7 @@ def test_decode_tiles_match_the_standard_tiles(monkeypatch, name, sizes, K, N, t
         if standard:
             monkeypatch.setattr(gm, "_FEW_ROWS_PER_GROUP", 0)
             monkeypatch.setattr(gm, "_FWD_PLANS", LaunchPlans())
+            monkeypatch.setattr(gm, "_WGRAD_PLANS", LaunchPlans())
         xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         out = moetron.gmm(xg, wg, sizes_t, trans_w=trans_w)
         out.backward(dy)
@@ -106,6 +108,9 @@ def test_decode_tiles_match_the_standard_tiles(monkeypatch, name, sizes, K, N, t
     assert_close_to_ref("out", results[0][0], _loop(x, w_kn, sizes, torch.float32), _loop(x, w_kn, sizes))
     ref_dx = _loop(dy, w_kn.transpose(1, 2), sizes, torch.float32)
     assert_close_to_ref("dx", results[0][1], ref_dx, _loop(dy, w_kn.transpose(1, 2).contiguous(), sizes))
+    dw = results[0][2].transpose(1, 2) if trans_w else results[0][2]
+    assert_close_to_ref("dw", dw, _loop_wgrad(x, dy, sizes, torch.float32),
+                        _loop_wgrad(x, dy, sizes, torch.bfloat16))
 
 
 def test_no_host_sync():
