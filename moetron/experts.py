@@ -229,9 +229,10 @@ class GroupedExperts(_ExpertWeights):
 
     def can_gather_rows(self, x: torch.Tensor, probs: torch.Tensor) -> bool:
         """Whether ``forward_routed`` runs for x: gated activation, no biases, and ``ops.routed_experts.folds``
-        (no gradient to record, a small per-expert weight, Triton kernels for x, ``MOETRON_FOLD_PERMUTE`` on)."""
+        (no gradient to record, a small per-expert weight or a decode-sized batch, Triton kernels for x,
+        ``MOETRON_FOLD_PERMUTE`` on)."""
         return (self.gated and self.w1_bias is None and self.down_proj_bias is None
-                and folds(x, self.w1, probs, self.down_proj))
+                and folds(x, self.w1, probs, self.down_proj, rows=probs.numel()))
 
     def forward_routed(self, x: torch.Tensor, probs: torch.Tensor, src_slot: torch.Tensor, row_map: torch.Tensor,
                        offsets: torch.Tensor) -> torch.Tensor:

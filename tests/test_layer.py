@@ -19,6 +19,7 @@ Inputs are continuous random draws under fixed seeds, so top-k and capacity ties
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from fractions import Fraction
 
@@ -941,6 +942,28 @@ def test_inference_folds_the_permute_into_the_first_gemm(case, monkeypatch, pois
     assert results["1"][1] == results["0"][1]
     monkeypatch.setenv("MOETRON_FOLD_PERMUTE", "1")
     assert not layer._gathers_rows(x.requires_grad_(), layer.router(x).probs)  # training keeps the permuted copy
+
+
+def test_inference_folds_large_experts_only_at_decode_sizes(monkeypatch):
+    """Experts above the fold's weight limit (Mixtral's) fold only with few rows per expert
+    (gmm._FEW_ROWS_PER_GROUP), where the GEMMs stream the weights whatever loads x; the output is the same bits."""
+    routed = importlib.import_module("moetron.ops.routed_experts")
+    gmm_module = importlib.import_module("moetron.ops.gmm")
+    device = _select_backend(monkeypatch, "triton")
+    monkeypatch.setenv("MOETRON_FOLD_PERMUTE", "1")
+    monkeypatch.setattr(routed, "FOLD_MAX_WEIGHT", 1)  # every expert counts as large
+    torch.manual_seed(5)
+    layer = MoELayer(make_cfg(num_experts=5))
+    randomize(layer, 5)
+    layer.to(device, torch.bfloat16).eval()
+    x = torch.randn(10, H, generator=torch.Generator().manual_seed(6)).to(device, torch.bfloat16)
+    with torch.no_grad():
+        probs = layer.router(x).probs
+        assert layer._gathers_rows(x, probs)  # 10 tokens x top-k over 5 experts: decode-sized
+        folded = layer(x)
+        monkeypatch.setattr(gmm_module, "_FEW_ROWS_PER_GROUP", 1)  # now too many rows per expert
+        assert not layer._gathers_rows(x, probs)
+        assert torch.equal(layer(x), folded)
 
 
 class _AtenOps(TorchDispatchMode):

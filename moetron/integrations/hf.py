@@ -267,7 +267,7 @@ def _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w:
     # the default gate: the activation in the first GEMM's epilogue (in inference no [R, 2F] h goes to memory; in
     # training the same kernel stores h for the backward); under torch.compile training keeps the two ops
     gated = gate if trans_w and b1 is None and not (compiling() and records_grad(x, w1, w2, b2, probs)) else None
-    if folds(x, w1, probs, w2, b1, b2):
+    if folds(x, w1, probs, w2, b1, b2, rows=top_k_index.numel()):
         # inference: the first GEMM reads each row's token of x itself, same layout as permute's, no copy. The
         # routing drops ids outside [0, E) (EP sentinels) itself: such a slot gets no row and adds nothing, so
         # the id and weight rewrites below (four small kernels per call) are not needed here

@@ -19,7 +19,8 @@ ops per call: a Qwen3-30B layer at T=16 ran 19 kernels before, 8 now; benchmarks
 fold sped up the Qwen3-30B and OLMoE layers' inference (benchmarks/results/infer_fusions_h100.json: Qwen3-30B
 T=32768 -7%, T=8192 -4%, OLMoE -2%) and slowed Mixtral's in scratch A/B runs (benchmarks/NOTES.md,
 session 7), whose large-expert GEMMs lose more to pointer loads than the copy costs, so only experts with a small
-per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``). The first GEMM with the activation in its epilogue is
+per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``), except at decode sizes (at most 32 rows per expert on
+average), where every GEMM streams its weights and the fold saves the permute and its index ops. The first GEMM with the activation in its epilogue is
 ``gated_gmm``'s. ``gathered_gemm`` is the folded first GEMM alone (the transformers backend uses it with its own
 gates).
 
@@ -35,7 +36,7 @@ import torch
 from .._compile import records_grad
 from .._env import fold_permute_enabled, use_triton
 from .gated_gmm import gated_gmm
-from .gmm import _Groups, _run_gmm
+from .gmm import _Groups, _few_rows, _run_gmm
 from .permute import _run_unpermute
 
 # Fold only below this many elements per expert in the first projection: Qwen3-30B and OLMoE (3-4M) gained,
@@ -43,12 +44,13 @@ from .permute import _run_unpermute
 FOLD_MAX_WEIGHT = 1 << 23
 
 
-def folds(x: torch.Tensor, w1: torch.Tensor, *others) -> bool:
+def folds(x: torch.Tensor, w1: torch.Tensor, *others, rows: int | None = None) -> bool:
     """Whether an experts forward on x with first projection w1 [E, ., .] takes the folded path: nothing to
-    record for autograd (x, w1 and ``others``, None allowed), Triton kernels for x, a small per-expert weight,
-    and ``MOETRON_FOLD_PERMUTE`` not 0."""
-    return (not records_grad(x, w1, *others) and w1[0].numel() < FOLD_MAX_WEIGHT and use_triton(x)
-            and fold_permute_enabled())
+    record for autograd (x, w1 and ``others``, None allowed), Triton kernels for x, ``MOETRON_FOLD_PERMUTE`` not
+    0, and a small per-expert weight, or (``rows``: the routed rows T·K) a decode-sized batch: there the GEMMs
+    stream the weights whatever loads x, and the fold saves the permute and its index ops."""
+    small = w1[0].numel() < FOLD_MAX_WEIGHT or (rows is not None and _few_rows(rows, w1.shape[0]))
+    return not records_grad(x, w1, *others) and small and use_triton(x) and fold_permute_enabled()
 
 
 @torch.no_grad()
