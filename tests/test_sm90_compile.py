@@ -6,8 +6,8 @@ MOETRON_RECORD_KERNELS set (every kernel specialization it launches is written d
 warps, stages), and a second process without the interpreter compiles each one with ``triton.compile`` for
 GPUTarget("cuda", 90, 32). The workload covers gmm (pointer and TMA kernels, every epilogue, the decode tiles,
 trans_w, bias, counts and offsets, fp32/bf16/fp16, rows gathered by index), gmm_k (overwrite, accumulate, TMA
-store, the decode tiles), the gated activations, rotary, the fused router and the router's GEMMs (interpreter and GPU tiles),
-rms_norm (interpreter and GPU tile shapes, mixed x/weight/output dtypes), permute and unpermute (dropless, padded,
+store, the decode tiles), the gated activations, rotary, the fused router and the router's GEMMs (interpreter
+and GPU tiles), rms_norm (interpreter and GPU tile shapes, mixed x/weight/output dtypes), permute and unpermute (dropless, padded,
 capacity) with their backward, and the fused dispatch/combine kernels (the CPU tests of
 tests/test_fused_dispatch.py, symmetric-memory emulation included).
 """
