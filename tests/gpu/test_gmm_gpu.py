@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moetron
-from moetron.ops._launch import LaunchPlans
+from tests._tiles import standard_tiles
 from tests._tolerance import assert_close_to_ref
 
 gm = importlib.import_module("moetron.ops.gmm")
@@ -95,9 +95,7 @@ def test_decode_tiles_match_the_standard_tiles(monkeypatch, name, sizes, K, N, t
     results = []
     for standard in (False, True):
         if standard:
-            monkeypatch.setattr(gm, "_FEW_ROWS_PER_GROUP", 0)
-            monkeypatch.setattr(gm, "_FWD_PLANS", LaunchPlans())
-            monkeypatch.setattr(gm, "_WGRAD_PLANS", LaunchPlans())
+            standard_tiles(monkeypatch)
         xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         out = moetron.gmm(xg, wg, sizes_t, trans_w=trans_w)
         out.backward(dy)

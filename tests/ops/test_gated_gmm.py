@@ -14,10 +14,10 @@ import pytest
 import torch
 
 gated_act = importlib.import_module("moetron.ops.gated_act")
+from tests._tiles import standard_tiles
 from tests._tolerance import assert_close_to_ref
 
 gmm_module = importlib.import_module("moetron.ops.gmm")
-from moetron.ops._launch import LaunchPlans  # noqa: E402
 gated_gmm_module = importlib.import_module("moetron.ops.gated_gmm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,14 +39,6 @@ def tiles(request, monkeypatch):
     if request.param == "standard":
         standard_tiles(monkeypatch)
     return request.param
-
-
-def standard_tiles(monkeypatch):
-    """Turn the decode tiles off for this test, with launch plans of its own (a plan cached by an earlier test
-    would replay the decode tiles)."""
-    monkeypatch.setattr(gmm_module, "_FEW_ROWS_PER_GROUP", 0)
-    for plans in ("_FWD_PLANS", "_GATED_PLANS"):
-        monkeypatch.setattr(gmm_module, plans, LaunchPlans())
 
 
 def _inputs(dtype, seed):
