@@ -65,6 +65,9 @@ _LARGE_OUTPUT = 1 << 23
 # tokens 189 / 340 / 342 -> 125 / 324 / 335 and at T=1024 (128 rows per expert) 564 -> 621, so the bound sits
 # below that; Qwen3-30B down at T=1 / 16 / 256 17 / 109 / 159 -> 12 / 98 / 148.
 _FEW_ROWS_PER_GROUP = 32
+# The decode tiles of the m-grouped kernel (GROUP_M added per weight size), and their narrow form (_gmm_config)
+_DECODE_TILES = dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=4, flatten=True)
+_DECODE_NARROW_TILES = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=6, flatten=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,9 +97,8 @@ def _gmm_config(dtype: torch.dtype, n: int, k: int, on_cpu: bool, trans_w: bool 
         # tiles over 6 stages keep more bytes in flight: 93 against 125 us there (on Qwen3-30B's short panels
         # they lost, 15 against 12 us).
         if few_tiles and large_weight:
-            return dict(BM=64, BN=64, BK=128, GROUP_M=16, num_warps=4, num_stages=6, flatten=True)
-        return dict(BM=64, BN=128, BK=128, GROUP_M=16 if large_weight else _GROUP_M, num_warps=4, num_stages=4,
-                    flatten=True)
+            return dict(_DECODE_NARROW_TILES, GROUP_M=16)
+        return dict(_DECODE_TILES, GROUP_M=16 if large_weight else _GROUP_M)
     if dtype == torch.float32:
         # fp32 on TF32 with a [G, N, K] weight runs Hopper's TF32 MMA: 128x256x32 tiles led the H100 sweep on
         # every anchor case (240-350 TFLOP/s, 128x64x32 127-156). A [G, K, N] weight is not an operand that MMA
@@ -815,8 +817,10 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, ga
     G = groups.num_groups
     tma = _tma_eligible(x, w)
     few_rows = tma and _few_rows(M, G)  # the decode tiles are sized for the TMA kernel's shared memory
-    # with 64-row tiles at most M // 64 full ones plus one partial tile per non-empty group (or the tail)
-    few_tiles = few_rows and x.is_cuda and (M // 64 + min(G + 1, M)) * cdiv(N, 128) < num_sms(x.device.index or 0)
+    # decode tiles that cannot fill the SMs: at most M // BM full m-tiles plus one partial tile per non-empty group
+    # (or the tail), times the n-tiles
+    bm, bn = _DECODE_TILES["BM"], _DECODE_TILES["BN"]
+    few_tiles = few_rows and x.is_cuda and (M // bm + min(G + 1, M)) * cdiv(N, bn) < num_sms(x.device.index or 0)
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w,
                                                       few_rows=few_rows, few_tiles=few_tiles)
     tma = cfg.get("tma", True) and tma

@@ -45,12 +45,12 @@ from .permute import _run_unpermute
 FOLD_MAX_WEIGHT = 1 << 23
 
 
-def folds(x: torch.Tensor, w1: torch.Tensor, *others, rows: int | None = None) -> bool:
+def folds(x: torch.Tensor, w1: torch.Tensor, *others, rows: int) -> bool:
     """Whether an experts forward on x with first projection w1 [E, ., .] takes the folded path: nothing to
     record for autograd (x, w1 and ``others``, None allowed), Triton kernels for x, ``MOETRON_FOLD_PERMUTE`` not
     0, and a small per-expert weight, or (``rows``: the routed rows T·K) a decode-sized batch: there the GEMMs
     stream the weights whatever loads x, and the fold saves the permute and its index ops."""
-    small = w1[0].numel() < FOLD_MAX_WEIGHT or (rows is not None and _few_rows(rows, w1.shape[0]))
+    small = w1[0].numel() < FOLD_MAX_WEIGHT or _few_rows(rows, w1.shape[0])
     return not records_grad(x, w1, *others) and small and use_triton(x) and fold_permute_enabled()
 
 
