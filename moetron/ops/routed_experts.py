@@ -21,7 +21,8 @@ T=32768 -7%, T=8192 -4%, OLMoE -2%) and slowed Mixtral's in scratch A/B runs (be
 session 7), whose large-expert GEMMs lose more to pointer loads than the copy costs, so only experts with a small
 per-expert weight fold (``FOLD_MAX_WEIGHT``, ``folds``), except at decode sizes (at most 32 rows per expert on
 average), where every GEMM streams its weights and the fold saves the permute and its index ops (Mixtral's block
-at T=1 / 16 / 128: 0.328 / 1.037 / 1.047 -> 0.307 / 1.007 / 1.028 ms compiled; benchmarks/NOTES.md, session 19).
+at T=1 / 16 / 128: 0.328 / 1.037 / 1.047 -> 0.307 / 1.007 / 1.028 ms compiled, a scratch A/B of
+MOETRON_FOLD_PERMUTE on one lease; benchmarks/NOTES.md, session 19).
 The first GEMM with the activation in its epilogue is ``gated_gmm``'s. ``gathered_gemm`` is the folded first GEMM
 alone (the transformers backend uses it with its own gates).
 
