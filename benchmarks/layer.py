@@ -9,11 +9,18 @@ dispatcher, softmax top-k with aux loss, fp32 router), in one run, with the same
         hf_grouped_mm_graphed --out-name layer_small_batch   # small batches, also captured in CUDA graphs
     python benchmarks/layer.py --shapes qwen3_30b --tokens 16 256 2048 --providers moetron moetron_compiled \
         hf_grouped_mm hf_grouped_mm_compiled --out-name layer_compiled   # torch.compile, mode "reduce-overhead"
+    python benchmarks/layer.py --accumulate-grads   # gradients summed over calls (micro-batches): layer_accum
 
 bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for forward+backward.
 Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with ms the median of --rounds timings taken with
 the providers in turns, and peak_mem_gb per row: the peak allocated in one call, counting that provider's own
 module, gradients and activations and the shared inputs (as if it were alone on the device).
+
+Each timed fwd_bwd call starts with no gradients (set to None), as a training step after zero_grad. With
+--accumulate-grads every call adds into the gradients the calls before it left (x's and the parameters'), as
+gradient accumulation over micro-batches does, and as ../shared/anchors/anchors_layer.py timed its fwd+bwd
+(its transformers figures include autograd summing the expert weight gradients); peak memory is then that of a
+call that finds the gradients already there.
 
 The "*_graphed" providers (training mode, CUDA only, not in the default set) are the same modules captured with
 torch.cuda.make_graphed_callables: forward and backward replay as two CUDA graphs, without the Python that issues
@@ -178,11 +185,12 @@ def compiled(build, sample, fullgraph):
 class Prepared:
     """One provider built and warmed up for one case: its timed functions and its peak memory per mode."""
 
-    def __init__(self, build, x, dy, device, inference):
+    def __init__(self, build, x, dy, device, inference, accumulate=False):
         base = torch.cuda.memory_allocated() if device == "cuda" else 0
         self.module, run = build()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.xg = x.detach().clone().requires_grad_(True)
+        self.accumulate = accumulate
 
         def fwd():
             return run(self.xg)
@@ -208,6 +216,8 @@ class Prepared:
         if device == "cuda":
             for mode, fn in self.modes.items():
                 self.clear_grads()
+                if accumulate and mode == "fwd_bwd":
+                    fn()  # the gradients this call adds into
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 fn()
@@ -222,21 +232,22 @@ class Prepared:
     def time_ms(self, mode, device, rep_ms):
         fn = self.modes[mode]
         if device == "cuda":
-            return bench_ms(fn, grad_to_none=self.params + [self.xg], rep_ms=rep_ms)
-        self.clear_grads()
+            return bench_ms(fn, grad_to_none=None if self.accumulate else self.params + [self.xg], rep_ms=rep_ms)
+        if not self.accumulate:
+            self.clear_grads()
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
 
 
-def time_case(case, builders, x, dy, flops, device, rep_ms, rounds, inference, rows):
+def time_case(case, builders, x, dy, flops, device, rep_ms, rounds, inference, rows, accumulate=False):
     """Build every provider, then time them in turns, ``rounds`` times (median kept): this H100 holds its clock
     only until its 700 W cap, so a provider timed first on a cool GPU would run at a higher clock than the next
     (benchmarks/NOTES.md, session 11). Returns each provider's output (fp32) for the cross-check."""
     prepared, rows_here = {}, {}
     for provider, build in builders.items():
         try:
-            prepared[provider] = Prepared(build, x, dy, device, inference)
+            prepared[provider] = Prepared(build, x, dy, device, inference, accumulate)
         except Exception as e:  # a provider that cannot build or run is recorded, not fatal
             rows_here[provider, None] = {"case": case, "provider": provider, "mode": "infer" if inference else "fwd",
                                          "error": repr(e)[:300]}
@@ -284,7 +295,12 @@ def main(argv=None):
     parser.add_argument("--inference", action="store_true",
                         help="time the eval-mode forward under torch.no_grad() (mode 'infer') instead of training; "
                              "writes layer_infer_<gpu>.json")
+    parser.add_argument("--accumulate-grads", action="store_true",
+                        help="each fwd_bwd call adds into the gradients earlier calls left (micro-batch gradient "
+                             "accumulation, as the anchors timed it); writes layer_accum_<gpu>.json")
     args = parser.parse_args(argv)
+    if args.inference and args.accumulate_grads:
+        parser.error("--accumulate-grads times training calls; it does not go with --inference")
     if args.inference and set(args.providers) & set(GRAPHED):
         parser.error("the *_graphed providers capture a training step (forward and backward); drop them with "
                      "--inference")
@@ -314,7 +330,8 @@ def main(argv=None):
                     "moetron"): compiled(build, x, full)
             builders = {p: builders[p] for p in args.providers
                         if not (p == "hf_eager" and T > args.eager_max_tokens)}
-            outs = time_case(case, builders, x, dy, flops, device, args.rep_ms, args.rounds, args.inference, rows)
+            outs = time_case(case, builders, x, dy, flops, device, args.rep_ms, args.rounds, args.inference, rows,
+                             args.accumulate_grads)
             ref = outs.get("hf_grouped_mm")
             for provider, out in outs.items():
                 if ref is not None and provider != "hf_grouped_mm":
@@ -323,7 +340,8 @@ def main(argv=None):
                     for r in rows:
                         if r["case"] == case and r["provider"] == provider:
                             r["rel_diff_vs_hf"] = err
-    path = write_results(args.out_name or ("layer_infer" if args.inference else "layer"), rows)
+    default_name = "layer_infer" if args.inference else "layer_accum" if args.accumulate_grads else "layer"
+    path = write_results(args.out_name or default_name, rows)
     print_table(rows)
     print(f"wrote {path}")
 

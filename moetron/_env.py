@@ -7,6 +7,10 @@
 - ``MOETRON_FOLD_PERMUTE=0``: at inference the single-process MoE layer permutes its token rows into a buffer
   before the expert GEMMs instead of letting the first GEMM gather them (moetron/ops/routed_experts.py). For A/B
   measurements; the default folds.
+- ``MOETRON_FUSE_GRAD_ACCUMULATION=0``: a grouped GEMM's backward leaves a weight gradient to autograd's own
+  accumulation even where ``w.grad`` already holds one (see ``moetron/ops/gmm.py``, ``_grad_to_add_into``). For
+  A/B measurements and as an escape hatch; the default adds the gradient into ``w.grad`` in the weight-gradient
+  kernel.
 - ``MOETRON_BACKEND``: ``auto`` (default), ``triton`` or ``torch``. ``auto`` runs Triton kernels on CUDA
   tensors and plain PyTorch on CPU tensors. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before
   Triton is imported; the test suite uses it to check kernel logic without a GPU.
@@ -49,3 +53,7 @@ def use_triton(t) -> bool:
 
 def fold_permute_enabled() -> bool:
     return os.environ.get("MOETRON_FOLD_PERMUTE", "1") not in ("", "0", "false", "False")
+
+
+def fuse_grad_accumulation_enabled() -> bool:
+    return os.environ.get("MOETRON_FUSE_GRAD_ACCUMULATION", "1") not in ("", "0", "false", "False")

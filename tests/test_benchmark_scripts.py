@@ -10,13 +10,16 @@ gmm_bench = pytest.importorskip("benchmarks.gmm")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the benchmark itself")
-@pytest.mark.parametrize("inference", [False, True], ids=["train", "inference"])
-def test_layer_tiny_run_times_every_provider_in_turns(monkeypatch, inference):
+@pytest.mark.parametrize("mode_flag", [None, "--inference", "--accumulate-grads"],
+                         ids=["train", "inference", "accumulate"])
+def test_layer_tiny_run_times_every_provider_in_turns(monkeypatch, mode_flag):
     written = {}
     monkeypatch.setattr(layer_bench, "write_results", lambda name, rows: written.update(name=name, rows=rows))
     argv = ["--device", "cpu", "--tiny", "--providers", "moetron", "hf_grouped_mm", "hf_eager", "--rounds", "2"]
-    layer_bench.main(argv + (["--inference"] if inference else []))
-    assert written["name"] == ("layer_infer" if inference else "layer")
+    layer_bench.main(argv + ([mode_flag] if mode_flag else []))
+    inference = mode_flag == "--inference"
+    assert written["name"] == {None: "layer", "--inference": "layer_infer", "--accumulate-grads": "layer_accum"}[
+        mode_flag]
     modes = ["infer"] if inference else ["fwd", "fwd_bwd"]
     rows = {(r["provider"], r["mode"]): r for r in written["rows"]}
     assert set(rows) == {(p, m) for p in ("moetron", "hf_grouped_mm", "hf_eager") for m in modes}

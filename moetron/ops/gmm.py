@@ -1072,17 +1072,54 @@ def _node_backward(ctx, dy):
         check_single_backward(ctx, "gmm(consume_x=True)", "writes dx over x")
     x, w = ctx.saved_tensors
     need_dx, need_dw, need_dbias = ctx.needs_input_grad[:3]
+    add_into = _grad_to_add_into(w) if need_dw and ctx.main_grad is None else None
     dx, dw, dbias = _gmm_backward(dy.contiguous(), x, w, ctx.groups, ctx.trans_w, need_dx, need_dw, need_dbias,
-                                  ctx.bias_dtype, ctx.main_grad, into_x=ctx.consume_x)
+                                  ctx.bias_dtype, ctx.main_grad, into_x=ctx.consume_x, add_into=add_into)
+    if add_into is not None:
+        # dw is w.grad with this gradient added: with w.grad unset, autograd's AccumulateGrad takes dw as the new
+        # w.grad (the same memory, no copy) instead of adding it to the old one, and runs w's hooks as usual
+        w.grad = None
     if dx is x:  # whoever else saved x for backward now fails autograd's version check instead of reading dx
         torch.autograd.graph.increment_version(x)
     return dx, dw, dbias
 
 
+def _grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
+    """``w.grad`` when this backward may add w's gradient into it in place, else None.
+
+    Gradient accumulation (micro-batches, or gradients zeroed without set_to_none) makes autograd add each new
+    weight gradient to the stored one: a second pass that reads both and writes the sum, three passes over the
+    gradient in all. At Qwen3-30B-A3B shapes that is 1.2 GB of bf16 expert gradients per layer, ~1.2 ms per layer
+    and micro-batch on an H100 (benchmarks/NOTES.md, session 20). Instead the weight-gradient kernel starts from
+    each tile of the stored gradient and writes the sum over it: one extra read inside a compute-bound kernel. The
+    sum is rounded once (autograd's way rounds the new gradient to w's dtype first, then the sum), so it is closer
+    to the exact sum, not bit for bit autograd's.
+
+    Taken only where nothing can tell the difference: the backward keeps no graph of its own (no create_graph),
+    w is a leaf whose AccumulateGrad node runs in this backward (not under ``torch.autograd.grad``, nor outside
+    ``backward(inputs=...)``), ``w.grad`` is a dense, contiguous, non-view tensor of w's dtype, shape and device
+    (a DDP bucket view keeps autograd's path), and w has no tensor hooks (a hook sees the new gradient alone, not
+    the sum). Hooks registered on w's AccumulateGrad node itself cannot be inspected: a pre-hook there would see
+    the sum. ``MOETRON_FUSE_GRAD_ACCUMULATION=0`` turns it off."""
+    if torch.is_grad_enabled() or not w.is_leaf or not w.requires_grad or not _env.fuse_grad_accumulation_enabled():
+        return None
+    grad = w.grad
+    if (grad is None or grad.layout != torch.strided or grad.dtype != w.dtype or grad.shape != w.shape
+            or grad.device != w.device or grad.requires_grad or grad._is_view() or not grad.is_contiguous()
+            or w._backward_hooks):
+        return None
+    try:
+        will_accumulate = torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(w).node)
+    except (RuntimeError, AttributeError):  # torch.autograd.grad on a leaf (it captures, never accumulates)
+        return None
+    return grad if will_accumulate else None
+
+
 def _gmm_backward(dy, x, w, groups: _Groups, trans_w: bool, need_dx: bool, need_dw: bool, need_dbias: bool,
-                  bias_dtype, main_grad, into_x: bool = False):
+                  bias_dtype, main_grad, into_x: bool = False, add_into: torch.Tensor | None = None):
     """(dx, dw, dbias) of ``gmm``, None where not needed; dw None too when it went into ``main_grad``.
-    ``into_x``: dx is written over x (the last use of x: the weight gradient, which reads it, runs first)."""
+    ``into_x``: dx is written over x (the last use of x: the weight gradient, which reads it, runs first).
+    ``add_into``: a tensor shaped like w that the weight gradient is added into, returned as dw."""
     dx = dw = dbias = None
     if need_dw:
         # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
@@ -1091,6 +1128,8 @@ def _gmm_backward(dy, x, w, groups: _Groups, trans_w: bool, need_dx: bool, need_
             _run_gmm_k(a, b, groups, main_grad, accumulate=True)
             if hasattr(w, "grad_added_to_main_grad"):
                 w.grad_added_to_main_grad = True
+        elif add_into is not None:
+            dw = _run_gmm_k(a, b, groups, add_into, accumulate=True)
         else:
             dw = torch.empty_like(w)
             _run_gmm_k(a, b, groups, dw, accumulate=False)
