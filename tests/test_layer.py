@@ -670,6 +670,40 @@ def test_reused_activation_memory_is_bitwise_the_same_and_backward_runs_once(bac
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradient_accumulation_over_micro_batches(backend, monkeypatch):
+    """Two micro-batches backward in turn: every parameter's .grad is the sum of the two batches' gradients, the
+    expert weights' added into .grad by the weight-gradient kernel (moetron/ops/gmm.py ``_grad_to_add_into``;
+    one rounding of the sum, so compared against float64 with the tolerance rule, autograd's own accumulation
+    being the baseline), the others by autograd."""
+    device = _select_backend(monkeypatch, backend)
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(9, H, generator=gen), torch.randn(9, H, generator=gen)) for _ in range(2)]
+
+    def grads(dtype, fuse):
+        monkeypatch.setenv("MOETRON_FUSE_GRAD_ACCUMULATION", "1" if fuse else "0")
+        layer = MoELayer(make_cfg(z_loss_coeff=1e-3), dtype=dtype)
+        randomize(layer, 11)
+        layer.to(device)
+        for x, dy in batches:
+            layer(x.to(dtype).to(device)).backward(dy.to(dtype).to(device))
+        return {name: p.grad for name, p in layer.named_parameters()}
+
+    fused, autograd_way = grads(torch.bfloat16, True), grads(torch.bfloat16, False)
+    exact = {name: torch.zeros(g.shape, dtype=F64) for name, g in fused.items()}
+    monkeypatch.setenv("MOETRON_BACKEND", "torch")
+    weights = MoELayer(make_cfg(z_loss_coeff=1e-3), dtype=torch.bfloat16)
+    randomize(weights, 11)
+    for x, dy in batches:  # each batch alone, fp32 on the torch path (the layer's widest dtype), summed in fp64
+        layer = MoELayer(make_cfg(z_loss_coeff=1e-3), dtype=torch.float32)
+        layer.load_state_dict({k: v.float() for k, v in weights.state_dict().items()})  # the same bf16 values
+        layer(x.to(torch.bfloat16).float()).backward(dy.to(torch.bfloat16).float())
+        for name, p in layer.named_parameters():
+            exact[name] += p.grad.double()
+    for name in exact:
+        assert_close_to_ref(f"accumulated {name}", fused[name], exact[name], autograd_way[name])
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(top_k=7), r"MoEConfig\.top_k"),
     (dict(num_experts=6, num_groups=4, group_topk=1), r"MoEConfig\.num_groups"),
