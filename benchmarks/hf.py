@@ -2,6 +2,7 @@
 
     python benchmarks/hf.py              # GPU: 4 layers at the qwen3_30b MoE shape, batch 2 x 4096 tokens, bf16
     python benchmarks/hf.py --quick      # CPU smoke run on tiny shapes (no timing meaning)
+    python benchmarks/hf.py --accumulate-grads   # each step adds into the gradients the steps before it left
 
 One ``Qwen3MoeForCausalLM`` (transformers' own model: attention, norms, router, aux-loss hooks and LM head unchanged)
 is built once; ``model.set_experts_implementation(...)`` switches its experts between "grouped_mm" (transformers'
@@ -14,7 +15,9 @@ variants (``--providers`` names; in the results, provider "moetron" with a ``var
   moetron_experts       only ``model.set_experts_implementation("moetron")`` (variant "experts");
   moetron_experts_loss  that plus ``fuse_lm_loss(model)`` (variant "experts+loss").
 A step is the forward with labels (mean cross-entropy) and its backward, no optimizer. All but "eager"
-are timed with ``triton.testing.do_bench`` (median, gradients reset between calls), in turns over ``--rounds`` rounds
+are timed with ``triton.testing.do_bench`` (median, gradients reset between calls; with ``--accumulate-grads``
+each step adds into the gradients the steps before it left, as micro-batch gradient accumulation does, and the
+file is hf_accum_<gpu>.json), in turns over ``--rounds`` rounds
 (median kept: the H100 drops its clock at its power cap, so a provider timed alone first would get a cooler GPU);
 "eager" is slow on 128 experts, so it runs a few steps timed with CUDA events once (``--eager-iters``; 0 skips it).
 Each provider's loss is recorded against grouped_mm's.
@@ -115,7 +118,10 @@ def time_provider(model, provider, ids, labels, device, args) -> dict:
             row["ms"] = sorted(times)[len(times) // 2]
             row["iters"] = args.eager_iters
         else:
-            row["ms"] = bench_ms(step, grad_to_none=params, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+            if args.accumulate_grads:
+                step()  # the gradients every timed step adds into
+            row["ms"] = bench_ms(step, grad_to_none=None if args.accumulate_grads else params,
+                                 warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     else:
         t = time.perf_counter()
@@ -137,6 +143,9 @@ def main(argv=None):
     parser.add_argument("--warmup-ms", type=int, default=100)
     parser.add_argument("--rep-ms", type=int, default=500)
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--accumulate-grads", action="store_true",
+                        help="steps add into the gradients earlier steps left (micro-batch gradient accumulation); "
+                             "writes hf_accum_<gpu>.json")
     args = parser.parse_args(argv)
     device = args.device
     s = dict(QUICK if args.quick else FULL)
@@ -183,7 +192,7 @@ def main(argv=None):
     for r in rows:
         if ref is not None and "loss" in r and r is not ref:
             r["loss_rel_diff_vs_grouped_mm"] = abs(r["loss"] - ref["loss"]) / abs(ref["loss"])
-    path = write_results("hf", rows, extra_meta={"shape": s, "dtype": str(dtype).replace("torch.", "")},
+    path = write_results("hf_accum" if args.accumulate_grads else "hf", rows, extra_meta={"shape": s, "dtype": str(dtype).replace("torch.", "")},
                          out_dir=args.out_dir)
     print(f"\n{case} ({dtype}): ms per forward+backward step")
     by = {r["provider"]: r for r in rows if r.get("variant") in (None, "fuse")}
