@@ -192,8 +192,8 @@ def main(argv=None):
     for r in rows:
         if ref is not None and "loss" in r and r is not ref:
             r["loss_rel_diff_vs_grouped_mm"] = abs(r["loss"] - ref["loss"]) / abs(ref["loss"])
-    path = write_results("hf_accum" if args.accumulate_grads else "hf", rows, extra_meta={"shape": s, "dtype": str(dtype).replace("torch.", "")},
-                         out_dir=args.out_dir)
+    path = write_results("hf_accum" if args.accumulate_grads else "hf", rows,
+                         extra_meta={"shape": s, "dtype": str(dtype).replace("torch.", "")}, out_dir=args.out_dir)
     print(f"\n{case} ({dtype}): ms per forward+backward step")
     by = {r["provider"]: r for r in rows if r.get("variant") in (None, "fuse")}
     for r in rows:

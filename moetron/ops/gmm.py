@@ -1089,11 +1089,11 @@ def _grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
 
     Gradient accumulation (micro-batches, or gradients zeroed without set_to_none) makes autograd add each new
     weight gradient to the stored one: a second pass that reads both and writes the sum, three passes over the
-    gradient in all. At Qwen3-30B-A3B shapes that is 1.2 GB of bf16 expert gradients per layer, ~1.2 ms per layer
-    and micro-batch on an H100 (benchmarks/NOTES.md, session 20). Instead the weight-gradient kernel starts from
-    each tile of the stored gradient and writes the sum over it: one extra read inside a compute-bound kernel. The
-    sum is rounded once (autograd's way rounds the new gradient to w's dtype first, then the sum), so it is closer
-    to the exact sum, not bit for bit autograd's.
+    gradient in all. At Qwen3-30B-A3B shapes that is 1.2 GB of bf16 expert gradients per layer, 0.8-1.2 ms per
+    layer and micro-batch on an H100 (benchmarks/NOTES.md, session 20). Instead the weight-gradient kernel reads
+    each tile of the stored gradient after its loop and writes the sum over it: one extra read inside a
+    compute-bound kernel (~0.3 ms there). The sum is rounded once (autograd's way rounds the new gradient to w's
+    dtype first, then the sum), so it is closer to the exact sum, not bit for bit autograd's.
 
     Taken only where nothing can tell the difference: the backward keeps no graph of its own (no create_graph),
     w is a leaf whose AccumulateGrad node runs in this backward (not under ``torch.autograd.grad``, nor outside
