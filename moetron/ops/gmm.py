@@ -1097,16 +1097,16 @@ def _grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
 
     Taken only where nothing can tell the difference: the backward keeps no graph of its own (no create_graph),
     w is a leaf whose AccumulateGrad node runs in this backward (not under ``torch.autograd.grad``, nor outside
-    ``backward(inputs=...)``), ``w.grad`` is a dense, contiguous, non-view tensor of w's dtype, shape and device
-    (a DDP bucket view keeps autograd's path), and w has no tensor hooks (a hook sees the new gradient alone, not
-    the sum). Hooks registered on w's AccumulateGrad node itself cannot be inspected: a pre-hook there would see
-    the sum. ``MOETRON_FUSE_GRAD_ACCUMULATION=0`` turns it off."""
+    ``backward(inputs=...)``), ``w.grad`` is a plain (no subclass), dense, contiguous, non-view tensor of w's
+    dtype, shape and device (a DDP bucket view keeps autograd's path), and w has no tensor hooks (a hook sees the
+    new gradient alone, not the sum). Hooks registered on w's AccumulateGrad node itself cannot be inspected: a
+    pre-hook there would see the sum. ``MOETRON_FUSE_GRAD_ACCUMULATION=0`` turns it off."""
     if torch.is_grad_enabled() or not w.is_leaf or not w.requires_grad or not _env.fuse_grad_accumulation_enabled():
         return None
     grad = w.grad
-    if (grad is None or grad.layout != torch.strided or grad.dtype != w.dtype or grad.shape != w.shape
-            or grad.device != w.device or grad.requires_grad or grad._is_view() or not grad.is_contiguous()
-            or w._backward_hooks):
+    if (grad is None or type(grad) is not torch.Tensor or grad.layout != torch.strided or grad.dtype != w.dtype
+            or grad.shape != w.shape or grad.device != w.device or grad.requires_grad or grad._is_view()
+            or not grad.is_contiguous() or w._backward_hooks):
         return None
     try:
         will_accumulate = torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(w).node)
