@@ -65,6 +65,13 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
+def check_weight_dtype(name: str, w: torch.Tensor, x: torch.Tensor):
+    """A GEMM weight in x's dtype, or fp32 with fp16/bf16 x (mixed precision: the GEMM runs on a copy of the weight
+    in x's dtype)."""
+    if w.dtype != x.dtype and not (w.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), or be fp32 when x is fp16/bf16, got {w.dtype}")
+
+
 def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str = ""):
     if tuple(t.shape) != tuple(expected):
         extra = f" ({what})" if what else ""

@@ -205,8 +205,8 @@ class GroupedExperts(_ExpertWeights):
         w1, b1, w2, b2 = self.w1, self.w1_bias, self.down_proj, self._down_bias()
         # zero_tail=False: rows past offsets[-1] are neither computed nor written, here and in the backward
         limit = None if zero_tail else offsets[-1:]
-        if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
-            w1, w2 = w1.to(dtype), w2.to(dtype)
+        if dtype != w2.dtype and not gmm_takes_fp32_weights(w2, dtype):
+            w1, w2 = w1.to(dtype), w2.to(dtype)  # autocast: cast like F.linear would (the copies are differentiable)
         x = x.to(dtype).contiguous()
         # the activations made here are read by nothing but the next op (and, for h, its backward)
         reuse = self.reuse_activation_memory
@@ -249,6 +249,13 @@ class GroupedExperts(_ExpertWeights):
         if dtype != w2.dtype:  # autocast: cast like F.linear would (the copies are differentiable)
             w1, w2 = w1.to(dtype), w2.to(dtype)
         return routed_gated_experts(x.to(dtype), probs, w1, w2, src_slot, row_map, offsets, self.activation)
+
+
+def gmm_takes_fp32_weights(w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the expert GEMMs in ``dtype`` (autocast's) take the fp32 weight w as it is rather than a cast copy:
+    ``gmm`` then runs on its own copy and makes w's gradient in fp32 (added into an existing ``w.grad`` in place),
+    where a cast copy's bf16 gradient would be rounded, then cast back by another pass over it."""
+    return w.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
 
 
 def _scale_rows(h: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:

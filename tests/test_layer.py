@@ -626,15 +626,33 @@ def test_expert_parameter_layout():
     assert abs(g.down_proj.std().item() - 0.02) < 0.01  # normal(0, 0.02) init
 
 
-def test_autocast_runs_experts_in_the_autocast_dtype():
-    layer = MoELayer(make_cfg(shared_expert_ffn_hidden_size=8))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_runs_experts_in_the_autocast_dtype(backend, monkeypatch):
+    """Under autocast the GEMMs run in bf16; the fp32 expert weights go to gmm as they are, so their gradients are
+    fp32 from the GEMM's accumulator, and a second backward adds into them in place."""
+    device = _select_backend(monkeypatch, backend)
+    layer = MoELayer(make_cfg(shared_expert_ffn_hidden_size=8)).to(device)
     randomize(layer, 0)
-    x = torch.randn(8, H)
+    x = torch.randn(8, H, device=device)
     ref = layer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    ref.sum().backward()
+    ref_grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    experts = {"experts.gate_up_proj": layer.experts.gate_up_proj, "experts.down_proj": layer.experts.down_proj}
+    for name, p in experts.items():
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=0.05, atol=0.05)
+    first = {name: (p.grad.data_ptr(), p.grad.clone()) for name, p in experts.items()}
+    with torch.autocast(device, dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    for name, p in experts.items():
+        assert p.grad.data_ptr() == first[name][0]
+        torch.testing.assert_close(p.grad, 2 * first[name][1], rtol=1e-2, atol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
+from ..experts import gmm_takes_fp32_weights
 from ..ops.cross_entropy import linear_cross_entropy
 from ..ops.gated_gmm import gated_gmm
 from ..ops._launch import per_launch_scratch
@@ -254,9 +255,11 @@ def _experts(hidden_states, top_k_index, top_k_weights, w1, b1, w2, b2, trans_w:
                         "use another experts_implementation for float64")
     if T == 0 or top_k_index.shape[1] == 0:
         return hidden_states.new_zeros(T, H)
-    # autocast: cast like F.linear would; the copies are differentiable. Otherwise these are no-ops.
-    w1 = w1.to(dtype) if w1.dtype != dtype else w1
-    w2 = w2.to(dtype) if w2.dtype != dtype else w2
+    # autocast: cast like F.linear would; the copies are differentiable. Otherwise these are no-ops. In training,
+    # fp32 weights go to gmm as they are (it makes their gradient in fp32: moetron.experts.gmm_takes_fp32_weights)
+    if not (records_grad(hidden_states, w1, w2) and gmm_takes_fp32_weights(w2, dtype)):
+        w1 = w1.to(dtype) if w1.dtype != dtype else w1
+        w2 = w2.to(dtype) if w2.dtype != dtype else w2
     if not w1.is_contiguous():
         w1 = w1.contiguous()
     if not w2.is_contiguous():

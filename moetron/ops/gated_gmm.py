@@ -33,7 +33,8 @@ def gated_gmm(x: torch.Tensor, w1: torch.Tensor, offsets: torch.Tensor, activati
               consume_h: bool = False) -> torch.Tensor:
     """``gated_act(gmm(x, w1, offsets=offsets, trans_w=True, zero_tail=zero_tail), activation, row_scale)``.
 
-    ``x [R, H]`` contiguous fp16/bf16/fp32, ``w1 [E, 2F, H]`` contiguous in x's dtype, ``offsets [E]`` int32/int64
+    ``x [R, H]`` contiguous fp16/bf16/fp32, ``w1 [E, 2F, H]`` contiguous in x's dtype (or fp32 with 16-bit x, as
+    ``gmm`` takes it: the GEMM runs on a copy in x's dtype, w1's gradient is fp32), ``offsets [E]`` int32/int64
     cumulative row ends (rows past the last end give zeros, or with ``zero_tail=False`` are left unwritten),
     ``row_scale [R]`` optional, contiguous. Returns ``a [R, F]`` in x's dtype.
 
@@ -62,8 +63,8 @@ def gated_gmm(x: torch.Tensor, w1: torch.Tensor, offsets: torch.Tensor, activati
                                                     checked_main_grad(w1), consume_x)
         return _GatedAct.eager_apply(h, row_scale, activation, limit, consume_h, a)
     with torch.no_grad():
-        return _forward(x, w1, slot_scale if by_slot else row_scale, groups, activation, limit, gather=gather,
-                        gather_div=gather_div, scale_by_slot=by_slot)
+        return _forward(x, w1.to(x.dtype), slot_scale if by_slot else row_scale, groups, activation, limit,
+                        gather=gather, gather_div=gather_div, scale_by_slot=by_slot)
 
 
 def _forward(x, w1, scale, groups: _Groups, activation: str, limit, h_out=None, gather=None, gather_div: int = 1,
@@ -92,11 +93,12 @@ class _FirstGemmWithActivation(torch.autograd.Function):
     def forward(ctx, x, w1, bias, scale, groups: _Groups, activation, limit, main_grad, consume_x):
         # bias is always None: it holds gmm's input slot, so gmm's node backward reads needs_input_grad unchanged
         h = torch.empty(groups.num_rows, w1.shape[1], dtype=x.dtype, device=x.device)
-        a = _forward(x, w1, scale, groups, activation, limit, h_out=h)
+        w_run = w1.to(x.dtype)  # w1 itself unless it is an fp32 weight for 16-bit x (see gmm)
+        a = _forward(x, w_run, scale, groups, activation, limit, h_out=h)
         ctx.mark_non_differentiable(a)
         # a's gradient is always None here: not materialised as an [R, F] tensor of zeros (memory at the peak)
         ctx.set_materialize_grads(False)
-        _node_setup(ctx, x, w1, bias, groups, True, main_grad, consume_x)
+        _node_setup(ctx, x, w1, bias, groups, True, main_grad, consume_x, w_run)
         return h, a
 
     @staticmethod

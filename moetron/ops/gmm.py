@@ -28,7 +28,7 @@ from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, num_s
 from ._launch import CachedLauncher, LaunchPlans, per_launch_scratch
 from .gated_act import _gate_and_slope
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
-                       check_consumable, check_single_backward, check_tensor)
+                       check_consumable, check_single_backward, check_tensor, check_weight_dtype)
 from .._compile import compiling, eager_function, or_empty
 
 # ---------------------------------------------------------------------------------------------------------
@@ -982,28 +982,31 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
 
 
 def _torch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool):
-    """Plain PyTorch path (the CPU backend): fp32 accumulation, one rounding, tail rows zeroed."""
+    """Plain PyTorch path (the CPU backend): fp32 accumulation, one rounding, tail rows zeroed. fp32 whatever the
+    caller's autocast (a backward run inside an autocast region would otherwise multiply in bf16)."""
     start = 0
-    for g, count in enumerate(groups.host_counts()):
-        if count:
-            wg = w[g].float()
-            acc = x[start:start + count].float() @ (wg.t() if trans_w else wg)
-            if bias is not None:
-                acc += bias[g].float()
-            out[start:start + count] = acc.to(out.dtype)
-        start += count
+    with torch.autocast(x.device.type, enabled=False):
+        for g, count in enumerate(groups.host_counts()):
+            if count:
+                wg = w[g].float()
+                acc = x[start:start + count].float() @ (wg.t() if trans_w else wg)
+                if bias is not None:
+                    acc += bias[g].float()
+                out[start:start + count] = acc.to(out.dtype)
+            start += count
     out[start:].zero_()
     return out
 
 
 def _torch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     start = 0
-    for g, count in enumerate(groups.host_counts()):
-        acc = a[start:start + count].float().t() @ b[start:start + count].float()
-        if accumulate:
-            acc += out[g].float()
-        out[g] = acc.to(out.dtype)
-        start += count
+    with torch.autocast(a.device.type, enabled=False):  # fp32, as in _torch_gmm
+        for g, count in enumerate(groups.host_counts()):
+            acc = a[start:start + count].float().t() @ b[start:start + count].float()
+            if accumulate:
+                acc += out[g].float()
+            out[g] = acc.to(out.dtype)
+            start += count
     return out
 
 
@@ -1050,8 +1053,9 @@ class _GroupedMatmul(torch.autograd.Function):
     def forward(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad, consume_x: bool):
         M, N = x.shape[0], (w.shape[1] if trans_w else w.shape[2])
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        _run_gmm(x, w, bias, groups, out, trans_w)
-        _node_setup(ctx, x, w, bias, groups, trans_w, main_grad, consume_x)
+        w_run = w.to(x.dtype)  # w itself unless it is an fp32 weight for 16-bit x (see gmm)
+        _run_gmm(x, w_run, bias, groups, out, trans_w)
+        _node_setup(ctx, x, w, bias, groups, trans_w, main_grad, consume_x, w_run)
         return out
 
     @staticmethod
@@ -1059,9 +1063,14 @@ class _GroupedMatmul(torch.autograd.Function):
         return (*_node_backward(ctx, dy), None, None, None, None)
 
 
-def _node_setup(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad, consume_x: bool):
-    """What ``_node_backward`` reads, saved by the forward of a gmm autograd node."""
-    ctx.save_for_backward(x, w)
+def _node_setup(ctx, x, w, bias, groups: _Groups, trans_w: bool, main_grad, consume_x: bool, w_run=None):
+    """What ``_node_backward`` reads, saved by the forward of a gmm autograd node. ``w_run``: the copy of an fp32
+    w in x's dtype that the forward ran on (the backward's dx runs on it too), or None / w itself."""
+    ctx.save_for_backward(x, w if w_run is None else w_run)
+    # an fp32 w behind a 16-bit copy: its gradient is made in fp32 (and, accumulating, added into a leaf's .grad);
+    # a leaf is kept here anyway (its module holds it), any other w is not kept alive for this
+    mixed = w_run is not None and w_run is not w
+    ctx.weight, ctx.weight_dtype = (w if mixed and w.is_leaf else None), w.dtype
     ctx.groups, ctx.trans_w, ctx.main_grad, ctx.consume_x, ctx.ran = groups, trans_w, main_grad, consume_x, False
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -1071,14 +1080,16 @@ def _node_backward(ctx, dy):
     if ctx.consume_x:
         check_single_backward(ctx, "gmm(consume_x=True)", "writes dx over x")
     x, w = ctx.saved_tensors
+    weight = w if ctx.weight is None else ctx.weight  # the node's input: w, or the fp32 leaf behind w
     need_dx, need_dw, need_dbias = ctx.needs_input_grad[:3]
-    add_into = _grad_to_add_into(w) if need_dw and ctx.main_grad is None else None
+    add_into = _grad_to_add_into(weight) if need_dw and ctx.main_grad is None else None
     dx, dw, dbias = _gmm_backward(dy.contiguous(), x, w, ctx.groups, ctx.trans_w, need_dx, need_dw, need_dbias,
-                                  ctx.bias_dtype, ctx.main_grad, into_x=ctx.consume_x, add_into=add_into)
+                                  ctx.bias_dtype, ctx.main_grad, into_x=ctx.consume_x, add_into=add_into,
+                                  weight=weight, dw_dtype=ctx.weight_dtype)
     if add_into is not None:
         # dw is w.grad with this gradient added: with w.grad unset, autograd's AccumulateGrad takes dw as the new
         # w.grad (the same memory, no copy) instead of adding it to the old one, and runs w's hooks as usual
-        w.grad = None
+        weight.grad = None
     if dx is x:  # whoever else saved x for backward now fails autograd's version check instead of reading dx
         torch.autograd.graph.increment_version(x)
     return dx, dw, dbias
@@ -1116,22 +1127,26 @@ def _grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _gmm_backward(dy, x, w, groups: _Groups, trans_w: bool, need_dx: bool, need_dw: bool, need_dbias: bool,
-                  bias_dtype, main_grad, into_x: bool = False, add_into: torch.Tensor | None = None):
+                  bias_dtype, main_grad, into_x: bool = False, add_into: torch.Tensor | None = None,
+                  weight: torch.Tensor | None = None, dw_dtype: torch.dtype | None = None):
     """(dx, dw, dbias) of ``gmm``, None where not needed; dw None too when it went into ``main_grad``.
     ``into_x``: dx is written over x (the last use of x: the weight gradient, which reads it, runs first).
-    ``add_into``: a tensor shaped like w that the weight gradient is added into, returned as dw."""
+    ``add_into``: a tensor shaped like w that the weight gradient is added into, returned as dw. ``weight``: the
+    tensor whose gradient dw is (default w; the fp32 weight behind a 16-bit copy w), ``dw_dtype`` dw's dtype
+    (default w's; fp32 for such a weight)."""
+    weight = w if weight is None else weight
     dx = dw = dbias = None
     if need_dw:
         # dw[g] = x_g^T dy_g  ([G, K, N]); for a [G, N, K] weight it is dy_g^T x_g
         a, b = (dy, x) if trans_w else (x, dy)
         if main_grad is not None:
             _run_gmm_k(a, b, groups, main_grad, accumulate=True)
-            if hasattr(w, "grad_added_to_main_grad"):
-                w.grad_added_to_main_grad = True
+            if hasattr(weight, "grad_added_to_main_grad"):
+                weight.grad_added_to_main_grad = True
         elif add_into is not None:
             dw = _run_gmm_k(a, b, groups, add_into, accumulate=True)
         else:
-            dw = torch.empty_like(w)
+            dw = torch.empty(w.shape, dtype=dw_dtype or w.dtype, device=w.device)
             _run_gmm_k(a, b, groups, dw, accumulate=False)
     if need_dbias:
         ones = torch.ones(1, 1, dtype=dy.dtype, device=dy.device).expand(dy.shape[0], 1)
@@ -1154,7 +1169,7 @@ def _gmm_op(x, w, bias, sizes, sizes_are_ends, trans_w, zero_tail):
     groups = _op_groups(sizes, sizes_are_ends, x, w.shape[0], zero_tail)
     out = torch.empty(x.shape[0], w.shape[1] if trans_w else w.shape[2], dtype=x.dtype, device=x.device)
     with per_launch_scratch():
-        return _run_gmm(x, w, bias, groups, out, trans_w)
+        return _run_gmm(x, w.to(x.dtype), bias, groups, out, trans_w)
 
 
 @_gmm_op.register_fake
@@ -1169,7 +1184,9 @@ def _(x, w, bias, sizes, sizes_are_ends, trans_w, zero_tail):
 def _gmm_backward_op(dy, x, w, sizes, sizes_are_ends, trans_w, zero_tail, need_dx, need_dw, need_dbias, bias_dtype):
     groups = _op_groups(sizes, sizes_are_ends, x, w.shape[0], zero_tail)
     with per_launch_scratch():
-        grads = _gmm_backward(dy.contiguous(), x, w, groups, trans_w, need_dx, need_dw, need_dbias, bias_dtype, None)
+        # an fp32 w for 16-bit x: dx runs on its copy in x's dtype (made again here), dw comes out in fp32
+        grads = _gmm_backward(dy.contiguous(), x, w.to(x.dtype), groups, trans_w, need_dx, need_dw, need_dbias,
+                              bias_dtype, None, dw_dtype=w.dtype)
     return tuple(or_empty(g, dy) for g in grads)
 
 
@@ -1267,7 +1284,9 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
             default), TF32 tensor cores when it is on. Triton's TF32 truncates the operands where cuBLAS rounds
             them, so expect about twice cuBLAS's TF32 error then.
         w: ``[G, K, N]`` (or ``[G, N, K]`` with ``trans_w=True``, the Hugging Face v5 experts layout),
-            contiguous, same dtype and device as x.
+            contiguous, on x's device, in x's dtype, or fp32 with fp16/bf16 x (mixed precision, as under
+            ``torch.autocast`` with fp32 weights: the GEMMs run on w rounded to x's dtype, and w's gradient is
+            made in fp32 by the weight-gradient kernel, not rounded to x's dtype and cast back).
         group_sizes: ``[G]`` int32/int64 rows per group, on x's device or the CPU. Empty groups are fine.
         offsets: ``[G]`` cumulative row ends instead of ``group_sizes`` (torch ``offs`` / npu_gmm
             ``group_list``). Pass exactly one of the two.
@@ -1297,7 +1316,7 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
     """
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("w", w, ndim=3, dtypes=FLOAT_DTYPES)
-    check_same_dtype("w", w, "x", x)
+    check_weight_dtype("w", w, x)
     check_same_device("w", w, "x", x)
     M, K = x.shape
     G = w.shape[0]
@@ -1322,11 +1341,12 @@ def gmm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor | None = Non
     # under torch.compile: one custom op (fused main_grad accumulation and out= stay eager, behind a graph break)
     as_op = compiling() and out is None and main_grad is None
     groups = _make_groups(group_sizes, offsets, G, M, x.device, zero_tail=zero_tail, read_values=not as_op)
-    if as_op:
-        return torch.ops.moetron.gmm(x, w, bias, groups.sizes, groups.are_ends, trans_w, zero_tail)
-
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                               or (bias is not None and bias.requires_grad))
+    if not (as_op or needs_grad):
+        w = w.to(x.dtype)  # an fp32 weight for 16-bit x: the GEMM's copy (the node and the op make their own)
+    if as_op:
+        return torch.ops.moetron.gmm(x, w, bias, groups.sizes, groups.are_ends, trans_w, zero_tail)
     if out is not None:
         check_out(out, needs_grad=needs_grad, grad_inputs="an input", dtype=x.dtype, shape=(M, N), what="[M, N]",
                   like_name="x", like=x)

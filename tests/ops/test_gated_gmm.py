@@ -178,6 +178,26 @@ def test_training_adds_into_main_grad():
                                                                                           device=DEVICE))
 
 
+def test_training_with_an_fp32_weight():
+    """Mixed precision (autocast with fp32 weights): outputs, dx and the row scale's gradient bitwise those of w
+    rounded to x's dtype; w's gradient in fp32, against float64 with the rounded copy's gradient as baseline."""
+    x, w, scale, dy = _inputs(torch.bfloat16, seed=17)
+    offsets = torch.tensor(SIZES).cumsum(0).to(DEVICE)
+    w32 = w.float().requires_grad_()
+    runs = []
+    for weight in (w32, w.clone().requires_grad_()):
+        xi, si = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        a = gated_gmm_module.gated_gmm(xi, weight, offsets, "swiglu", si)
+        a.backward(dy)
+        runs.append((a, xi.grad, si.grad, weight.grad))
+    (a, dx, ds, dw), (a_copy, dx_copy, ds_copy, dw_copy) = runs
+    assert torch.equal(a, a_copy) and torch.equal(dx, dx_copy) and torch.equal(ds, ds_copy)
+    assert dw.dtype == torch.float32
+    w64 = w.double().requires_grad_()
+    _reference(x.double(), w64, scale.double(), "swiglu").backward(dy.double())
+    assert_close_to_ref("fp32 dw1", dw, w64.grad, dw_copy.float())
+
+
 def test_gathered_rows_with_padding(tiles):
     # rows read x[gather[r]] (the MoE layer's inference path); -1 marks padding rows, which come out zero
     x, w, scale, _ = _inputs(torch.bfloat16, seed=3)

@@ -447,6 +447,34 @@ def test_invalid_device_sizes_never_write_out_of_bounds(path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("trans_w", [False, True], ids=["kn", "nk"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_weight_with_16bit_x(path, dtype, trans_w):
+    """Mixed precision (autocast with fp32 weights): output and dx bitwise those of w rounded to x's dtype; dw in
+    fp32, straight from the fp32 accumulator, against float64 with the rounded copy's (16-bit, cast up) gradient
+    as the baseline; without autograd the same output."""
+    sizes = [5, 0, 12, 3]
+    M, K, N = 22, 18, 20
+    x, w, _ = _make(M, K, N, len(sizes), torch.float32, path, trans_w=trans_w, seed=21)
+    x, w = x.to(dtype).requires_grad_(True), w.requires_grad_(True)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(22)).to(dtype).to(path)
+    y = moetron.gmm(x, w, torch.tensor(sizes), trans_w=trans_w)
+    y.backward(dy)
+    x_copy, w_copy = x.detach().clone().requires_grad_(True), w.detach().to(dtype).requires_grad_(True)
+    y_copy = moetron.gmm(x_copy, w_copy, torch.tensor(sizes), trans_w=trans_w)
+    y_copy.backward(dy)
+    assert y.dtype == dtype and torch.equal(y, y_copy) and torch.equal(x.grad, x_copy.grad)
+    assert w.grad.dtype == torch.float32
+    ref = torch.zeros(len(sizes), K, N, dtype=torch.float64)
+    start = 0
+    for g, count in enumerate(sizes):
+        ref[g] = x[start:start + count].double().cpu().t() @ dy[start:start + count].double().cpu()
+        start += count
+    assert_close_to_ref("fp32 dw", w.grad, ref.transpose(1, 2) if trans_w else ref, w_copy.grad.float())
+    with torch.no_grad():
+        assert torch.equal(moetron.gmm(x, w, torch.tensor(sizes), trans_w=trans_w), y_copy)
+
+
 def _ok_inputs(device="cpu"):
     return torch.randn(8, 4, device=device), torch.randn(2, 4, 3, device=device), torch.tensor([3, 5])
 
@@ -462,7 +490,8 @@ def _ok_inputs(device="cpu"):
     (lambda x, w, s: (x, w, s.float(), {}), TypeError, "group_sizes must have dtype"),
     (lambda x, w, s: (x.long(), w, s, {}), TypeError, "x must have dtype"),
     (lambda x, w, s: (x, w.double(), s, {}), TypeError, "w must have dtype"),
-    (lambda x, w, s: (x, w.half(), s, {}), TypeError, "same dtype as x"),
+    (lambda x, w, s: (x, w.half(), s, {}), TypeError, "w must have the dtype of x"),
+    (lambda x, w, s: (x.bfloat16(), w.half(), s, {}), TypeError, "or be fp32 when x is fp16/bf16"),
     (lambda x, w, s: (x[0], w, s, {}), ValueError, "x must be 2-D"),
     (lambda x, w, s: (x, w[0], s, {}), ValueError, "w must be 3-D"),
     (lambda x, w, s: (x.t().contiguous().t(), w, s, {}), ValueError, "x must be contiguous"),
