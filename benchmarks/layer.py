@@ -10,6 +10,8 @@ dispatcher, softmax top-k with aux loss, fp32 router), in one run, with the same
     python benchmarks/layer.py --shapes qwen3_30b --tokens 16 256 2048 --providers moetron moetron_compiled \
         hf_grouped_mm hf_grouped_mm_compiled --out-name layer_compiled   # torch.compile, mode "reduce-overhead"
     python benchmarks/layer.py --accumulate-grads   # gradients summed over calls (micro-batches): layer_accum
+    python benchmarks/layer.py --shapes qwen3_30b --tokens 256 2048 8192 --providers moetron moetron_calling_thread \
+        hf_grouped_mm hf_grouped_mm_calling_thread --out-name layer_calling_thread   # backward on the calling thread
 
 bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for forward+backward.
 Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with ms the median of --rounds timings taken with
@@ -28,6 +30,9 @@ their kernels, which is what small batches wait on. Their peak memory includes t
 The "*_compiled" providers (opt-in, CUDA only, training or --inference) are the same modules under
 torch.compile(mode="reduce-overhead", dynamic=False): Inductor plus CUDA-graph trees. moetron's layer compiles with
 fullgraph=True (its ops are custom ops in the graph); transformers' block compiles with whatever breaks it has.
+The "*_calling_thread" providers (opt-in) run each backward on the calling thread
+(torch.autograd.set_multithreading_enabled(False)) instead of autograd's CUDA device thread: where a step is
+host-bound, this shows how much of its host time is Python running on that second thread.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ TINY = {"tiny": (64, 32, 8, 2)}
 PROVIDERS = ("moetron", "hf_grouped_mm", "hf_eager", "megatron")
 GRAPHED = ("moetron_graphed", "hf_grouped_mm_graphed")  # opt-in (--providers)
 COMPILED = ("moetron_compiled", "hf_grouped_mm_compiled")  # opt-in (--providers)
+CALLING_THREAD = ("moetron_calling_thread", "hf_grouped_mm_calling_thread")  # opt-in (--providers)
 
 
 def master_weights(H, F, E, seed=0):
@@ -163,6 +169,18 @@ def graphed(build, sample):
     return module, run_graphed
 
 
+def on_calling_thread(build):
+    """``build``'s module, with each training call's backward run on the calling thread
+    (``torch.autograd.set_multithreading_enabled(False)``) instead of autograd's CUDA device thread."""
+    module, run = build()
+
+    def run_here(x):
+        return run(x)
+
+    run_here.backward_on_calling_thread = True
+    return module, run_here
+
+
 def compiled(build, sample, fullgraph):
     """``build``'s module under torch.compile(mode="reduce-overhead") (CUDA only). Returns (module, run) like the
     builders."""
@@ -195,8 +213,11 @@ class Prepared:
         def fwd():
             return run(self.xg)
 
+        calling_thread = getattr(run, "backward_on_calling_thread", False)
+
         def fwd_bwd():
-            run(self.xg).backward(dy)
+            with torch.autograd.set_multithreading_enabled(not calling_thread):
+                run(self.xg).backward(dy)
 
         @torch.no_grad()
         def infer():  # eval mode, no autograd: a prefill
@@ -287,7 +308,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + GRAPHED + COMPILED)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + GRAPHED + COMPILED + CALLING_THREAD)
     parser.add_argument("--out-name", default=None, help="results file stem (default layer / layer_infer)")
     parser.add_argument("--eager-max-tokens", type=int, default=8192, help="skip hf_eager above this T")
     parser.add_argument("--rep-ms", type=int, default=200)
@@ -328,6 +349,8 @@ def main(argv=None):
             for name in COMPILED:
                 builders[name] = lambda build=builders[name.removesuffix("_compiled")], full=name.startswith(
                     "moetron"): compiled(build, x, full)
+            for name in CALLING_THREAD:
+                builders[name] = lambda build=builders[name.removesuffix("_calling_thread")]: on_calling_thread(build)
             builders = {p: builders[p] for p in args.providers
                         if not (p == "hf_eager" and T > args.eager_max_tokens)}
             outs = time_case(case, builders, x, dy, flops, device, args.rep_ms, args.rounds, args.inference, rows,

@@ -15,18 +15,19 @@ gmm_bench = pytest.importorskip("benchmarks.gmm")
 def test_layer_tiny_run_times_every_provider_in_turns(monkeypatch, mode_flag):
     written = {}
     monkeypatch.setattr(layer_bench, "write_results", lambda name, rows: written.update(name=name, rows=rows))
-    argv = ["--device", "cpu", "--tiny", "--providers", "moetron", "hf_grouped_mm", "hf_eager", "--rounds", "2"]
+    providers = ("moetron", "hf_grouped_mm", "hf_eager", "moetron_calling_thread")
+    argv = ["--device", "cpu", "--tiny", "--providers", *providers, "--rounds", "2"]
     layer_bench.main(argv + ([mode_flag] if mode_flag else []))
     inference = mode_flag == "--inference"
     assert written["name"] == {None: "layer", "--inference": "layer_infer", "--accumulate-grads": "layer_accum"}[
         mode_flag]
     modes = ["infer"] if inference else ["fwd", "fwd_bwd"]
     rows = {(r["provider"], r["mode"]): r for r in written["rows"]}
-    assert set(rows) == {(p, m) for p in ("moetron", "hf_grouped_mm", "hf_eager") for m in modes}
+    assert set(rows) == {(p, m) for p in providers for m in modes}
     for row in rows.values():
         assert "error" not in row, row
         assert len(row["ms_rounds"]) == 2 and row["ms"] > 0
-    for provider in ("moetron", "hf_eager"):  # same weights and inputs: the same layer, to fp32 precision
+    for provider in ("moetron", "hf_eager", "moetron_calling_thread"):  # same weights and inputs: the same layer
         assert rows[provider, modes[0]]["rel_diff_vs_hf"] < 1e-5
 
 
