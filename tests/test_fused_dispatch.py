@@ -22,8 +22,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moetron._env import triton_interpreter_enabled
 from moetron.dispatch import combine, dispatch
 from tests.test_parallel import run_world
+
+# CPU tensors on gloo: the fused kernels run in Triton's interpreter, which tests/conftest.py switches on only on
+# machines without a GPU. With a GPU, tests/gpu/test_fused_gpu.py runs the same checks on CUDA (two GPUs or more).
+pytestmark = pytest.mark.skipif(not triton_interpreter_enabled(),
+                                reason="CPU emulation of the fused kernels needs Triton's interpreter "
+                                       "(TRITON_INTERPRET=1, set by tests/conftest.py where no GPU is present)")
 
 F64 = torch.float64
 

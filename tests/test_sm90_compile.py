@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,6 +159,9 @@ def _run(code_or_args, env, timeout):
     return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine compiles and runs every kernel for real in the "
+                    "other tests; this offline check is for machines without one (its workload needs a Triton "
+                    "interpreter that runs the TMA kernels: 3.6's fails on the first TMA gmm launch)")
 def test_kernels_compile_for_sm90(tmp_path):
     compiler = pytest.importorskip("triton.compiler")
     if not hasattr(compiler, "ASTSource"):
