@@ -308,7 +308,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + GRAPHED + COMPILED + CALLING_THREAD)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS),
+                        choices=PROVIDERS + GRAPHED + COMPILED + CALLING_THREAD)
     parser.add_argument("--out-name", default=None, help="results file stem (default layer / layer_infer)")
     parser.add_argument("--eager-max-tokens", type=int, default=8192, help="skip hf_eager above this T")
     parser.add_argument("--rep-ms", type=int, default=200)
