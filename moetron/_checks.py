@@ -65,10 +65,15 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
+def is_mixed_precision_weight(w_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """An fp32 GEMM weight for fp16/bf16 x: the GEMM runs on a copy of the weight in x's dtype, and the weight's
+    gradient comes out in fp32 (moetron.gmm)."""
+    return w_dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)
+
+
 def check_weight_dtype(name: str, w: torch.Tensor, x: torch.Tensor):
-    """A GEMM weight in x's dtype, or fp32 with fp16/bf16 x (mixed precision: the GEMM runs on a copy of the weight
-    in x's dtype)."""
-    if w.dtype != x.dtype and not (w.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+    """A GEMM weight in x's dtype, or fp32 with fp16/bf16 x (``is_mixed_precision_weight``)."""
+    if w.dtype != x.dtype and not is_mixed_precision_weight(w.dtype, x.dtype):
         raise TypeError(f"{name} must have the dtype of x ({x.dtype}), or be fp32 when x is fp16/bf16, got {w.dtype}")
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_tensor
+from ._checks import check_tensor, is_mixed_precision_weight
 from ._compile import compiling, records_grad
 from .ops.gated_act import gated_act
 from .ops.gated_gmm import gated_gmm
@@ -255,7 +255,7 @@ def gmm_takes_fp32_weights(w: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the expert GEMMs in ``dtype`` (autocast's) take the fp32 weight w as it is rather than a cast copy:
     ``gmm`` then runs on its own copy and makes w's gradient in fp32 (added into an existing ``w.grad`` in place),
     where a cast copy's bf16 gradient would be rounded, then cast back by another pass over it."""
-    return w.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+    return is_mixed_precision_weight(w.dtype, dtype)
 
 
 def _scale_rows(h: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:
