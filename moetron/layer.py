@@ -495,11 +495,11 @@ class MoELayer(nn.Module):
 
     def _forward(self, x_TH: torch.Tensor, shape: torch.Size, seq_len: int | None) -> torch.Tensor:
         route: RouterOutput = self.router(x_TH, seq_len)
-        x_send = x_TH
+        x_send = route.tokens  # x_TH's values; its gradient joins the router's in one kernel (RouterOutput.tokens)
         if torch.is_autocast_enabled(x_TH.device.type):
             # the experts compute in the autocast dtype anyway: cast the T rows once here, so the permutation
             # (or the all-to-all) moves half the bytes of fp32 and the experts do not cast T·K rows
-            x_send = x_TH.to(torch.get_autocast_dtype(x_TH.device.type))
+            x_send = x_send.to(torch.get_autocast_dtype(x_TH.device.type))
         # queued before dispatch: the device works on it while an all-to-all dispatcher waits for split sizes
         y_shared = self.shared_experts(x_send) if self.shared_experts is not None else None
         if self._gathers_rows(x_send, route.probs):

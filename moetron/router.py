@@ -13,6 +13,7 @@ G expert groups.
         logits            [T, E]  router dtype (fp32 or fp64), differentiable
         tokens_per_expert [E]     int64  how many of the T·K routed rows each expert receives
         losses            {name: 0-d tensor}  each loss / its coefficient, detached (1.0 = balanced aux loss)
+        tokens            [T, H]  x for the experts (see RouterOutput)
     )
 
 The formulas follow Megatron-Core (megatron/core/transformer/moe/router.py and moe_utils.py):
@@ -78,7 +79,7 @@ import torch
 from . import _env
 from .ops import router_gemm, routing
 from ._checks import check_tensor, config_error, is_int, is_real
-from ._compile import compiling, eager_function
+from ._compile import compiling, eager_function, records_grad
 from ._torch_caps import MM_OUT_DTYPE
 
 __all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "AuxLossAutoScaler", "exclude_router_counters_from_ddp"]
@@ -269,6 +270,10 @@ class RouterOutput(NamedTuple):
     logits: torch.Tensor  # [T, E] router dtype
     tokens_per_expert: torch.Tensor  # [E] int64
     losses: dict  # name -> 0-d detached tensor, loss / coeff
+    # x as the experts should take it: x itself, or on Triton's path (training) a view of x whose gradient the
+    # router's backward adds into its own dx in one kernel (ops/router_gemm.py), instead of autograd summing the
+    # router's and the experts' gradients of x in a pass of its own. Same values, same gradient bits.
+    tokens: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -730,12 +735,17 @@ class TopKRouter(torch.nn.Module):
         if train and "seq_aux_loss" in self._aux_coeffs and seq_len is None:
             raise ValueError('seq_len must be given in training when load_balancing has "seq_aux_loss", got None')
 
+        tokens = x_TH  # the experts take x unjittered
         if self.training and cfg.input_jitter is not None:
             eps = cfg.input_jitter
             x_TH = x_TH * torch.empty_like(x_TH).uniform_(1.0 - eps, 1.0 + eps)
 
         if self._router_dtype == torch.float32 and _env.use_triton(x_TH) and router_gemm.applies(x_TH, self.weight):
-            logits_TE = router_gemm.router_logits(x_TH, self.weight)  # fp32 GEMMs on bf16 tensor cores, 3 kernels
+            # fp32 GEMMs on bf16 tensor cores, 3 kernels; x's two gradients summed in the dx kernel
+            if x_TH is tokens and records_grad(x_TH):
+                logits_TE, tokens = router_gemm.router_logits(x_TH, self.weight, pass_tokens=True)
+            else:
+                logits_TE = router_gemm.router_logits(x_TH, self.weight)
         else:
             split = _use_split_gemm(x_TH, self.weight, self._router_dtype)
             logits_TE = _router_gemm(x_TH, self.weight, self._router_dtype, split)
@@ -745,7 +755,7 @@ class TopKRouter(torch.nn.Module):
                 raise ValueError("router logits contain NaN or inf (check the router input x and weight)")
 
         if self._fusable(logits_TE, sinkhorn):
-            return self._fused_forward(logits_TE, train)
+            return self._fused_forward(logits_TE, train)._replace(tokens=tokens)
 
         # -- selection and combine weights
         if sinkhorn:
@@ -802,7 +812,7 @@ class TopKRouter(torch.nn.Module):
             if self.local_tokens_per_expert is not None:
                 self.local_tokens_per_expert += tokens_per_expert.float()
 
-        return RouterOutput(probs_TK, ids_TK, logits_TE, tokens_per_expert, losses)
+        return RouterOutput(probs_TK, ids_TK, logits_TE, tokens_per_expert, losses, tokens)
 
     def _fusable(self, logits_TE: torch.Tensor, sinkhorn: bool) -> bool:
         """Whether ``_fused_forward`` (ops/routing.py's kernels) computes exactly what the code below would."""

@@ -79,12 +79,42 @@ def test_one_gradient_at_a_time_and_deterministic():
     assert torch.equal(x_only.grad, runs[0][0])
 
 
+@pytest.mark.parametrize("uses", ["both", "logits_only", "tokens_only"])
+def test_passing_tokens_adds_their_gradient_in_the_dx_kernel(uses, poisoned):
+    """``pass_tokens=True``: tokens has x's values, and x's gradient is bit for bit what autograd's own sum of the
+    logits' and the tokens' gradients gives (the unfused form, run beside it), w's gradient unchanged; with only
+    one of the two outputs used, x's gradient is that one's."""
+    T, H, E = 50, 130, 20  # several tiles in every dimension, ragged edges
+    x, w, g = _inputs(T, H, E, torch.bfloat16, seed=11)
+    u = torch.randn(T, H, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+
+    def loss(logits, tokens):
+        parts = []
+        if uses != "tokens_only":
+            parts.append((logits * g).sum())
+        if uses != "logits_only":
+            parts.append((tokens.float() * u).sum())
+        return sum(parts)
+
+    x_leaf, w_leaf = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    logits, tokens = router_gemm.router_logits(x_leaf, w_leaf, pass_tokens=True)
+    assert torch.equal(tokens, x) and tokens is not x_leaf and tokens.data_ptr() == x_leaf.data_ptr()
+    loss(logits, tokens).backward()
+    x_twin, w_twin = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss(router_gemm.router_logits(x_twin, w_twin), x_twin).backward()
+    assert torch.equal(x_leaf.grad, x_twin.grad)
+    if uses == "tokens_only":
+        assert w_leaf.grad is None and w_twin.grad is None
+    else:
+        assert torch.equal(w_leaf.grad, w_twin.grad)
+
+
 def test_router_takes_it_for_bf16_activations(monkeypatch):
     """TopKRouter with bf16 x and fp32 gate maths runs these kernels on Triton's path (a spy counts the calls),
     and its logits and gradients match the PyTorch backend's within the rule."""
     calls = []
     real = router_gemm.router_logits
-    monkeypatch.setattr(router_gemm, "router_logits", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(router_gemm, "router_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = RouterConfig(hidden_size=40, num_experts=12, top_k=3, load_balancing="aux_loss", aux_loss_coeff=0.1)
     torch.manual_seed(0)
     router = TopKRouter(cfg).to(DEVICE)
@@ -119,3 +149,36 @@ def test_applies_only_to_its_case(x_dtype, w_dtype, why):
     assert router_gemm.applies(torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(3, 8))
     assert not router_gemm.applies(torch.zeros(0, 8, dtype=torch.bfloat16), torch.zeros(3, 8))
     assert not router_gemm.applies(torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(3, 9))
+
+
+def test_moe_layer_hands_the_experts_the_routers_tokens(monkeypatch):
+    """MoELayer dispatches RouterOutput.tokens, so x's gradient from the experts is added in the router's dx kernel
+    (a spy sees the dx kernel take it), with the same output and x gradient, bit for bit, as when the router
+    hands back x itself and autograd sums the two gradients."""
+    from moetron.layer import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=6, top_k=2), device=DEVICE,
+                     dtype=torch.bfloat16)
+    x = torch.randn(19, 32, device=DEVICE).bfloat16()
+    u = torch.randn(19, 32, device=DEVICE)
+    added = []
+    real_dx = router_gemm._dx
+    monkeypatch.setattr(router_gemm, "_dx", lambda *a, add=None: added.append(add is not None) or real_dx(*a, add=add))
+
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x_leaf = x.clone().requires_grad_(True)
+        y = layer(x_leaf)
+        (y.float() * u).sum().backward()
+        return y.detach(), x_leaf.grad, layer.router.weight.grad
+
+    fused = run()
+    assert added == [True]
+    real_logits = router_gemm.router_logits
+    monkeypatch.setattr(router_gemm, "router_logits",
+                        lambda x, w, pass_tokens=False: (real_logits(x, w), x) if pass_tokens else real_logits(x, w))
+    plain = run()
+    assert added == [True, False]
+    for name, got, want in zip(("y", "dx", "dw"), fused, plain):
+        assert torch.equal(got, want), name
