@@ -7,6 +7,8 @@ import json
 import os
 import re
 import subprocess
+import threading
+import time
 
 import torch
 
@@ -67,6 +69,57 @@ def dump_results(filename: str, rows: list[dict], extra_meta: dict | None = None
     with open(path, "w") as f:
         json.dump({"meta": {**meta(), **(extra_meta or {})}, "rows": rows}, f, indent=1)
     return path
+
+
+class PowerSampler:
+    """The GPU's SM clock and board power, sampled by ``nvidia-smi`` every ``interval_ms`` in a background thread,
+    averaged over windows of the caller's choosing. An H100 running dense GEMMs meets its 700 W cap and clocks
+    down (to ~1350-1600 MHz of 1980 here), so a compute-bound step's time follows the energy it spends, while a
+    lighter one runs at full clock (benchmarks/NOTES.md, session 22): these numbers say which a timing was.
+
+        sampler = PowerSampler()              # CUDA device 0 (by UUID); nothing sampled without nvidia-smi
+        t0 = time.monotonic(); run(); t1 = time.monotonic()
+        sampler.mean(t0, t1)                  # {"sm_clock_mhz": ..., "power_w": ...}, or {} with no samples
+        sampler.close()
+
+    ``command`` replaces the nvidia-smi command line (tests): each line it prints is ``clock, power``."""
+
+    def __init__(self, interval_ms: int = 50, device: int = 0, command: list[str] | None = None):
+        self.samples: list[tuple[float, float, float]] = []  # (time.monotonic(), MHz, W)
+        if command is None:
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"  # CUDA_VISIBLE_DEVICES-proof
+            command = ["nvidia-smi", f"--id={uuid}", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                       f"--loop-ms={interval_ms}"]
+        try:
+            self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # no nvidia-smi: windows come back empty
+            self._proc = None
+            return
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                clock, power = (float(v) for v in line.split(","))
+            except ValueError:  # a header, "[N/A]", a driver message
+                continue
+            self.samples.append((time.monotonic(), clock, power))
+
+    def mean(self, t0: float, t1: float) -> dict:
+        """Mean clock and power of the samples taken in [t0, t1] (time.monotonic())."""
+        inside = [(c, p) for t, c, p in list(self.samples) if t0 <= t <= t1]
+        if not inside:
+            return {}
+        return {"sm_clock_mhz": sum(c for c, _ in inside) / len(inside),
+                "power_w": sum(p for _, p in inside) / len(inside)}
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+            self._reader.join(timeout=5)
 
 
 class StepClock:

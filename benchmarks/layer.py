@@ -16,7 +16,9 @@ dispatcher, softmax top-k with aux loss, fp32 router), in one run, with the same
 bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for forward+backward.
 Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with ms the median of --rounds timings taken with
 the providers in turns, and peak_mem_gb per row: the peak allocated in one call, counting that provider's own
-module, gradients and activations and the shared inputs (as if it were alone on the device).
+module, gradients and activations and the shared inputs (as if it were alone on the device). On the GPU each row
+also has sm_clock_mhz and power_w, the means over its timed calls (nvidia-smi every 50 ms; absent without it): at
+the 700 W cap the clock drops, so they tell a step slowed by its energy from one at full clock.
 
 Each timed fwd_bwd call starts with no gradients (set to None), as a training step after zero_grad. With
 --accumulate-grads every call adds into the gradients the calls before it left (x's and the parameters'), as
@@ -47,7 +49,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import bench_ms, write_results  # noqa: E402
+from benchmarks._common import PowerSampler, bench_ms, write_results  # noqa: E402
 
 SHAPES = {  # name: hidden H, expert ffn F, experts E, top-k K
     "qwen3_30b": (2048, 768, 128, 8),
@@ -261,10 +263,12 @@ class Prepared:
         return (time.perf_counter() - t) * 1e3
 
 
-def time_case(case, builders, x, dy, flops, device, rep_ms, rounds, inference, rows, accumulate=False):
+def time_case(case, builders, x, dy, flops, device, rep_ms, rounds, inference, rows, accumulate=False,
+              power=None):
     """Build every provider, then time them in turns, ``rounds`` times (median kept): this H100 holds its clock
     only until its 700 W cap, so a provider timed first on a cool GPU would run at a higher clock than the next
-    (benchmarks/NOTES.md, session 11). Returns each provider's output (fp32) for the cross-check."""
+    (benchmarks/NOTES.md, session 11). With a ``PowerSampler``, each row also gets the mean SM clock and board power
+    over its timed windows. Returns each provider's output (fp32) for the cross-check."""
     prepared, rows_here = {}, {}
     for provider, build in builders.items():
         try:
@@ -276,12 +280,15 @@ def time_case(case, builders, x, dy, flops, device, rep_ms, rounds, inference, r
             continue
         for mode in prepared[provider].modes:
             rows_here[provider, mode] = {"case": case, "provider": provider, "mode": mode, "ms_rounds": []}
+    windows = {key: [] for key in rows_here}
     for _ in range(rounds):
         for (provider, mode), row in rows_here.items():
             if "error" in row:
                 continue
             try:
+                t0 = time.monotonic()
                 row["ms_rounds"].append(prepared[provider].time_ms(mode, device, rep_ms))
+                windows[provider, mode].append((t0, time.monotonic()))
             except Exception as e:
                 row["error"] = repr(e)[:300]
     for (provider, mode), row in rows_here.items():
@@ -290,6 +297,8 @@ def time_case(case, builders, x, dy, flops, device, rep_ms, rounds, inference, r
             if mode in prepared[provider].peak_gb:
                 row["peak_mem_gb"] = prepared[provider].peak_gb[mode]
             row["tflops"] = (3 * flops if mode == "fwd_bwd" else flops) / row["ms"] / 1e9
+            if power is not None:
+                row.update(_mean_power(power, windows[provider, mode]))
         rows.append(row)
         if mode is not None:
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "ms_rounds"},
@@ -300,6 +309,12 @@ def time_case(case, builders, x, dy, flops, device, rep_ms, rounds, inference, r
     if device == "cuda":
         torch.cuda.empty_cache()
     return outs
+
+
+def _mean_power(power, windows) -> dict:
+    """Round-weighted means of a PowerSampler's clock and power over the timed windows that have samples."""
+    means = [m for m in (power.mean(t0, t1) for t0, t1 in windows) if m]
+    return {key: sum(m[key] for m in means) / len(means) for key in means[0]} if means else {}
 
 
 def main(argv=None):
@@ -331,6 +346,7 @@ def main(argv=None):
     shapes = TINY if args.tiny else {k: SHAPES[k] for k in args.shapes}
     tokens = [64] if args.tiny else args.tokens
     rows = []
+    power = PowerSampler() if device == "cuda" else None
     for shape_name, (H, F, E, K) in shapes.items():
         W = master_weights(H, F, E)
         for T in tokens:
@@ -355,7 +371,7 @@ def main(argv=None):
             builders = {p: builders[p] for p in args.providers
                         if not (p == "hf_eager" and T > args.eager_max_tokens)}
             outs = time_case(case, builders, x, dy, flops, device, args.rep_ms, args.rounds, args.inference, rows,
-                             args.accumulate_grads)
+                             args.accumulate_grads, power)
             ref = outs.get("hf_grouped_mm")
             for provider, out in outs.items():
                 if ref is not None and provider != "hf_grouped_mm":
@@ -364,6 +380,8 @@ def main(argv=None):
                     for r in rows:
                         if r["case"] == case and r["provider"] == provider:
                             r["rel_diff_vs_hf"] = err
+    if power is not None:
+        power.close()
     default_name = "layer_infer" if args.inference else "layer_accum" if args.accumulate_grads else "layer"
     path = write_results(args.out_name or default_name, rows)
     print_table(rows)

@@ -62,3 +62,29 @@ def test_hf_decode_tiny_run_compiles_both_experts_fullgraph(monkeypatch):
                     for v in ("eager", "compiled")}
     for row in written["rows"]:
         assert row["rel_diff"] < 1e-5, row
+
+
+def test_power_sampler_averages_the_samples_inside_a_window():
+    """PowerSampler with a stand-in for nvidia-smi: header and "[N/A]" lines are skipped, a window averages the
+    samples inside it, an empty window gives {}, and a missing command samples nothing."""
+    import sys
+    import time
+
+    from benchmarks._common import PowerSampler
+
+    script = ("import time\nprint('clocks.sm [MHz], power.draw [W]')\nprint('[N/A], [N/A]')\n"
+              "for i in range(4):\n    print(f'{1000 + 100 * i}, {500 + i}', flush=True)\n    time.sleep(0.02)\n"
+              "time.sleep(60)\n")
+    t0 = time.monotonic()
+    sampler = PowerSampler(command=[sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    while len(sampler.samples) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t1 = time.monotonic()
+    sampler.close()  # stops the stand-in mid-sleep
+    assert [(c, p) for _, c, p in sampler.samples] == [(1000, 500), (1100, 501), (1200, 502), (1300, 503)]
+    assert sampler.mean(t0, t1) == {"sm_clock_mhz": 1150.0, "power_w": 501.5}
+    assert sampler.mean(t1 + 1, t1 + 2) == {}
+    missing = PowerSampler(command=["/nonexistent/nvidia-smi"])
+    assert missing.mean(0, time.monotonic()) == {}
+    missing.close()
