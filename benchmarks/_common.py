@@ -89,8 +89,8 @@ class PowerSampler:
         if command is None:
             uuid = str(torch.cuda.get_device_properties(device).uuid)
             uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"  # CUDA_VISIBLE_DEVICES-proof
-            command = ["nvidia-smi", f"--id={uuid}", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
-                       f"--loop-ms={interval_ms}"]
+            command = ["nvidia-smi", f"--id={uuid}", "--query-gpu=clocks.sm,power.draw",
+                       "--format=csv,noheader,nounits", f"--loop-ms={interval_ms}"]
         try:
             self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:  # no nvidia-smi: windows come back empty
