@@ -75,7 +75,9 @@ class PowerSampler:
     """The GPU's SM clock and board power, sampled by ``nvidia-smi`` every ``interval_ms`` in a background thread,
     averaged over windows of the caller's choosing. An H100 running dense GEMMs meets its 700 W cap and clocks
     down (to ~1350-1600 MHz of 1980 here), so a compute-bound step's time follows the energy it spends, while a
-    lighter one runs at full clock (benchmarks/NOTES.md, session 22): these numbers say which a timing was.
+    lighter one runs at full clock (benchmarks/NOTES.md, session 22): these numbers say which a timing was. The
+    clock is read as it is; the driver's power.draw is a one-second average on Ampere and newer, so over windows
+    shorter than that it blends in what ran just before.
 
         sampler = PowerSampler()              # CUDA device 0 (by UUID); nothing sampled without nvidia-smi
         t0 = time.monotonic(); run(); t1 = time.monotonic()

@@ -17,8 +17,9 @@ bf16, training mode. FLOPs = 2*T*K*H*F*3 forward (gate, up, down), 3x that for f
 Writes benchmarks/results/layer_<gpu>.json (DESIGN.md format) with ms the median of --rounds timings taken with
 the providers in turns, and peak_mem_gb per row: the peak allocated in one call, counting that provider's own
 module, gradients and activations and the shared inputs (as if it were alone on the device). On the GPU each row
-also has sm_clock_mhz and power_w, the means over its timed calls (nvidia-smi every 50 ms; absent without it): at
-the 700 W cap the clock drops, so they tell a step slowed by its energy from one at full clock.
+also has sm_clock_mhz and power_w, the means over its timed calls (nvidia-smi every 50 ms; absent without it; the
+power is the driver's one-second average): at the 700 W cap the clock drops, so they tell a step slowed by its
+energy from one at full clock.
 
 Each timed fwd_bwd call starts with no gradients (set to None), as a training step after zero_grad. With
 --accumulate-grads every call adds into the gradients the calls before it left (x's and the parameters'), as
