@@ -495,7 +495,8 @@ class MoELayer(nn.Module):
 
     def _forward(self, x_TH: torch.Tensor, shape: torch.Size, seq_len: int | None) -> torch.Tensor:
         route: RouterOutput = self.router(x_TH, seq_len)
-        x_send = route.tokens  # x_TH's values; its gradient joins the router's in one kernel (RouterOutput.tokens)
+        # x_TH's values; its gradient joins the router's in one kernel (RouterOutput.tokens)
+        x_send = route.tokens if route.tokens is not None else x_TH
         if torch.is_autocast_enabled(x_TH.device.type):
             # the experts compute in the autocast dtype anyway: cast the T rows once here, so the permutation
             # (or the all-to-all) moves half the bytes of fp32 and the experts do not cast T·K rows
