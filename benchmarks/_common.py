@@ -71,6 +71,17 @@ def dump_results(filename: str, rows: list[dict], extra_meta: dict | None = None
     return path
 
 
+def megatron_without_te() -> None:
+    """Let Megatron-Core releases that reference Transformer Engine's GEMM unguarded run without it: 0.16.1 (the
+    version in this workplace's local index) reads ``moe_utils.te_general_gemm`` in its router GEMM, a name it
+    defines only when Transformer Engine imports, so the router raised NameError; None is what later releases set
+    (0.19.2 runs as is). No-op where the name exists."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 class PowerSampler:
     """The GPU's SM clock and board power, sampled by ``nvidia-smi`` every ``interval_ms`` in a background thread,
     averaged over windows of the caller's choosing. An H100 running dense GEMMs meets its 700 W cap and clocks

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import StepClock, bench_ms_ranks, dump_results, gpu_tag  # noqa: E402
+from benchmarks._common import StepClock, bench_ms_ranks, dump_results, gpu_tag, megatron_without_te  # noqa: E402
 
 SHAPES = {  # name: hidden H, expert ffn F, experts E, top-k K
     "qwen3_30b": (2048, 768, 128, 8),
@@ -301,6 +301,7 @@ def megatron_layer(shape, ep, device, dtype, weights, fused_act: bool):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    megatron_without_te()
     if not _MEGATRON_READY:
         if device == "cpu" and not torch.cuda.is_available():
             stub_cuda_for_cpu_megatron()

@@ -50,7 +50,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import PowerSampler, bench_ms, write_results  # noqa: E402
+from benchmarks._common import PowerSampler, bench_ms, megatron_without_te, write_results  # noqa: E402
 
 SHAPES = {  # name: hidden H, expert ffn F, experts E, top-k K
     "qwen3_30b": (2048, 768, 128, 8),
@@ -120,6 +120,7 @@ def build_megatron(W, H, F, E, K, device, dtype):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    megatron_without_te()
     if not _MEGATRON_READY:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
