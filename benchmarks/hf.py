@@ -58,7 +58,9 @@ QUICK = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8, t
 def build_model(s: dict, device, dtype):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    import moetron.integrations.hf  # noqa: F401  (registers "moetron")
+    from moetron.integrations.hf import register
+
+    register()  # "moetron" as an experts implementation (importing the module already did; explicit here)
 
     cfg = Qwen3MoeConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
                          num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"],
