@@ -254,9 +254,10 @@ def _dw(g: torch.Tensor, x: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
     return dw if w_dtype == torch.float32 else dw.to(w_dtype)
 
 
-def _backward(g, x, w, need_dx: bool, need_dw: bool):
+def _backward(g, x, w, need_dx: bool, need_dw: bool, add=None):
+    """(dx, dw) for the logits' gradient g; ``add`` ([T, H] in x's dtype, or None) is added into dx in its kernel."""
     g = g.float().contiguous()
-    return _dx(g, w, x.dtype) if need_dx else None, _dw(g, x, w.dtype) if need_dw else None
+    return _dx(g, w, x.dtype, add=add) if need_dx else None, _dw(g, x, w.dtype) if need_dw else None
 
 
 @eager_function
@@ -289,18 +290,12 @@ class _RouterLogitsPassingTokens(torch.autograd.Function):
     def backward(ctx, g, g_tokens):
         x, w = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        if g is None:
+        if g is None:  # the logits went unused
             return g_tokens if need_dx else None, None
-        g = g.float().contiguous()
-        fuse = g_tokens is not None and g_tokens.dtype == x.dtype and g_tokens.shape == x.shape
-        if fuse and g_tokens.stride(1) != 1:
+        # autograd hands g_tokens in tokens' shape and dtype (x's); the kernel reads it with a unit last stride
+        if g_tokens is not None and g_tokens.stride(1) != 1:
             g_tokens = g_tokens.contiguous()
-        dx = None
-        if need_dx:
-            dx = _dx(g, w, x.dtype, add=g_tokens if fuse else None)
-            if g_tokens is not None and not fuse:
-                dx = dx + g_tokens
-        return dx, _dw(g, x, w.dtype) if need_dw else None
+        return _backward(g, x, w, need_dx, need_dw, add=g_tokens)
 
 
 # Under torch.compile: the same kernels as custom ops with a registered autograd formula (no graph break; see
