@@ -9,6 +9,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from moetron._env import triton_interpreter_enabled  # noqa: E402  (imported once TRITON_INTERPRET is set)
+
 
 def _make_interpreter_dots_host_independent() -> None:
     """Under the interpreter each ``tl.dot`` is a numpy matmul, and numpy's float32 matmul sums in the order of the
@@ -35,5 +37,5 @@ def _make_interpreter_dots_host_independent() -> None:
     builder.create_dot = create_dot
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if triton_interpreter_enabled():
     _make_interpreter_dots_host_independent()

@@ -2,15 +2,15 @@
 rounded once to float32, element for element, whatever BLAS the host's numpy uses (float32 sums round each step and
 would differ from it in the last place on many elements)."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's dot only")
+from moetron._env import triton_interpreter_enabled
+
+pytestmark = pytest.mark.skipif(not triton_interpreter_enabled(), reason="the interpreter's dot only")
 
 
 @triton.jit
