@@ -286,11 +286,18 @@ class LaunchPlans:
         return True
 
     @torch.compiler.disable
-    def add(self, key, launcher: CachedLauncher, grid, runtime_args, constexprs: dict, options: dict) -> None:
-        """Remember the launch just made through ``launcher`` with these arguments under ``key``."""
+    def add(self, key, launcher: CachedLauncher, grid, runtime_args, constexprs: dict, options: dict,
+            pick: tuple | None = None) -> None:
+        """Remember the launch just made through ``launcher`` with these arguments under ``key``. ``pick``: where
+        the launch's tensor arguments sit in the ``tensors`` that ``run`` is given, when not in the same order."""
         relaunch = launcher.relauncher(grid, runtime_args, constexprs, options)
         if relaunch is None:
             return
+        if pick is not None:
+            launch_tensors = relaunch
+
+            def relaunch(tensors):
+                launch_tensors([tensors[i] for i in pick])
         if len(self._plans) >= self.max_entries:  # e.g. a new row count every step: start over, never grow
             self._plans.clear()
         self._plans[key] = relaunch

@@ -26,6 +26,7 @@ import triton.language as tl
 from .. import _env
 from ._triton_utils import cdiv, interpreter_bf16_fixups, next_power_of_2, num_sms, to_output_dtype
 from ._launch import CachedLauncher, LaunchPlans, per_launch_scratch
+from . import _gluon_gmm
 from .gated_act import _gate_and_slope
 from .._checks import (FLOAT_DTYPES, check_out, check_row_major, check_same_device, check_same_dtype, check_shape,
                        check_consumable, check_single_backward, check_tensor, check_weight_dtype)
@@ -821,6 +822,13 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, ga
     # (or the tail), times the n-tiles
     bm, bn = _DECODE_TILES["BM"], _DECODE_TILES["BN"]
     few_tiles = few_rows and x.is_cuda and (M // bm + min(G + 1, M)) * cdiv(N, bn) < num_sms(x.device.index or 0)
+    if not _CONFIG_OVERRIDES.get("fwd") and _gluon_gmm.eligible(x, w, out, bias is not None, gather is not None,
+                                                                 few_rows):
+        programs = num_sms(x.device.index or 0)
+        launcher, args, constexprs, options = _gluon_gmm.launch(x, w, groups, out, trans_w, programs)
+        if plan_key is not None:  # its tensor arguments are x, w, out and the sizes: entries 0, 1, 3, 4 of tensors
+            _FWD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options, pick=(0, 1, 3, 4))
+        return out
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w,
                                                       few_rows=few_rows, few_tiles=few_tiles)
     tma = cfg.get("tma", True) and tma

@@ -1,0 +1,229 @@
+"""The m-grouped GEMM on Hopper written in Gluon (Triton's lower-level dialect), for large 16-bit problems.
+
+Why: a group's last 128-row tile is on average half empty (Qwen3-30B at T=8192: groups of ~460-580 rows, so
+~12% of the MMAs multiply rows of the next group and are masked at the store). The `tl` kernel's 128x256 tile
+runs as two warpgroups of 64 rows each, but as one program, so both always issue their MMAs. Here the two
+warpgroups are separate partitions of a warp-specialized kernel (``gl.warp_specialize``), fed by a one-warp TMA
+producer: each owns 64 rows of the tile and the second skips its MMAs when the group has no rows left for it,
+which leaves the SM's tensor cores to the first. Both read the same weight panel from shared memory, so the
+weight traffic per FLOP stays that of the 128x256 tile (64-row tiles alone would double it).
+
+Same arithmetic as the `tl` kernel (BK=64 steps, fp32 accumulation in the same order, one rounding), so the
+results are bitwise equal (tests/gpu/test_gluon_gmm_gpu.py). Used only where it was measured (see
+``eligible``); everything else keeps the `tl` kernels. ``MOETRON_GLUON=0`` turns it off.
+"""
+
+
+import functools
+import os
+
+import torch
+
+try:  # Triton >= 3.5 ships Gluon; its Hopper TMA / wgmma module is what this file needs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+from .._env import triton_interpreter_enabled
+from ._launch import CachedLauncher
+
+if gluon is not None:  # constexpr globals, so the kernels can read them
+    TILE_M = gl.constexpr(128)  # two warpgroups of HALF rows
+    HALF = gl.constexpr(64)
+    BLOCK_N = gl.constexpr(256)
+    BLOCK_K = gl.constexpr(64)
+    STAGES = gl.constexpr(3)  # 3 x (16 + 32) KB of operands + 2 x 32 KB of store staging = 208 KB of the SM's 227
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def eligible(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, has_bias: bool, gathered: bool,
+             few_rows: bool) -> bool:
+    """Whether ``gmm``'s forward / dx launch takes this kernel: an sm_90 GPU, 16-bit x, w and out of one dtype, no
+    bias or row gather, a contiguous weight, TMA-aligned rows, K a multiple of 64 (a [G, K, N] weight's last
+    k-step would otherwise read the next group's rows), N >= 256, a per-group weight under 8M elements, and more
+    than decode-sized row counts (the 64-row decode tiles stay). Measured on Qwen3-30B, OLMoE, Mixtral and the
+    grouped-GEMM blog shapes (benchmarks/NOTES.md, session 23)."""
+    if gluon is None or os.environ.get("MOETRON_GLUON", "1") == "0" or triton_interpreter_enabled():
+        return False
+    if not (x.is_cuda and _hopper(x.device.index or 0)) or has_bias or gathered or few_rows:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype or out.dtype != x.dtype:
+        return False
+    M, K = x.shape
+    G, N = w.shape[0], out.shape[1]
+    # per-group weights of at most 8M elements: Mixtral's (58M) ran 0.62-0.84x the tl kernel, whose 16-m-tile
+    # bands and plain stores suit them (session 23)
+    if K % 64 or N < 256 or N * K >= 8 * 2**20 or not w.is_contiguous() or G * max(N, K) >= 2**31:
+        return False
+    for t in (x, out):
+        if t.stride(1) != 1 or t.stride(0) % 8 or t.data_ptr() % 16:
+            return False
+    return w.data_ptr() % 16 == 0 and N % 8 == 0
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _schedule(sizes_ptr, M, G, SIZES_ARE_ENDS: gl.constexpr, ZERO_TAIL: gl.constexpr, BLOCK_G: gl.constexpr,
+                  NUM_WARPS: gl.constexpr):
+        """The m-tile schedule, as `gmm.py`'s ``_group_schedule`` builds it (same clamping of invalid sizes):
+        per-entry row starts and ends, m-tile counts and their inclusive prefix; entry G is the tail of rows past
+        the last group (zeroed when ZERO_TAIL)."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        idx = gl.arange(0, BLOCK_G, layout=layout)
+        raw = gl.load(sizes_ptr + idx, mask=idx < G, other=0).to(gl.int32)
+        if SIZES_ARE_ENDS:
+            raw -= gl.load(sizes_ptr + idx - 1, mask=(idx > 0) & (idx < G), other=0).to(gl.int32)
+        counts = gl.maximum(raw, 0)
+        inclusive = gl.associative_scan(counts, 0, _add)
+        starts = gl.minimum(inclusive - counts, M)
+        ends = gl.where(idx == G, M, gl.minimum(inclusive, M))
+        if ZERO_TAIL:
+            tiles = gl.where(idx <= G, (ends - starts + TILE_M - 1) // TILE_M, 0)
+        else:
+            tiles = gl.where(idx < G, (ends - starts + TILE_M - 1) // TILE_M, 0)
+        tile_ends = gl.associative_scan(tiles, 0, _add)
+        return idx, starts, ends, tiles, tile_ends, gl.sum(tiles, axis=0)
+
+    @gluon.jit
+    def _locate(m_tile, idx, starts, ends, tiles, tile_ends):
+        """(entry, first row, end row) of the m-tile ``m_tile``."""
+        g = gl.sum((tile_ends <= m_tile).to(gl.int32), axis=0)
+        mine = idx == g
+        first_tile = gl.sum(gl.where(mine, tile_ends - tiles, 0), axis=0)
+        row0 = gl.sum(gl.where(mine, starts, 0), axis=0) + (m_tile - first_tile) * TILE_M
+        return g, row0, gl.sum(gl.where(mine, ends, 0), axis=0)
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sizes_ptr, M, N, K, G, num_programs,
+                  TRANS_W: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr, ZERO_TAIL: gl.constexpr,
+                  BLOCK_G: gl.constexpr):
+        """One warp: TMA loads of each k-step's x rows [128, BK] and weight panel into the ring."""
+        idx, starts, ends, tiles, tile_ends, total_m = _schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G,
+                                                                 1)
+        num_n = gl.cdiv(N, BLOCK_N)
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        p = 0
+        # n-tiles of one m-tile run side by side, so the programs in flight share a few x row panels and the
+        # weights of a few groups in L2
+        for tile in range(gl.program_id(0), total_m * num_n, num_programs):
+            g, row0, row_end = _locate(tile // num_n, idx, starts, ends, tiles, tile_ends)
+            n0 = tile % num_n * BLOCK_N
+            for k0 in range(0, K, BLOCK_K):
+                s = p % STAGES
+                mbarrier.wait(empty.index(s), ((p // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+                mbarrier.expect(ready.index(s), nbytes)
+                tma.async_copy_global_to_shared(a_desc, [row0, k0], ready.index(s), a_bufs.index(s))
+                # the tail entry (g == G) loads rows past the weight's end: zero-filled, and never multiplied
+                if TRANS_W:
+                    tma.async_copy_global_to_shared(b_desc, [g * N + n0, k0], ready.index(s), b_bufs.index(s))
+                else:
+                    tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0], ready.index(s), b_bufs.index(s))
+                p += 1
+
+    @gluon.jit
+    def _consumer(WG: gl.constexpr, a_bufs, b_bufs, c_bufs, ready, empty, y_desc, y_ptr, stride_ym, sizes_ptr,
+                  M, N, K, G, num_programs, TRANS_W: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr,
+                  ZERO_TAIL: gl.constexpr, BLOCK_G: gl.constexpr):
+        """One warpgroup: rows [WG * 64, WG * 64 + 64) of every tile. Rows past the entry's end are never
+        stored; a half with none of them left issues no MMAs at all."""
+        idx, starts, ends, tiles, tile_ends, total_m = _schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G,
+                                                                 4)
+        num_n = gl.cdiv(N, BLOCK_N)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        c_buf = c_bufs.index(WG)
+        c = 0
+        for tile in range(gl.program_id(0), total_m * num_n, num_programs):
+            g, row0, row_end = _locate(tile // num_n, idx, starts, ends, tiles, tile_ends)
+            n0 = tile % num_n * BLOCK_N
+            my_row0 = row0 + WG * HALF
+            stores = my_row0 < row_end
+            multiplies = stores & (g < G)  # the tail entry stores zeros
+            acc = gl.zeros((HALF, BLOCK_N), dtype=gl.float32, layout=acc_layout)
+            for k0 in range(0, K, BLOCK_K):
+                s = c % STAGES
+                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+                if multiplies:
+                    if TRANS_W:
+                        b = b_bufs.index(s).permute((1, 0))
+                    else:
+                        b = b_bufs.index(s)
+                    acc = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF), b, acc, is_async=True)
+                    acc = warpgroup_mma_wait(1, deps=(acc, ))
+                if k0 > 0:  # the MMA before this one has finished reading its slot
+                    mbarrier.arrive(empty.index((c - 1) % STAGES))
+                c += 1
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(empty.index((c - 1) % STAGES))
+            if stores:
+                out = acc.to(y_desc.dtype)
+                if my_row0 + HALF <= row_end:
+                    tma.store_wait(0)  # this warpgroup's previous store has read its staging buffer
+                    c_buf.store(out)
+                    fence_async_shared()
+                    tma.async_copy_shared_to_global(y_desc, [my_row0, n0], c_buf)
+                else:  # the entry ends inside these 64 rows: a masked store, the next group's rows untouched
+                    rows = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+                    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                    ptrs = y_ptr + gl.expand_dims(rows.to(gl.int64) * stride_ym, 1) + gl.expand_dims(cols, 0)
+                    gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0))
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _gmm_ws_kernel(x_ptr, w_ptr, y_ptr, sizes_ptr, M, N, K, G, num_programs, stride_xm, stride_ym,
+                       TRANS_W: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr, ZERO_TAIL: gl.constexpr,
+                       BLOCK_G: gl.constexpr):
+        """y[rows of g] = x[rows of g] @ w[g] (w [G, K, N]; [G, N, K] read transposed with TRANS_W); rows past the
+        last group are zeroed with ZERO_TAIL, else left as they are. Persistent, one program per SM."""
+        dtype: gl.constexpr = x_ptr.dtype.element_ty
+        layout: gl.constexpr = gl.NVMMASharedLayout(128, 16, rank=2)  # every tile has >= 128-byte rows
+        a_desc = tma.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [TILE_M, BLOCK_K], layout)
+        if TRANS_W:
+            b_desc = tma.make_tensor_descriptor(w_ptr, [G * N, K], [K, 1], [BLOCK_N, BLOCK_K], layout)
+        else:
+            b_desc = tma.make_tensor_descriptor(w_ptr, [G * K, N], [N, 1], [BLOCK_K, BLOCK_N], layout)
+        y_desc = tma.make_tensor_descriptor(y_ptr, [M, N], [stride_ym, 1], [HALF, BLOCK_N], layout)
+        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, TILE_M, BLOCK_K], layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, layout)
+        c_bufs = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)  # both warpgroups release each slot
+        gl.warp_specialize([
+            (_consumer, (0, a_bufs, b_bufs, c_bufs, ready, empty, y_desc, y_ptr, stride_ym, sizes_ptr, M, N, K, G,
+                         num_programs, TRANS_W, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G)),
+            (_consumer, (1, a_bufs, b_bufs, c_bufs, ready, empty, y_desc, y_ptr, stride_ym, sizes_ptr, M, N, K, G,
+                         num_programs, TRANS_W, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sizes_ptr, M, N, K, G, num_programs, TRANS_W,
+                         SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G)),
+        ], [4, 1], [232, 40])
+
+    _launch_ws = CachedLauncher(_gmm_ws_kernel, device_scratch=True)
+
+
+def launch(x, w, groups, out, trans_w: bool, programs: int):
+    """out = gmm(x, w) through ``_gmm_ws_kernel`` (``eligible`` was checked); returns the launcher and its
+    arguments so the caller can keep a launch plan."""
+    M, K = x.shape
+    N = out.shape[1]
+    G = groups.num_groups
+    args = (x, w, out, groups.sizes, M, N, K, G, programs, x.stride(0), out.stride(0))
+    constexprs = dict(TRANS_W=trans_w, SIZES_ARE_ENDS=groups.are_ends, ZERO_TAIL=groups.zero_tail,
+                      BLOCK_G=max(32, 1 << G.bit_length()))
+    options = dict(num_warps=4)
+    _launch_ws((programs,), args, constexprs, **options)
+    return _launch_ws, args, constexprs, options

@@ -1,0 +1,92 @@
+"""The warp-specialized Gluon m-grouped GEMM (moetron/ops/_gluon_gmm.py) on an H100: bitwise the `tl` kernel's
+result (same k-steps, same accumulation order, one rounding) and within the rounding of a float64 reference, with
+empty groups, groups that end inside either 64-row half of a tile, rows past the last group (zeroed or left),
+counts and cumulative ends, both weight layouts, bf16 and fp16. Outputs start as NaN, so a row the kernel should
+write and does not fails."""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from moetron.ops import _gluon_gmm
+
+G = importlib.import_module("moetron.ops.gmm")  # the module (moetron.ops.gmm is also the function's name)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)
+                                or _gluon_gmm.gluon is None, reason="needs an sm_90 GPU and Triton's Gluon")
+
+
+def _reference(x, w, counts, trans_w, num_rows):
+    out = torch.zeros(num_rows, w.shape[1] if trans_w else w.shape[2], dtype=torch.float64, device=x.device)
+    start = 0
+    for g, c in enumerate(counts):
+        wg = w[g].double()
+        out[start:start + c] = x[start:start + c].double() @ (wg.T if trans_w else wg)
+        start += c
+    return out
+
+
+def _run(x, w, sizes, are_ends, trans_w, zero_tail, gluon: bool):
+    out = torch.full((x.shape[0], w.shape[1] if trans_w else w.shape[2]), float("nan"), dtype=x.dtype,
+                     device=x.device)
+    old = os.environ.get("MOETRON_GLUON")
+    os.environ["MOETRON_GLUON"] = "1" if gluon else "0"
+    try:
+        G._FWD_PLANS.clear()  # a plan made under the other setting would replay its kernel
+        G._run_gmm(x, w, None, G._Groups(sizes, are_ends, x.shape[0], zero_tail=zero_tail), out, trans_w)
+    finally:
+        G._FWD_PLANS.clear()
+        if old is None:
+            os.environ.pop("MOETRON_GLUON")
+        else:
+            os.environ["MOETRON_GLUON"] = old
+    return out
+
+
+@pytest.mark.parametrize("trans_w", [True, False])
+@pytest.mark.parametrize("are_ends", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_gmm_matches_tl_bitwise_and_float64(trans_w, are_ends, dtype):
+    torch.manual_seed(0)
+    counts = [0, 5, 64, 65, 128, 129, 0, 300, 1, 63, 191, 0]  # ends in either half of a tile, empty groups
+    K, N = 192, 320  # N not a multiple of the 256-column tile
+    tail = 37  # rows past the last group
+    M = sum(counts) + tail
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    w = torch.randn(len(counts), N, K, device="cuda", dtype=dtype) if trans_w else \
+        torch.randn(len(counts), K, N, device="cuda", dtype=dtype)
+    counts_t = torch.tensor(counts, device="cuda")
+    sizes = counts_t.cumsum(0) if are_ends else counts_t.to(torch.int32)
+    assert _gluon_gmm.eligible(x, w, torch.empty(M, N, device="cuda", dtype=dtype), False, False, False)
+    ref = _reference(x, w, counts, trans_w, M)
+    for zero_tail in (True, False):
+        got = _run(x, w, sizes, are_ends, trans_w, zero_tail, gluon=True)
+        want = _run(x, w, sizes, are_ends, trans_w, zero_tail, gluon=False)
+        rows = sum(counts)
+        assert torch.equal(got[:rows], want[:rows])
+        err = ((got[:rows].double() - ref[:rows]).abs() / (ref[:rows].abs() + 1)).max().item()
+        assert err < 1e-2, err
+        if zero_tail:
+            assert torch.equal(got[rows:], torch.zeros_like(got[rows:]))
+        else:  # left as they were
+            assert torch.isnan(got[rows:]).all()
+
+
+def test_gluon_gmm_is_used_by_the_layer_shapes_and_not_elsewhere():
+    x = torch.empty(8192, 768, device="cuda", dtype=torch.bfloat16)
+    w = torch.empty(128, 2048, 768, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(8192, 2048, device="cuda", dtype=torch.bfloat16)
+    assert _gluon_gmm.eligible(x, w, out, False, False, False)
+    assert not _gluon_gmm.eligible(x, w, out, True, False, False)  # bias
+    assert not _gluon_gmm.eligible(x, w, out, False, True, False)  # row gather
+    assert not _gluon_gmm.eligible(x, w, out, False, False, True)  # decode-sized rows
+    assert not _gluon_gmm.eligible(x.float(), w.float(), out.float(), False, False, False)
+    x700 = torch.empty(8192, 700, device="cuda", dtype=torch.bfloat16)
+    w700 = torch.empty(128, 2048, 700, device="cuda", dtype=torch.bfloat16)
+    assert not _gluon_gmm.eligible(x700, w700, out, False, False, False)  # K not a multiple of 64
+    x4k = torch.empty(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    mixtral_up = torch.empty(8, 4096, 14336, device="cuda", dtype=torch.bfloat16)  # [G, K, N], 58M per group
+    assert not _gluon_gmm.eligible(x4k, mixtral_up, torch.empty(4096, 14336, device="cuda", dtype=torch.bfloat16),
+                                   False, False, False)
