@@ -1,6 +1,6 @@
 """The m-grouped GEMM on Hopper written in Gluon (Triton's lower-level dialect), for large 16-bit problems.
 
-Why: a group's last 128-row tile is on average half empty (Qwen3-30B at T=8192: groups of ~460-580 rows, so
+Why: a group's last 128-row tile is on average about half empty (Qwen3-30B at T=8192: groups of ~460-580 rows, so
 ~12% of the MMAs multiply rows of the next group and are masked at the store). The `tl` kernel's 128x256 tile
 runs as two warpgroups of 64 rows each, but as one program, so both always issue their MMAs. Here the two
 warpgroups are separate partitions of a warp-specialized kernel (``gl.warp_specialize``), fed by a one-warp TMA
@@ -10,7 +10,8 @@ weight traffic per FLOP stays that of the 128x256 tile (64-row tiles alone would
 
 Same arithmetic as the `tl` kernel (BK=64 steps, fp32 accumulation in the same order, one rounding), so the
 results are bitwise equal (tests/gpu/test_gluon_gmm_gpu.py). Used only where it was measured (see
-``eligible``); everything else keeps the `tl` kernels. ``MOETRON_GLUON=0`` turns it off.
+``eligible``); everything else keeps the `tl` kernels. ``MOETRON_GLUON=0`` turns it off (read when gmm plans a
+launch for a new shape; a shape already planned keeps its kernel).
 """
 
 
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-try:  # Triton >= 3.5 ships Gluon; its Hopper TMA / wgmma module is what this file needs
+try:  # Gluon ships with recent Triton releases (3.6 on the H100 machine); its Hopper TMA / wgmma module is needed
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
