@@ -17,8 +17,10 @@ launch for a new shape; a shape already planned keeps its kernel).
 
 import functools
 import os
+import warnings
 
 import torch
+import triton
 
 try:  # Gluon ships with recent Triton releases (3.6 on the H100 machine); its Hopper TMA / wgmma module is needed
     from triton.experimental import gluon
@@ -39,6 +41,9 @@ if gluon is not None:  # constexpr globals, so the kernels can read them
     STAGES = gl.constexpr(3)  # 3 x (16 + 32) KB of operands + 2 x 32 KB of store staging = 208 KB of the SM's 227
 
 
+_unsupported: str | None = None  # why the kernel failed to compile here, if it did (then it is never tried again)
+
+
 @functools.lru_cache(maxsize=None)
 def _hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
@@ -51,7 +56,7 @@ def eligible(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, has_bias: bool
     k-step would otherwise read the next group's rows), N >= 256, a per-group weight under 8M elements, and more
     than decode-sized row counts (the 64-row decode tiles stay). Measured on Qwen3-30B, OLMoE, Mixtral and the
     grouped-GEMM blog shapes (benchmarks/NOTES.md, session 23)."""
-    if gluon is None or os.environ.get("MOETRON_GLUON", "1") == "0" or triton_interpreter_enabled():
+    if gluon is None or _unsupported or os.environ.get("MOETRON_GLUON", "1") == "0" or triton_interpreter_enabled():
         return False
     if not (x.is_cuda and _hopper(x.device.index or 0)) or has_bias or gathered or few_rows:
         return False
@@ -218,7 +223,8 @@ if gluon is not None:
 
 def launch(x, w, groups, out, trans_w: bool, programs: int):
     """out = gmm(x, w) through ``_gmm_ws_kernel`` (``eligible`` was checked); returns the launcher and its
-    arguments so the caller can keep a launch plan."""
+    arguments so the caller can keep a launch plan, or None (nothing launched) if the kernel does not compile with
+    this Triton."""
     M, K = x.shape
     N = out.shape[1]
     G = groups.num_groups
@@ -226,5 +232,16 @@ def launch(x, w, groups, out, trans_w: bool, programs: int):
     constexprs = dict(TRANS_W=trans_w, SIZES_ARE_ENDS=groups.are_ends, ZERO_TAIL=groups.zero_tail,
                       BLOCK_G=max(32, 1 << G.bit_length()))
     options = dict(num_warps=4)
-    _launch_ws((programs,), args, constexprs, **options)
+    global _unsupported
+    try:
+        _launch_ws((programs,), args, constexprs, **options)
+    except Exception as err:  # noqa: BLE001 - any compile failure: see below
+        if _launch_ws._compiled:  # it has compiled and run before: a real error, not an unsupported Triton
+            raise
+        # a Triton whose Gluon API differs from the one this was written for (3.6): nothing has run yet, so the
+        # caller's tl kernel computes this call and every later one
+        _unsupported = f"{type(err).__name__}: {err}"
+        warnings.warn(f"moetron: the Gluon grouped GEMM does not compile with Triton {triton.__version__}; using "
+                      f"the tl kernels ({_unsupported.splitlines()[0][:200]})", RuntimeWarning, stacklevel=2)
+        return None
     return _launch_ws, args, constexprs, options

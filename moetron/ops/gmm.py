@@ -825,10 +825,12 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, ga
     if not _CONFIG_OVERRIDES.get("fwd") and _gluon_gmm.eligible(x, w, out, bias is not None, gather is not None,
                                                                  few_rows):
         programs = num_sms(x.device.index or 0)
-        launcher, args, constexprs, options = _gluon_gmm.launch(x, w, groups, out, trans_w, programs)
-        if plan_key is not None:  # its tensor arguments are x, w, out and the sizes: entries 0, 1, 3, 4 of tensors
-            _FWD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options, pick=(0, 1, 3, 4))
-        return out
+        launched = _gluon_gmm.launch(x, w, groups, out, trans_w, programs)
+        if launched is not None:  # else it does not compile with this Triton: the tl kernel below
+            launcher, args, constexprs, options = launched
+            if plan_key is not None:  # its tensor arguments are x, w, out and the sizes: entries 0, 1, 3, 4
+                _FWD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options, pick=(0, 1, 3, 4))
+            return out
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w,
                                                       few_rows=few_rows, few_tiles=few_tiles)
     tma = cfg.get("tma", True) and tma

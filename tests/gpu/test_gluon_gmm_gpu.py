@@ -90,3 +90,26 @@ def test_gluon_gmm_is_used_by_the_layer_shapes_and_not_elsewhere():
     mixtral_up = torch.empty(8, 4096, 14336, device="cuda", dtype=torch.bfloat16)  # [G, K, N], 58M per group
     assert not _gluon_gmm.eligible(x4k, mixtral_up, torch.empty(4096, 14336, device="cuda", dtype=torch.bfloat16),
                                    False, False, False)
+
+
+def test_a_triton_whose_gluon_does_not_compile_falls_back_to_the_tl_kernel(monkeypatch):
+    """A Gluon API other than the one the kernel was written for fails at its first compile, before anything runs:
+    gmm then computes the call (and every later one) with the tl kernel, and warns once."""
+    torch.manual_seed(0)
+    x = torch.randn(1000, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4, 256, 128, device="cuda", dtype=torch.bfloat16)
+    counts = torch.tensor([300, 0, 500, 200], device="cuda", dtype=torch.int32)
+
+    class _NeverCompiles:
+        _compiled: dict = {}
+
+        def __call__(self, *args, **kwargs):
+            raise TypeError("warp_specialize() got an unexpected keyword argument")
+
+    monkeypatch.setattr(_gluon_gmm, "_launch_ws", _NeverCompiles())
+    monkeypatch.setattr(_gluon_gmm, "_unsupported", None)
+    want = _run(x, w, counts, False, True, True, gluon=False)
+    with pytest.warns(RuntimeWarning, match="does not compile"):
+        got = _run(x, w, counts, False, True, True, gluon=True)
+    assert torch.equal(got, want)
+    assert _gluon_gmm._unsupported and not _gluon_gmm.eligible(x, w, got, False, False, False)
