@@ -8,9 +8,10 @@ producer: each owns 64 rows of the tile and the second skips its MMAs when the g
 which leaves the SM's tensor cores to the first. Both read the same weight panel from shared memory, so the
 weight traffic per FLOP stays that of the 128x256 tile (64-row tiles alone would double it).
 
-Same arithmetic as the `tl` kernel (BK=64 steps, fp32 accumulation in the same order, one rounding), so the
-results are bitwise equal (tests/gpu/test_gluon_gmm_gpu.py). Used only where it was measured (see
-``eligible``); everything else keeps the `tl` kernels. ``MOETRON_GLUON=0`` turns it off (read when gmm plans a
+Two kernels: ``_gmm_ws_kernel`` (gmm's forward and dx) and ``_gmm_gated_ws_kernel`` (the first expert GEMM with
+SwiGLU in its epilogue, as ``gmm_gated``). Same arithmetic as the `tl` kernels (BK=64 steps, fp32 accumulation in
+the same order, the same roundings), so the results are bitwise equal (tests/gpu/test_gluon_gmm_gpu.py). Used only
+where they were measured faster (see ``eligible`` and ``gated_eligible``); everything else keeps the `tl` kernels. ``MOETRON_GLUON=0`` turns it off (read when gmm plans a
 launch for a new shape; a shape already planned keeps its kernel).
 """
 
@@ -38,10 +39,9 @@ if gluon is not None:  # constexpr globals, so the kernels can read them
     HALF = gl.constexpr(64)
     BLOCK_N = gl.constexpr(256)
     BLOCK_K = gl.constexpr(64)
-    STAGES = gl.constexpr(3)  # 3 x (16 + 32) KB of operands + 2 x 32 KB of store staging = 208 KB of the SM's 227
 
 
-_unsupported: str | None = None  # why the kernel failed to compile here, if it did (then it is never tried again)
+_unsupported: str | None = None  # why a kernel failed to compile here, if one did (then neither is tried again)
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,29 +49,40 @@ def _hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-def eligible(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, has_bias: bool, gathered: bool,
-             few_rows: bool) -> bool:
-    """Whether ``gmm``'s forward / dx launch takes this kernel: an sm_90 GPU, 16-bit x, w and out of one dtype, no
-    bias or row gather, a contiguous weight, TMA-aligned rows, K a multiple of 64 (a [G, K, N] weight's last
-    k-step would otherwise read the next group's rows), N >= 256, a per-group weight under 8M elements, and more
-    than decode-sized row counts (the 64-row decode tiles stay). Measured on Qwen3-30B, OLMoE, Mixtral and the
-    grouped-GEMM blog shapes (benchmarks/NOTES.md, session 23)."""
+def _fits(x: torch.Tensor, w: torch.Tensor, N: int, has_bias: bool, gathered: bool, few_rows: bool) -> bool:
+    """The conditions on x and w [G, ., .] (N output columns of the MMA) that both kernels share."""
     if gluon is None or _unsupported or os.environ.get("MOETRON_GLUON", "1") == "0" or triton_interpreter_enabled():
         return False
     if not (x.is_cuda and _hopper(x.device.index or 0)) or has_bias or gathered or few_rows:
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype or out.dtype != x.dtype:
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
         return False
-    M, K = x.shape
-    G, N = w.shape[0], out.shape[1]
+    K = x.shape[1]
     # per-group weights of at most 8M elements: Mixtral's (58M) ran 0.62-0.84x the tl kernel, whose 16-m-tile
     # bands and plain stores suit them (session 23)
-    if K % 64 or N < 256 or N * K >= 8 * 2**20 or not w.is_contiguous() or G * max(N, K) >= 2**31:
+    if K % 64 or N < 256 or N * K >= 8 * 2**20 or not w.is_contiguous() or w.shape[0] * max(N, K) >= 2**31:
         return False
-    for t in (x, out):
-        if t.stride(1) != 1 or t.stride(0) % 8 or t.data_ptr() % 16:
-            return False
-    return w.data_ptr() % 16 == 0 and N % 8 == 0
+    return x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+
+
+def eligible(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, has_bias: bool, gathered: bool,
+             few_rows: bool) -> bool:
+    """Whether ``gmm``'s forward / dx launch takes ``_gmm_ws_kernel``: an sm_90 GPU, 16-bit x, w and out of one
+    dtype, no bias or row gather, a contiguous weight, TMA-aligned rows, K a multiple of 64 (a [G, K, N] weight's
+    last k-step would otherwise read the next group's rows), N >= 256, a per-group weight under 8M elements, and
+    more than decode-sized row counts (the 64-row decode tiles stay). Measured on Qwen3-30B, OLMoE, Mixtral and the
+    grouped-GEMM blog shapes (benchmarks/NOTES.md, session 23)."""
+    N = out.shape[1]
+    return (_fits(x, w, N, has_bias, gathered, few_rows) and out.dtype == x.dtype and out.stride(1) == 1
+            and out.stride(0) % 8 == 0 and out.data_ptr() % 16 == 0 and N % 8 == 0)
+
+
+def gated_eligible(x: torch.Tensor, w: torch.Tensor, activation: str, gathered: bool, few_rows: bool) -> bool:
+    """Whether ``gmm_gated`` takes ``_gmm_gated_ws_kernel``: ``eligible``'s conditions for x @ w^T with w
+    [G, 2F, K], SwiGLU, F a multiple of 128 (a tile's gate columns must not run into the up rows), and a per-group
+    weight under 4M elements: Qwen3-30B's (3.1M) ran 1.056x the tl kernel, OLMoE's (4.2M) 0.99x (session 23)."""
+    return (activation == "swiglu" and w.shape[1] % 256 == 0 and w.shape[1] * x.shape[1] < 4 * 2**20
+            and _fits(x, w, w.shape[1], False, gathered, few_rows))
 
 
 if gluon is not None:
@@ -113,35 +124,66 @@ if gluon is not None:
 
     @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sizes_ptr, M, N, K, G, num_programs,
-                  TRANS_W: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr, ZERO_TAIL: gl.constexpr,
-                  BLOCK_G: gl.constexpr):
-        """One warp: TMA loads of each k-step's x rows [128, BK] and weight panel into the ring."""
+                  TRANS_W: gl.constexpr, GATED: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr, ZERO_TAIL: gl.constexpr,
+                  BLOCK_G: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """One warp: TMA loads of each k-step's x rows [128, BK] and weight panel into the ring. GATED: w is
+        [G, 2N, K] (gate rows, then up rows) and the panel is N-tile's 128 gate rows above its 128 up rows."""
         idx, starts, ends, tiles, tile_ends, total_m = _schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G,
                                                                  1)
-        num_n = gl.cdiv(N, BLOCK_N)
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        tile_n: gl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
+        num_n = gl.cdiv(N, tile_n)
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes * (2 if GATED else 1)
         p = 0
         # n-tiles of one m-tile run side by side, so the programs in flight share a few x row panels and the
         # weights of a few groups in L2
         for tile in range(gl.program_id(0), total_m * num_n, num_programs):
             g, row0, row_end = _locate(tile // num_n, idx, starts, ends, tiles, tile_ends)
-            n0 = tile % num_n * BLOCK_N
+            n0 = tile % num_n * tile_n
             for k0 in range(0, K, BLOCK_K):
-                s = p % STAGES
-                mbarrier.wait(empty.index(s), ((p // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+                s = p % NUM_STAGES
+                mbarrier.wait(empty.index(s), ((p // NUM_STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
                 mbarrier.expect(ready.index(s), nbytes)
                 tma.async_copy_global_to_shared(a_desc, [row0, k0], ready.index(s), a_bufs.index(s))
                 # the tail entry (g == G) loads rows past the weight's end: zero-filled, and never multiplied
-                if TRANS_W:
+                if GATED:
+                    b_buf = b_bufs.index(s)
+                    tma.async_copy_global_to_shared(b_desc, [g * 2 * N + n0, k0], ready.index(s),
+                                                    b_buf.slice(0, tile_n))
+                    tma.async_copy_global_to_shared(b_desc, [g * 2 * N + N + n0, k0], ready.index(s),
+                                                    b_buf.slice(tile_n, tile_n))
+                elif TRANS_W:
                     tma.async_copy_global_to_shared(b_desc, [g * N + n0, k0], ready.index(s), b_bufs.index(s))
                 else:
                     tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0], ready.index(s), b_bufs.index(s))
                 p += 1
 
     @gluon.jit
+    def _mainloop(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, c, multiplies, K, TRANS_W: gl.constexpr,
+                  acc_layout: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """This warpgroup's [64, 256] accumulator of one tile: every k-step's slot is waited for and released,
+        its MMAs issued only if ``multiplies``. Returns it and the advanced slot counter."""
+        acc = gl.zeros((HALF, BLOCK_N), dtype=gl.float32, layout=acc_layout)
+        for k0 in range(0, K, BLOCK_K):
+            s = c % NUM_STAGES
+            mbarrier.wait(ready.index(s), (c // NUM_STAGES) & 1)
+            if multiplies:
+                if TRANS_W:
+                    b = b_bufs.index(s).permute((1, 0))
+                else:
+                    b = b_bufs.index(s)
+                acc = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF), b, acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc, ))
+            if k0 > 0:  # the MMA before this one has finished reading its slot
+                mbarrier.arrive(empty.index((c - 1) % NUM_STAGES))
+            c += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((c - 1) % NUM_STAGES))
+        return acc, c
+
+    @gluon.jit
     def _consumer(WG: gl.constexpr, a_bufs, b_bufs, c_bufs, ready, empty, y_desc, y_ptr, stride_ym, sizes_ptr,
                   M, N, K, G, num_programs, TRANS_W: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr,
-                  ZERO_TAIL: gl.constexpr, BLOCK_G: gl.constexpr):
+                  ZERO_TAIL: gl.constexpr, BLOCK_G: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One warpgroup: rows [WG * 64, WG * 64 + 64) of every tile. Rows past the entry's end are never
         stored; a half with none of them left issues no MMAs at all."""
         idx, starts, ends, tiles, tile_ends, total_m = _schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G,
@@ -157,22 +199,7 @@ if gluon is not None:
             my_row0 = row0 + WG * HALF
             stores = my_row0 < row_end
             multiplies = stores & (g < G)  # the tail entry stores zeros
-            acc = gl.zeros((HALF, BLOCK_N), dtype=gl.float32, layout=acc_layout)
-            for k0 in range(0, K, BLOCK_K):
-                s = c % STAGES
-                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
-                if multiplies:
-                    if TRANS_W:
-                        b = b_bufs.index(s).permute((1, 0))
-                    else:
-                        b = b_bufs.index(s)
-                    acc = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF), b, acc, is_async=True)
-                    acc = warpgroup_mma_wait(1, deps=(acc, ))
-                if k0 > 0:  # the MMA before this one has finished reading its slot
-                    mbarrier.arrive(empty.index((c - 1) % STAGES))
-                c += 1
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-            mbarrier.arrive(empty.index((c - 1) % STAGES))
+            acc, c = _mainloop(WG, a_bufs, b_bufs, ready, empty, c, multiplies, K, TRANS_W, acc_layout, NUM_STAGES)
             if stores:
                 out = acc.to(y_desc.dtype)
                 if my_row0 + HALF <= row_end:
@@ -190,7 +217,7 @@ if gluon is not None:
     @gluon.jit
     def _gmm_ws_kernel(x_ptr, w_ptr, y_ptr, sizes_ptr, M, N, K, G, num_programs, stride_xm, stride_ym,
                        TRANS_W: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr, ZERO_TAIL: gl.constexpr,
-                       BLOCK_G: gl.constexpr):
+                       BLOCK_G: gl.constexpr, NUM_STAGES: gl.constexpr):
         """y[rows of g] = x[rows of g] @ w[g] (w [G, K, N]; [G, N, K] read transposed with TRANS_W); rows past the
         last group are zeroed with ZERO_TAIL, else left as they are. Persistent, one program per SM."""
         dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -201,24 +228,142 @@ if gluon is not None:
         else:
             b_desc = tma.make_tensor_descriptor(w_ptr, [G * K, N], [N, 1], [BLOCK_K, BLOCK_N], layout)
         y_desc = tma.make_tensor_descriptor(y_ptr, [M, N], [stride_ym, 1], [HALF, BLOCK_N], layout)
-        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, TILE_M, BLOCK_K], layout)
-        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, layout)
+        a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, TILE_M, BLOCK_K], layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + b_desc.block_type.shape, layout)
         c_bufs = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=2)  # both warpgroups release each slot
         gl.warp_specialize([
             (_consumer, (0, a_bufs, b_bufs, c_bufs, ready, empty, y_desc, y_ptr, stride_ym, sizes_ptr, M, N, K, G,
-                         num_programs, TRANS_W, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G)),
+                         num_programs, TRANS_W, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G, NUM_STAGES)),
             (_consumer, (1, a_bufs, b_bufs, c_bufs, ready, empty, y_desc, y_ptr, stride_ym, sizes_ptr, M, N, K, G,
-                         num_programs, TRANS_W, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G)),
+                         num_programs, TRANS_W, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G, NUM_STAGES)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sizes_ptr, M, N, K, G, num_programs, TRANS_W,
-                         SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G)),
+                         False, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G, NUM_STAGES)),
         ], [4, 1], [232, 40])
 
     _launch_ws = CachedLauncher(_gmm_ws_kernel, device_scratch=True)
+
+    @gluon.jit
+    def _gated_consumer(WG: gl.constexpr, a_bufs, b_bufs, c_bufs, ready, empty, h_desc, o_desc, a_ptr, h_ptr,
+                        scale_ptr, stride_am, stride_hm, sizes_ptr, M, F, K, G, num_programs, HAS_SCALE: gl.constexpr,
+                        STORE_H: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr, ZERO_TAIL: gl.constexpr,
+                        BLOCK_G: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """_consumer for the first expert GEMM with SwiGLU in its epilogue: the accumulator holds 128 gate columns
+        beside their 128 up columns. h is rounded to x's dtype (as gmm stores it), a = silu(gate) * up (* scale per
+        row) computed from that rounding (as gated_act would), so the bits are the tl kernel's. With STORE_H a
+        warpgroup's full 64-row half goes through its staging tile: h by two TMA stores, gate and up read back
+        from it, a staged over its first half and TMA-stored; a half that crosses the group's end (or inference,
+        without STORE_H) uses masked pointer stores."""
+        tile_n: gl.constexpr = BLOCK_N // 2
+        idx, starts, ends, tiles, tile_ends, total_m = _schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G,
+                                                                 4)
+        num_n = gl.cdiv(F, tile_n)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        c_buf = c_bufs.index(WG)
+        c = 0
+        for tile in range(gl.program_id(0), total_m * num_n, num_programs):
+            g, row0, row_end = _locate(tile // num_n, idx, starts, ends, tiles, tile_ends)
+            n0 = tile % num_n * tile_n
+            my_row0 = row0 + WG * HALF
+            stores = my_row0 < row_end
+            acc, c = _mainloop(WG, a_bufs, b_bufs, ready, empty, c, stores & (g < G), K, True, acc_layout,
+                               NUM_STAGES)
+            if stores:
+                h = acc.to(a_ptr.dtype.element_ty)
+                if STORE_H and my_row0 + HALF <= row_end:
+                    # interior: h through the staging tile by TMA, gate and up read back from it, a through TMA
+                    tma.store_wait(0)
+                    c_buf.store(h)
+                    fence_async_shared()
+                    tma.async_copy_shared_to_global(h_desc, [my_row0, n0], c_buf.slice(0, tile_n, dim=1))
+                    tma.async_copy_shared_to_global(h_desc, [my_row0, F + n0], c_buf.slice(tile_n, tile_n, dim=1))
+                    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+                    g_b = c_buf.slice(0, tile_n, dim=1).load(blk).to(gl.float32)
+                    u_b = c_buf.slice(tile_n, tile_n, dim=1).load(blk).to(gl.float32)
+                    o_b = g_b * (1.0 / (1.0 + gl.exp(-g_b))) * u_b
+                    if HAS_SCALE:
+                        rows_b = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
+                        o_b = o_b * gl.expand_dims(gl.load(scale_ptr + rows_b).to(gl.float32), 1)
+                    tma.store_wait(0)
+                    a_stage = c_buf.slice(0, tile_n, dim=1)
+                    a_stage.store(o_b.to(a_ptr.dtype.element_ty))
+                    fence_async_shared()
+                    tma.async_copy_shared_to_global(o_desc, [my_row0, n0], a_stage)
+                else:
+                    if STORE_H:  # column j < 128 is gate column n0 + j, the rest up column F + n0 + j - 128
+                        rows = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+                        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                        h_cols = gl.where(cols < tile_n, n0 + cols, F + n0 + cols - tile_n)
+                        gl.store(h_ptr + gl.expand_dims(rows.to(gl.int64) * stride_hm, 1) + gl.expand_dims(h_cols, 0),
+                                 h, mask=gl.expand_dims(rows < row_end, 1))
+                    gate, up = gl.split(gl.permute(gl.reshape(h, [HALF, 2, tile_n]), [0, 2, 1]))
+                    gate = gate.to(gl.float32)
+                    out = gate * (1.0 / (1.0 + gl.exp(-gate))) * up.to(gl.float32)
+                    out_layout: gl.constexpr = out.type.layout
+                    rows_o = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
+                    if HAS_SCALE:
+                        scale = gl.load(scale_ptr + rows_o, mask=rows_o < row_end, other=0.0)
+                        out = out * gl.expand_dims(scale.to(gl.float32), 1)
+                    cols_o = n0 + gl.arange(0, tile_n, layout=gl.SliceLayout(0, out_layout))
+                    ptrs = a_ptr + gl.expand_dims(rows_o.to(gl.int64) * stride_am, 1) + gl.expand_dims(cols_o, 0)
+                    gl.store(ptrs, out.to(a_ptr.dtype.element_ty), mask=gl.expand_dims(rows_o < row_end, 1))
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _gmm_gated_ws_kernel(x_ptr, w_ptr, scale_ptr, a_ptr, h_ptr, sizes_ptr, M, F, K, G, num_programs, stride_xm,
+                             stride_am, stride_hm, HAS_SCALE: gl.constexpr, STORE_H: gl.constexpr,
+                             SIZES_ARE_ENDS: gl.constexpr, ZERO_TAIL: gl.constexpr, BLOCK_G: gl.constexpr,
+                             NUM_STAGES: gl.constexpr):
+        """a = silu(h[:, :F]) * h[:, F:] (* scale per row) for h[rows of g] = x[rows of g] @ w[g]^T, w [G, 2F, K];
+        h stored too with STORE_H. The tail entry's rows get zeros, as with ZERO_TAIL in _gmm_ws_kernel."""
+        dtype: gl.constexpr = x_ptr.dtype.element_ty
+        layout: gl.constexpr = gl.NVMMASharedLayout(128, 16, rank=2)
+        a_desc = tma.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [TILE_M, BLOCK_K], layout)
+        b_desc = tma.make_tensor_descriptor(w_ptr, [G * 2 * F, K], [K, 1], [BLOCK_N // 2, BLOCK_K], layout)
+        a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, TILE_M, BLOCK_K], layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], layout)
+        # h's staging (STORE_H), one [64, 256] tile per warpgroup: gate columns, then up columns
+        h_desc = tma.make_tensor_descriptor(h_ptr, [M, 2 * F], [stride_hm, 1], [HALF, BLOCK_N // 2], layout)
+        o_desc = tma.make_tensor_descriptor(a_ptr, [M, F], [stride_am, 1], [HALF, BLOCK_N // 2], layout)
+        c_bufs = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)
+        gl.warp_specialize([
+            (_gated_consumer, (0, a_bufs, b_bufs, c_bufs, ready, empty, h_desc, o_desc, a_ptr, h_ptr, scale_ptr,
+                               stride_am, stride_hm, sizes_ptr, M, F, K, G, num_programs, HAS_SCALE, STORE_H,
+                               SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G, NUM_STAGES)),
+            (_gated_consumer, (1, a_bufs, b_bufs, c_bufs, ready, empty, h_desc, o_desc, a_ptr, h_ptr, scale_ptr,
+                               stride_am, stride_hm, sizes_ptr, M, F, K, G, num_programs, HAS_SCALE, STORE_H,
+                               SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G, NUM_STAGES)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sizes_ptr, M, F, K, G, num_programs, True,
+                         True, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G, NUM_STAGES)),
+        ], [4, 1], [232, 40])
+
+    _launch_gated_ws = CachedLauncher(_gmm_gated_ws_kernel, device_scratch=True)
+
+
+def _first_launch_or_none(launcher, grid, args, constexprs: dict, options: dict):
+    """Launch; if a kernel that has never compiled here fails to, remember why, warn once, and return None (nothing
+    ran, so the caller's tl kernel computes the call, and every later one)."""
+    global _unsupported
+    try:
+        launcher(grid, args, constexprs, **options)
+    except Exception as err:  # noqa: BLE001 - a Triton whose Gluon API differs from 3.6's, for which this was written
+        if launcher._compiled:  # it has compiled and run before: a real error
+            raise
+        _unsupported = f"{type(err).__name__}: {err}"
+        warnings.warn(f"moetron: the Gluon grouped GEMM does not compile with Triton {triton.__version__}; using "
+                      f"the tl kernels ({_unsupported.splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
+        return None
+    return launcher, args, constexprs, options
 
 
 def launch(x, w, groups, out, trans_w: bool, programs: int):
@@ -229,19 +374,24 @@ def launch(x, w, groups, out, trans_w: bool, programs: int):
     N = out.shape[1]
     G = groups.num_groups
     args = (x, w, out, groups.sizes, M, N, K, G, programs, x.stride(0), out.stride(0))
+    # 3 stages: 3 x (16 + 32) KB of operands + 2 x 32 KB of store staging = 208 KB of the SM's 227
     constexprs = dict(TRANS_W=trans_w, SIZES_ARE_ENDS=groups.are_ends, ZERO_TAIL=groups.zero_tail,
-                      BLOCK_G=max(32, 1 << G.bit_length()))
-    options = dict(num_warps=4)
-    global _unsupported
-    try:
-        _launch_ws((programs,), args, constexprs, **options)
-    except Exception as err:  # noqa: BLE001 - any compile failure: see below
-        if _launch_ws._compiled:  # it has compiled and run before: a real error, not an unsupported Triton
-            raise
-        # a Triton whose Gluon API differs from the one this was written for (3.6): nothing has run yet, so the
-        # caller's tl kernel computes this call and every later one
-        _unsupported = f"{type(err).__name__}: {err}"
-        warnings.warn(f"moetron: the Gluon grouped GEMM does not compile with Triton {triton.__version__}; using "
-                      f"the tl kernels ({_unsupported.splitlines()[0][:200]})", RuntimeWarning, stacklevel=2)
-        return None
-    return _launch_ws, args, constexprs, options
+                      BLOCK_G=max(32, 1 << G.bit_length()), NUM_STAGES=3)
+    return _first_launch_or_none(_launch_ws, (programs,), args, constexprs, dict(num_warps=4))
+
+
+GATED_STAGES = 3  # 3 x 48 KB of operands + 2 x 32 KB of h's staging
+
+
+def launch_gated(x, w, scale, groups, a, h, programs: int):
+    """a (and h, when given) through ``_gmm_gated_ws_kernel`` (``gated_eligible`` was checked); returns the launcher
+    and its arguments (tensors x, w, scale, a, h, sizes: the order of ``gmm_gated``'s own tensor list), or None as
+    ``launch`` does."""
+    M, K = x.shape
+    F_ = w.shape[1] // 2
+    G = groups.num_groups
+    args = (x, w, scale if scale is not None else a, a, h if h is not None else a, groups.sizes, M, F_, K, G,
+            programs, x.stride(0), a.stride(0), (h if h is not None else a).stride(0))
+    constexprs = dict(HAS_SCALE=scale is not None, STORE_H=h is not None, SIZES_ARE_ENDS=groups.are_ends,
+                      ZERO_TAIL=groups.zero_tail, BLOCK_G=max(32, 1 << G.bit_length()), NUM_STAGES=GATED_STAGES)
+    return _first_launch_or_none(_launch_gated_ws, (programs,), args, constexprs, dict(num_warps=4))

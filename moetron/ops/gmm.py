@@ -929,6 +929,15 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
     if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
         return a
     G = groups.num_groups
+    if (not _CONFIG_OVERRIDES.get("gated") and not scale_by_slot
+            and _gluon_gmm.gated_eligible(x, w, activation, gather is not None, _few_rows(M, G))):
+        programs = num_sms(x.device.index or 0)
+        launched = _gluon_gmm.launch_gated(x, w, row_scale, groups, a, h_out, programs)
+        if launched is not None:  # else it does not compile with this Triton: the tl kernel below
+            launcher, args, constexprs, options = launched
+            if plan_key is not None:  # x, w, scale, a, h, sizes: the first six of tensors
+                _GATED_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options, pick=(0, 1, 2, 3, 4, 5))
+            return a
     cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(not x.is_cuda, large_weight, _few_rows(M, G))
     max_tiles = (cdiv(M, cfg["BM"]) + G) * cdiv(F_, cfg["BN"])
     programs = max(1, min(num_sms(x.device.index or 0) if x.is_cuda else 4, max_tiles))

@@ -113,3 +113,61 @@ def test_a_triton_whose_gluon_does_not_compile_falls_back_to_the_tl_kernel(monke
         got = _run(x, w, counts, False, True, True, gluon=True)
     assert torch.equal(got, want)
     assert _gluon_gmm._unsupported and not _gluon_gmm.eligible(x, w, got, False, False, False)
+
+
+def _run_gated(x, w, groups, scale, store_h, gluon: bool):
+    h = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype, device=x.device) if store_h else None
+    old = os.environ.get("MOETRON_GLUON")
+    os.environ["MOETRON_GLUON"] = "1" if gluon else "0"
+    try:
+        G._GATED_PLANS.clear()
+        a = G.gmm_gated(x, w, groups, "swiglu", scale, h_out=h)
+    finally:
+        G._GATED_PLANS.clear()
+        if old is None:
+            os.environ.pop("MOETRON_GLUON")
+        else:
+            os.environ["MOETRON_GLUON"] = old
+    return a, h
+
+
+@pytest.mark.parametrize("are_ends", [False, True])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_gluon_gated_gmm_matches_tl_bitwise_and_float64(are_ends, with_scale):
+    """The first expert GEMM with SwiGLU in its epilogue: a and h bitwise the tl kernel's, with h stored
+    (training: full 64-row halves through TMA, halves at a group's end by pointer stores) and without."""
+    torch.manual_seed(0)
+    counts = [0, 5, 64, 65, 128, 129, 0, 300, 1, 63, 191, 0]
+    K, F = 192, 256  # two 128-column tiles of a
+    rows = sum(counts)
+    x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(len(counts), 2 * F, K, device="cuda", dtype=torch.bfloat16)
+    counts_t = torch.tensor(counts, device="cuda")
+    sizes = counts_t.cumsum(0) if are_ends else counts_t.to(torch.int32)
+    scale = torch.rand(rows, device="cuda") if with_scale else None
+    assert _gluon_gmm.gated_eligible(x, w, "swiglu", False, False)
+    groups = G._Groups(sizes, are_ends, rows)
+    for store_h in (True, False):
+        a, h = _run_gated(x, w, groups, scale, store_h, gluon=True)
+        a_tl, h_tl = _run_gated(x, w, groups, scale, store_h, gluon=False)
+        assert torch.isfinite(a).all() and torch.equal(a, a_tl)
+        if store_h:
+            assert torch.isfinite(h).all() and torch.equal(h, h_tl)
+    h_ref = _reference(x, w, counts, True, rows)
+    a_ref = torch.nn.functional.silu(h_ref[:, :F]) * h_ref[:, F:]
+    if with_scale:
+        a_ref = a_ref * scale.double()[:, None]
+    err = ((a.double() - a_ref).abs() / (a_ref.abs() + 1)).max().item()
+    assert err < 2e-2, err
+
+
+def test_gluon_gated_gmm_eligibility():
+    x = torch.empty(8192, 2048, device="cuda", dtype=torch.bfloat16)
+    qwen3 = torch.empty(128, 1536, 2048, device="cuda", dtype=torch.bfloat16)
+    olmoe = torch.empty(64, 2048, 2048, device="cuda", dtype=torch.bfloat16)
+    assert _gluon_gmm.gated_eligible(x, qwen3, "swiglu", False, False)
+    assert not _gluon_gmm.gated_eligible(x, qwen3, "geglu", False, False)
+    assert not _gluon_gmm.gated_eligible(x, qwen3, "swiglu", True, False)  # row gather (inference)
+    assert not _gluon_gmm.gated_eligible(x, olmoe, "swiglu", False, False)  # measured level: the tl kernel
+    assert not _gluon_gmm.gated_eligible(x, torch.empty(128, 1408, 2048, device="cuda", dtype=torch.bfloat16),
+                                         "swiglu", False, False)  # F = 704, not a multiple of 128
