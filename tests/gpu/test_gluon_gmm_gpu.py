@@ -4,6 +4,7 @@ empty groups, groups that end inside either 64-row half of a tile, rows past the
 counts and cumulative ends, both weight layouts, bf16 and fp16. Outputs start as NaN, so a row the kernel should
 write and does not fails."""
 
+import contextlib
 import importlib
 import os
 
@@ -28,20 +29,30 @@ def _reference(x, w, counts, trans_w, num_rows):
     return out
 
 
-def _run(x, w, sizes, are_ends, trans_w, zero_tail, gluon: bool):
-    out = torch.full((x.shape[0], w.shape[1] if trans_w else w.shape[2]), float("nan"), dtype=x.dtype,
-                     device=x.device)
+@contextlib.contextmanager
+def _gluon(on: bool):
+    """MOETRON_GLUON set to ``on`` inside; launch plans cleared on the way in and out, since a plan made under the
+    other setting would replay its kernel."""
     old = os.environ.get("MOETRON_GLUON")
-    os.environ["MOETRON_GLUON"] = "1" if gluon else "0"
+    os.environ["MOETRON_GLUON"] = "1" if on else "0"
+    G._FWD_PLANS.clear()
+    G._GATED_PLANS.clear()
     try:
-        G._FWD_PLANS.clear()  # a plan made under the other setting would replay its kernel
-        G._run_gmm(x, w, None, G._Groups(sizes, are_ends, x.shape[0], zero_tail=zero_tail), out, trans_w)
+        yield
     finally:
         G._FWD_PLANS.clear()
+        G._GATED_PLANS.clear()
         if old is None:
             os.environ.pop("MOETRON_GLUON")
         else:
             os.environ["MOETRON_GLUON"] = old
+
+
+def _run(x, w, sizes, are_ends, trans_w, zero_tail, gluon: bool):
+    out = torch.full((x.shape[0], w.shape[1] if trans_w else w.shape[2]), float("nan"), dtype=x.dtype,
+                     device=x.device)
+    with _gluon(gluon):
+        G._run_gmm(x, w, None, G._Groups(sizes, are_ends, x.shape[0], zero_tail=zero_tail), out, trans_w)
     return out
 
 
@@ -117,17 +128,8 @@ def test_a_triton_whose_gluon_does_not_compile_falls_back_to_the_tl_kernel(monke
 
 def _run_gated(x, w, groups, scale, store_h, gluon: bool):
     h = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype, device=x.device) if store_h else None
-    old = os.environ.get("MOETRON_GLUON")
-    os.environ["MOETRON_GLUON"] = "1" if gluon else "0"
-    try:
-        G._GATED_PLANS.clear()
+    with _gluon(gluon):
         a = G.gmm_gated(x, w, groups, "swiglu", scale, h_out=h)
-    finally:
-        G._GATED_PLANS.clear()
-        if old is None:
-            os.environ.pop("MOETRON_GLUON")
-        else:
-            os.environ["MOETRON_GLUON"] = old
     return a, h
 
 
