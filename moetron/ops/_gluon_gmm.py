@@ -34,6 +34,12 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 from .._env import triton_interpreter_enabled
 from ._launch import CachedLauncher
 
+if gluon is not None:
+    # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later releases
+    # async_load / async_store (same leading arguments) and make the old names raise
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
 if gluon is not None:  # constexpr globals, so the kernels can read them
     TILE_M = gl.constexpr(128)  # two warpgroups of HALF rows
     HALF = gl.constexpr(64)
@@ -143,18 +149,18 @@ if gluon is not None:
                 s = p % NUM_STAGES
                 mbarrier.wait(empty.index(s), ((p // NUM_STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
                 mbarrier.expect(ready.index(s), nbytes)
-                tma.async_copy_global_to_shared(a_desc, [row0, k0], ready.index(s), a_bufs.index(s))
+                _tma_load(a_desc, [row0, k0], ready.index(s), a_bufs.index(s))
                 # the tail entry (g == G) loads rows past the weight's end: zero-filled, and never multiplied
                 if GATED:
                     b_buf = b_bufs.index(s)
-                    tma.async_copy_global_to_shared(b_desc, [g * 2 * N + n0, k0], ready.index(s),
+                    _tma_load(b_desc, [g * 2 * N + n0, k0], ready.index(s),
                                                     b_buf.slice(0, tile_n))
-                    tma.async_copy_global_to_shared(b_desc, [g * 2 * N + N + n0, k0], ready.index(s),
+                    _tma_load(b_desc, [g * 2 * N + N + n0, k0], ready.index(s),
                                                     b_buf.slice(tile_n, tile_n))
                 elif TRANS_W:
-                    tma.async_copy_global_to_shared(b_desc, [g * N + n0, k0], ready.index(s), b_bufs.index(s))
+                    _tma_load(b_desc, [g * N + n0, k0], ready.index(s), b_bufs.index(s))
                 else:
-                    tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0], ready.index(s), b_bufs.index(s))
+                    _tma_load(b_desc, [g * K + k0, n0], ready.index(s), b_bufs.index(s))
                 p += 1
 
     @gluon.jit
@@ -206,7 +212,7 @@ if gluon is not None:
                     tma.store_wait(0)  # this warpgroup's previous store has read its staging buffer
                     c_buf.store(out)
                     fence_async_shared()
-                    tma.async_copy_shared_to_global(y_desc, [my_row0, n0], c_buf)
+                    _tma_store(y_desc, [my_row0, n0], c_buf)
                 else:  # the entry ends inside these 64 rows: a masked store, the next group's rows untouched
                     rows = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
                     cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
@@ -280,8 +286,8 @@ if gluon is not None:
                     tma.store_wait(0)
                     c_buf.store(h)
                     fence_async_shared()
-                    tma.async_copy_shared_to_global(h_desc, [my_row0, n0], c_buf.slice(0, tile_n, dim=1))
-                    tma.async_copy_shared_to_global(h_desc, [my_row0, F + n0], c_buf.slice(tile_n, tile_n, dim=1))
+                    _tma_store(h_desc, [my_row0, n0], c_buf.slice(0, tile_n, dim=1))
+                    _tma_store(h_desc, [my_row0, F + n0], c_buf.slice(tile_n, tile_n, dim=1))
                     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
                     g_b = c_buf.slice(0, tile_n, dim=1).load(blk).to(gl.float32)
                     u_b = c_buf.slice(tile_n, tile_n, dim=1).load(blk).to(gl.float32)
@@ -293,7 +299,7 @@ if gluon is not None:
                     a_stage = c_buf.slice(0, tile_n, dim=1)
                     a_stage.store(o_b.to(a_ptr.dtype.element_ty))
                     fence_async_shared()
-                    tma.async_copy_shared_to_global(o_desc, [my_row0, n0], a_stage)
+                    _tma_store(o_desc, [my_row0, n0], a_stage)
                 else:
                     if STORE_H:  # column j < 128 is gate column n0 + j, the rest up column F + n0 + j - 128
                         rows = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
