@@ -929,7 +929,7 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
     if plan_key is not None and _GATED_PLANS.run(plan_key, tensors):
         return a
     G = groups.num_groups
-    if (not _CONFIG_OVERRIDES.get("gated") and not scale_by_slot
+    if (not _CONFIG_OVERRIDES.get("gated") and not scale_by_slot and x.shape[0] == M
             and _gluon_gmm.gated_eligible(x, w, activation, gather is not None, _few_rows(M, G))):
         programs = num_sms(x.device.index or 0)
         launched = _gluon_gmm.launch_gated(x, w, row_scale, groups, a, h_out, programs)
