@@ -11,8 +11,9 @@ weight traffic per FLOP stays that of the 128x256 tile (64-row tiles alone would
 Two kernels: ``_gmm_ws_kernel`` (gmm's forward and dx) and ``_gmm_gated_ws_kernel`` (the first expert GEMM with
 SwiGLU in its epilogue, as ``gmm_gated``). Same arithmetic as the `tl` kernels (BK=64 steps, fp32 accumulation in
 the same order, the same roundings), so the results are bitwise equal (tests/gpu/test_gluon_gmm_gpu.py). Used only
-where they were measured faster (see ``eligible`` and ``gated_eligible``); everything else keeps the `tl` kernels. ``MOETRON_GLUON=0`` turns it off (read when gmm plans a
-launch for a new shape; a shape already planned keeps its kernel).
+where they were measured faster (see ``eligible`` and ``gated_eligible``); everything else keeps the `tl` kernels.
+``MOETRON_GLUON=0`` turns them off (read when gmm plans a launch for a new shape; a shape already planned keeps its
+kernel).
 """
 
 
@@ -39,8 +40,7 @@ if gluon is not None:
     # async_load / async_store (same leading arguments) and make the old names raise
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-
-if gluon is not None:  # constexpr globals, so the kernels can read them
+    # constexpr globals, so the kernels can read them
     TILE_M = gl.constexpr(128)  # two warpgroups of HALF rows
     HALF = gl.constexpr(64)
     BLOCK_N = gl.constexpr(256)
@@ -153,10 +153,8 @@ if gluon is not None:
                 # the tail entry (g == G) loads rows past the weight's end: zero-filled, and never multiplied
                 if GATED:
                     b_buf = b_bufs.index(s)
-                    _tma_load(b_desc, [g * 2 * N + n0, k0], ready.index(s),
-                                                    b_buf.slice(0, tile_n))
-                    _tma_load(b_desc, [g * 2 * N + N + n0, k0], ready.index(s),
-                                                    b_buf.slice(tile_n, tile_n))
+                    _tma_load(b_desc, [g * 2 * N + n0, k0], ready.index(s), b_buf.slice(0, tile_n))
+                    _tma_load(b_desc, [g * 2 * N + N + n0, k0], ready.index(s), b_buf.slice(tile_n, tile_n))
                 elif TRANS_W:
                     _tma_load(b_desc, [g * N + n0, k0], ready.index(s), b_bufs.index(s))
                 else:
