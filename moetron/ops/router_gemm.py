@@ -351,6 +351,9 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, *, pass_tokens: bool = False
     ``pass_tokens=True`` returns ``(logits, tokens)``: ``tokens`` is x (a view of it, same values) for the caller's
     other uses of x, whose gradient the backward then adds into dx in the dx kernel itself instead of autograd
     adding it in a separate pass. Under torch.compile ``tokens`` is x itself."""
+    if not isinstance(pass_tokens, bool):  # a truthy non-bool would silently change what is returned
+        raise TypeError(f"router_logits: pass_tokens must be a bool, got {type(pass_tokens).__name__} "
+                        f"{pass_tokens!r}")
     if not applies(x, w):
         raise ValueError(f"router_logits takes bf16 x [T, H] and an fp32/bf16 w [E, H] with the same H, row-major "
                          f"and non-empty, on one device; got x {x.dtype} {tuple(x.shape)} on {x.device}, "

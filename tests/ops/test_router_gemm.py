@@ -182,3 +182,11 @@ def test_moe_layer_hands_the_experts_the_routers_tokens(monkeypatch):
     assert added == [True, False]
     for name, got, want in zip(("y", "dx", "dw"), fused, plain):
         assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("flag", [1, "yes", None])
+def test_router_logits_pass_tokens_must_be_a_bool(flag):
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    w = torch.randn(8, 32)
+    with pytest.raises(TypeError, match="pass_tokens must be a bool"):
+        router_gemm.router_logits(x, w, pass_tokens=flag)
