@@ -45,6 +45,9 @@ if gluon is not None:
     HALF = gl.constexpr(64)
     BLOCK_N = gl.constexpr(256)
     BLOCK_K = gl.constexpr(64)
+    # each consumer warpgroup's [64, 256] accumulator: one m64n256k16 wgmma per 16 of K
+    ACC_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16]))
 
 
 _unsupported: str | None = None  # why a kernel failed to compile here, if one did (then neither is tried again)
@@ -120,13 +123,16 @@ if gluon is not None:
         return idx, starts, ends, tiles, tile_ends, gl.sum(tiles, axis=0)
 
     @gluon.jit
-    def _locate(m_tile, idx, starts, ends, tiles, tile_ends):
-        """(entry, first row, end row) of the m-tile ``m_tile``."""
+    def _locate(tile, num_n, TILE_N: gl.constexpr, idx, starts, ends, tiles, tile_ends):
+        """(entry, first row, end row, first column) of the flat tile index ``tile``: the one tile order that the
+        producer and both consumers walk. The n-tiles of one m-tile run side by side, so the programs in flight
+        share a few x row panels and the weights of a few groups in L2."""
+        m_tile = tile // num_n
         g = gl.sum((tile_ends <= m_tile).to(gl.int32), axis=0)
         mine = idx == g
         first_tile = gl.sum(gl.where(mine, tile_ends - tiles, 0), axis=0)
         row0 = gl.sum(gl.where(mine, starts, 0), axis=0) + (m_tile - first_tile) * TILE_M
-        return g, row0, gl.sum(gl.where(mine, ends, 0), axis=0)
+        return g, row0, gl.sum(gl.where(mine, ends, 0), axis=0), tile % num_n * TILE_N
 
     @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sizes_ptr, M, N, K, G, num_programs,
@@ -140,11 +146,8 @@ if gluon is not None:
         num_n = gl.cdiv(N, tile_n)
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes * (2 if GATED else 1)
         p = 0
-        # n-tiles of one m-tile run side by side, so the programs in flight share a few x row panels and the
-        # weights of a few groups in L2
         for tile in range(gl.program_id(0), total_m * num_n, num_programs):
-            g, row0, row_end = _locate(tile // num_n, idx, starts, ends, tiles, tile_ends)
-            n0 = tile % num_n * tile_n
+            g, row0, row_end, n0 = _locate(tile, num_n, tile_n, idx, starts, ends, tiles, tile_ends)
             for k0 in range(0, K, BLOCK_K):
                 s = p % NUM_STAGES
                 mbarrier.wait(empty.index(s), ((p // NUM_STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
@@ -163,10 +166,10 @@ if gluon is not None:
 
     @gluon.jit
     def _mainloop(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, c, multiplies, K, TRANS_W: gl.constexpr,
-                  acc_layout: gl.constexpr, NUM_STAGES: gl.constexpr):
+                  NUM_STAGES: gl.constexpr):
         """This warpgroup's [64, 256] accumulator of one tile: every k-step's slot is waited for and released,
         its MMAs issued only if ``multiplies``. Returns it and the advanced slot counter."""
-        acc = gl.zeros((HALF, BLOCK_N), dtype=gl.float32, layout=acc_layout)
+        acc = gl.zeros((HALF, BLOCK_N), dtype=gl.float32, layout=ACC_LAYOUT)
         for k0 in range(0, K, BLOCK_K):
             s = c % NUM_STAGES
             mbarrier.wait(ready.index(s), (c // NUM_STAGES) & 1)
@@ -193,17 +196,14 @@ if gluon is not None:
         idx, starts, ends, tiles, tile_ends, total_m = _schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G,
                                                                  4)
         num_n = gl.cdiv(N, BLOCK_N)
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK_N, 16])
         c_buf = c_bufs.index(WG)
         c = 0
         for tile in range(gl.program_id(0), total_m * num_n, num_programs):
-            g, row0, row_end = _locate(tile // num_n, idx, starts, ends, tiles, tile_ends)
-            n0 = tile % num_n * BLOCK_N
+            g, row0, row_end, n0 = _locate(tile, num_n, BLOCK_N, idx, starts, ends, tiles, tile_ends)
             my_row0 = row0 + WG * HALF
             stores = my_row0 < row_end
             multiplies = stores & (g < G)  # the tail entry stores zeros
-            acc, c = _mainloop(WG, a_bufs, b_bufs, ready, empty, c, multiplies, K, TRANS_W, acc_layout, NUM_STAGES)
+            acc, c = _mainloop(WG, a_bufs, b_bufs, ready, empty, c, multiplies, K, TRANS_W, NUM_STAGES)
             if stores:
                 out = acc.to(y_desc.dtype)
                 if my_row0 + HALF <= row_end:
@@ -212,8 +212,8 @@ if gluon is not None:
                     fence_async_shared()
                     _tma_store(y_desc, [my_row0, n0], c_buf)
                 else:  # the entry ends inside these 64 rows: a masked store, the next group's rows untouched
-                    rows = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
-                    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                    rows = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, ACC_LAYOUT))
+                    cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
                     ptrs = y_ptr + gl.expand_dims(rows.to(gl.int64) * stride_ym, 1) + gl.expand_dims(cols, 0)
                     gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0))
         tma.store_wait(0)
@@ -266,17 +266,13 @@ if gluon is not None:
         idx, starts, ends, tiles, tile_ends, total_m = _schedule(sizes_ptr, M, G, SIZES_ARE_ENDS, ZERO_TAIL, BLOCK_G,
                                                                  4)
         num_n = gl.cdiv(F, tile_n)
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK_N, 16])
         c_buf = c_bufs.index(WG)
         c = 0
         for tile in range(gl.program_id(0), total_m * num_n, num_programs):
-            g, row0, row_end = _locate(tile // num_n, idx, starts, ends, tiles, tile_ends)
-            n0 = tile % num_n * tile_n
+            g, row0, row_end, n0 = _locate(tile, num_n, tile_n, idx, starts, ends, tiles, tile_ends)
             my_row0 = row0 + WG * HALF
             stores = my_row0 < row_end
-            acc, c = _mainloop(WG, a_bufs, b_bufs, ready, empty, c, stores & (g < G), K, True, acc_layout,
-                               NUM_STAGES)
+            acc, c = _mainloop(WG, a_bufs, b_bufs, ready, empty, c, stores & (g < G), K, True, NUM_STAGES)
             if stores:
                 h = acc.to(a_ptr.dtype.element_ty)
                 if STORE_H and my_row0 + HALF <= row_end:
@@ -300,8 +296,8 @@ if gluon is not None:
                     _tma_store(o_desc, [my_row0, n0], a_stage)
                 else:
                     if STORE_H:  # column j < 128 is gate column n0 + j, the rest up column F + n0 + j - 128
-                        rows = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
-                        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                        rows = my_row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, ACC_LAYOUT))
+                        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
                         h_cols = gl.where(cols < tile_n, n0 + cols, F + n0 + cols - tile_n)
                         gl.store(h_ptr + gl.expand_dims(rows.to(gl.int64) * stride_hm, 1) + gl.expand_dims(h_cols, 0),
                                  h, mask=gl.expand_dims(rows < row_end, 1))
