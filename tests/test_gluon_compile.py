@@ -40,6 +40,12 @@ for store_h in (True, False):
     shared[f"gated store_h={store_h}"] = compile_for_sm90(
         m._gmm_gated_ws_kernel, gated, dict(HAS_SCALE=True, STORE_H=store_h, SIZES_ARE_ENDS=True, ZERO_TAIL=False,
                                             BLOCK_G=256, NUM_STAGES=m.GATED_STAGES))
+wgrad = dict(a_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16", sizes_ptr="*i64", M="i32", KA="i32", NB="i32", G="i32",
+             num_programs="i32", stride_am="i32", stride_bm="i32")
+for accumulate, ends in itertools.product((True, False), (True, False)):
+    shared[f"wgrad accumulate={accumulate} ends={ends}"] = compile_for_sm90(
+        m._gmm_k_ws_kernel, wgrad, dict(ACCUMULATE=accumulate, SIZES_ARE_ENDS=ends, BLOCK_G=256, GROUP_K=8,
+                                        NUM_STAGES=m.K_STAGES))
 print(json.dumps(shared))
 """
 
@@ -55,6 +61,6 @@ def test_gluon_kernels_compile_for_sm90():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     shared = json.loads(done.stdout.strip().splitlines()[-1])  # {kernel and specialization: shared memory bytes}
-    assert len(shared) == 6
+    assert len(shared) == 10
     for name, nbytes in shared.items():  # one program per SM: what the kernel asks for must fit an H100's 227 KB
         assert nbytes <= 227 * 1024, (name, nbytes)

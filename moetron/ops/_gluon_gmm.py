@@ -8,10 +8,11 @@ producer: each owns 64 rows of the tile and the second skips its MMAs when the g
 which leaves the SM's tensor cores to the first. Both read the same weight panel from shared memory, so the
 weight traffic per FLOP stays that of the 128x256 tile (64-row tiles alone would double it).
 
-Two kernels: ``_gmm_ws_kernel`` (gmm's forward and dx) and ``_gmm_gated_ws_kernel`` (the first expert GEMM with
-SwiGLU in its epilogue, as ``gmm_gated``). Same arithmetic as the `tl` kernels (BK=64 steps, fp32 accumulation in
-the same order, the same roundings), so the results are bitwise equal (tests/gpu/test_gluon_gmm_gpu.py). Used only
-where they were measured faster (see ``eligible`` and ``gated_eligible``); everything else keeps the `tl` kernels.
+Three kernels: ``_gmm_ws_kernel`` (gmm's forward and dx), ``_gmm_gated_ws_kernel`` (the first expert GEMM with
+SwiGLU in its epilogue, as ``gmm_gated``) and ``_gmm_k_ws_kernel`` (the k-grouped weight gradient, see its
+section). Same arithmetic as the `tl` kernels (the same k-steps, fp32 accumulation in the same order, the same
+roundings), so the results are bitwise equal (tests/gpu/test_gluon_gmm_gpu.py). Used only where they were measured
+faster (see ``eligible``, ``gated_eligible`` and ``k_eligible``); everything else keeps the `tl` kernels.
 ``MOETRON_GLUON=0`` turns them off (read when gmm plans a launch for a new shape; a shape already planned keeps its
 kernel).
 """
@@ -40,6 +41,8 @@ if gluon is not None:
     # async_load / async_store (same leading arguments) and make the old names raise
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # and the CTA-wide (in a warp-specialized partition: partition-wide) barrier thread_barrier, later barrier
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     # constexpr globals, so the kernels can read them
     TILE_M = gl.constexpr(128)  # two warpgroups of HALF rows
     HALF = gl.constexpr(64)
@@ -58,11 +61,21 @@ def _hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-def _fits(x: torch.Tensor, w: torch.Tensor, N: int, has_bias: bool, gathered: bool, few_rows: bool) -> bool:
-    """The conditions on x and w [G, ., .] (N output columns of the MMA) that both kernels share."""
+def _runs_on(x: torch.Tensor) -> bool:
+    """The Gluon kernels are on (Gluon present and compiling here, not turned off) and x is on an sm_90 GPU."""
     if gluon is None or _unsupported or os.environ.get("MOETRON_GLUON", "1") == "0" or triton_interpreter_enabled():
         return False
-    if not (x.is_cuda and _hopper(x.device.index or 0)) or has_bias or gathered or few_rows:
+    return x.is_cuda and _hopper(x.device.index or 0)
+
+
+def _tma_rows(*tensors: torch.Tensor) -> bool:
+    """Each 2-D tensor has unit column stride and 16-byte aligned rows and start (TMA's requirements)."""
+    return all(t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _fits(x: torch.Tensor, w: torch.Tensor, N: int, has_bias: bool, gathered: bool, few_rows: bool) -> bool:
+    """The conditions on x and w [G, ., .] (N output columns of the MMA) that both m-grouped kernels share."""
+    if not _runs_on(x) or has_bias or gathered or few_rows:
         return False
     if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
         return False
@@ -71,7 +84,7 @@ def _fits(x: torch.Tensor, w: torch.Tensor, N: int, has_bias: bool, gathered: bo
     # bands and plain stores suit them (session 23)
     if K % 64 or N < 256 or N * K >= 8 * 2**20 or not w.is_contiguous() or w.shape[0] * max(N, K) >= 2**31:
         return False
-    return x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    return _tma_rows(x) and w.data_ptr() % 16 == 0
 
 
 def eligible(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, has_bias: bool, gathered: bool,
@@ -82,8 +95,7 @@ def eligible(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, has_bias: bool
     more than decode-sized row counts (the 64-row decode tiles stay). Measured on Qwen3-30B, OLMoE, Mixtral and the
     grouped-GEMM blog shapes (benchmarks/NOTES.md, session 23)."""
     N = out.shape[1]
-    return (_fits(x, w, N, has_bias, gathered, few_rows) and out.dtype == x.dtype and out.stride(1) == 1
-            and out.stride(0) % 8 == 0 and out.data_ptr() % 16 == 0 and N % 8 == 0)
+    return _fits(x, w, N, has_bias, gathered, few_rows) and out.dtype == x.dtype and _tma_rows(out) and N % 8 == 0
 
 
 def gated_eligible(x: torch.Tensor, w: torch.Tensor, activation: str, gathered: bool, few_rows: bool) -> bool:
@@ -92,6 +104,20 @@ def gated_eligible(x: torch.Tensor, w: torch.Tensor, activation: str, gathered: 
     weight under 4M elements: Qwen3-30B's (3.1M) ran 1.056x the tl kernel, OLMoE's (4.2M) 0.99x (session 23)."""
     return (activation == "swiglu" and w.shape[1] % 256 == 0 and w.shape[1] * x.shape[1] < 4 * 2**20
             and _fits(x, w, w.shape[1], False, gathered, few_rows))
+
+
+def k_eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, few_rows: bool) -> bool:
+    """Whether gmm's weight gradient out[g] (+)= a[rows of g]^T @ b[rows of g] takes ``_gmm_k_ws_kernel``: an sm_90
+    GPU, a, b and out of one 16-bit dtype (an fp32 main_grad keeps the tl kernel: its tile would not fit), a's width
+    a multiple of 128, per-group outputs under 8M elements (from there the tl kernel takes 128x256 tiles itself),
+    TMA-aligned rows, a contiguous out, and more than decode-sized row counts (the tl kernel's write-bound decode
+    config stays). Measured on Qwen3-30B, OLMoE and the grouped-GEMM blog shapes (benchmarks/NOTES.md, session 25)."""
+    if not _runs_on(a) or few_rows or a.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if b.dtype != a.dtype or out.dtype != a.dtype or not out.is_contiguous() or out.data_ptr() % 16:
+        return False
+    KA, NB = a.shape[1], b.shape[1]
+    return KA % 128 == 0 and NB % 8 == 0 and KA * NB < 8 * 2**20 and out.shape[0] * KA < 2**31 and _tma_rows(a, b)
 
 
 if gluon is not None:
@@ -349,6 +375,174 @@ if gluon is not None:
 
     _launch_gated_ws = CachedLauncher(_gmm_gated_ws_kernel, device_scratch=True)
 
+    # ---- the k-grouped weight gradient ------------------------------------------------------------------------
+    # out[g] = a[rows of g]^T @ b[rows of g] for a [M, KA], b [M, NB] and out [G, KA, NB] (gmm's dw: a is dy or x,
+    # b the other), added into out with ACCUMULATE. The `tl` kernel runs 128x128 output tiles, two programs per SM,
+    # and at Qwen3-30B's shapes it is bound by the L2 traffic those tiles need: each 32-row step brings 16 KB of
+    # operands for 1 MFLOP (64 FLOP/B). Here a tile is 128x256 (87 FLOP/B), split over two consumer warpgroups that
+    # each own 64 of its rows (64 of a's columns) and read the whole b chunk, fed by a one-warp TMA producer that runs
+    # ahead across tiles. Each warpgroup stores its half of the tile through its own staging buffer by TMA; with
+    # ACCUMULATE that buffer first receives the stored values by TMA, issued as soon as the previous store has read
+    # it, so the load overlaps a whole main loop.
+    BLOCK_R = gl.constexpr(32)  # rows reduced per step, as the tl kernel's BM (same accumulation order)
+    TILE_KA = gl.constexpr(128)  # output rows (a's columns) per tile: two warpgroups of HALF
+
+    @gluon.jit
+    def _k_group_rows(sizes_ptr, g, M, SIZES_ARE_ENDS: gl.constexpr, BLOCK_G: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Group g's rows [start, end), clamped as gmm.py's ``_group_rows`` clamps them."""
+        if SIZES_ARE_ENDS:
+            end = gl.load(sizes_ptr + g).to(gl.int32)
+            start = gl.load(sizes_ptr + g - 1, mask=g > 0, other=0).to(gl.int32)
+        else:
+            layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+            idx = gl.arange(0, BLOCK_G, layout=layout)
+            counts = gl.maximum(gl.load(sizes_ptr + idx, mask=idx <= g, other=0).to(gl.int32), 0)
+            end = gl.sum(counts, axis=0)
+            start = end - gl.sum(gl.where(idx == g, counts, 0), axis=0)
+        start = gl.minimum(gl.maximum(start, 0), M)
+        return start, gl.minimum(gl.maximum(end, start), M)
+
+    @gluon.jit
+    def _k_locate(tile, num_k, num_n, GROUP_K: gl.constexpr):
+        """(group, k-tile, n-tile) of a flat tile index, in gmm.py's ``_wgrad_tile`` order: within a group, bands of
+        GROUP_K k-tiles sweep N together, so the tiles in flight share a few operand panels in L2."""
+        g = tile // (num_k * num_n)
+        r = tile % (num_k * num_n)
+        per_band = GROUP_K * num_n
+        first_k = r // per_band * GROUP_K
+        band_k = gl.minimum(num_k - first_k, GROUP_K)
+        return g, first_k + (r % per_band) % band_k, (r % per_band) // band_k
+
+    @gluon.jit
+    def _k_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sizes_ptr, M, KA, NB, total_tiles, num_programs,
+                    SIZES_ARE_ENDS: gl.constexpr, BLOCK_G: gl.constexpr, GROUP_K: gl.constexpr,
+                    NUM_STAGES: gl.constexpr):
+        """One warp: each step's two 64-column halves of a (one per warpgroup) and its 256 columns of b."""
+        num_k = KA // TILE_KA
+        num_n = gl.cdiv(NB, BLOCK_N)
+        nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        p = 0
+        for tile in range(gl.program_id(0), total_tiles, num_programs):
+            g, kt, nt = _k_locate(tile, num_k, num_n, GROUP_K)
+            row_start, row_end = _k_group_rows(sizes_ptr, g, M, SIZES_ARE_ENDS, BLOCK_G, 1)
+            for r0 in range(row_start, gl.maximum(row_end, row_start + 1), BLOCK_R):  # an empty group: one step
+                s = p % NUM_STAGES
+                mbarrier.wait(empty.index(s), ((p // NUM_STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), nbytes)
+                _tma_load(a_desc, [r0, kt * TILE_KA], ready.index(s), a_bufs.index(2 * s))
+                _tma_load(a_desc, [r0, kt * TILE_KA + HALF], ready.index(s), a_bufs.index(2 * s + 1))
+                _tma_load(b_desc, [r0, nt * BLOCK_N], ready.index(s), b_bufs.index(s))
+                p += 1
+
+    @gluon.jit
+    def _k_zero_rows(buf, valid, layout: gl.constexpr):
+        """Rows >= valid of a shared-memory tile set to zero."""
+        rows = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
+        tile = buf.load(layout)
+        buf.store(gl.where(gl.expand_dims(rows < valid, 1), tile, gl.zeros_like(tile)))
+
+    @gluon.jit
+    def _k_consumer(WG: gl.constexpr, a_bufs, b_bufs, c_bufs, ready, empty, zeroed, c_bars, out_desc, sizes_ptr, M,
+                    KA, NB, total_tiles, num_programs, ACCUMULATE: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr,
+                    BLOCK_G: gl.constexpr, GROUP_K: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """One warpgroup: rows [WG * 64, WG * 64 + 64) of each [128, 256] output tile. In the step that crosses the
+        group's end, the rows past it (the next group's, or rows past M that TMA zero-filled) are zeroed in both
+        operands before the MMA, as 0 * inf would be NaN: this warpgroup's a half and its 128 columns of b, after
+        which the two warpgroups meet on ``zeroed`` (each MMA reads all of b)."""
+        num_k = KA // TILE_KA
+        num_n = gl.cdiv(NB, BLOCK_N)
+        a_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        b_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        c_buf = c_bufs.index(WG)
+        c_bar = c_bars.index(WG)
+        pid = gl.program_id(0)
+        my_tiles = gl.cdiv(total_tiles - pid, num_programs)
+        if ACCUMULATE:  # the first tile's stored values, into the staging buffer
+            g0, kt0, nt0 = _k_locate(pid, num_k, num_n, GROUP_K)
+            mbarrier.expect(c_bar, out_desc.block_type.nbytes, pred=my_tiles > 0)
+            _tma_load(out_desc, [g0 * KA + kt0 * TILE_KA + WG * HALF, nt0 * BLOCK_N], c_bar, c_buf,
+                      pred=my_tiles > 0)
+        c = 0
+        crossings = 0
+        for t in range(my_tiles):
+            tile = pid + t * num_programs
+            g, kt, nt = _k_locate(tile, num_k, num_n, GROUP_K)
+            row_start, row_end = _k_group_rows(sizes_ptr, g, M, SIZES_ARE_ENDS, BLOCK_G, 4)
+            acc = gl.zeros((HALF, BLOCK_N), dtype=gl.float32, layout=ACC_LAYOUT)
+            for r0 in range(row_start, gl.maximum(row_end, row_start + 1), BLOCK_R):
+                s = c % NUM_STAGES
+                mbarrier.wait(ready.index(s), (c // NUM_STAGES) & 1)
+                valid = row_end - r0
+                if valid < BLOCK_R:
+                    _k_zero_rows(a_bufs.index(2 * s + WG), valid, a_layout)
+                    _k_zero_rows(b_bufs.index(s).slice(WG * (BLOCK_N // 2), BLOCK_N // 2, dim=1), valid, b_layout)
+                    fence_async_shared()
+                    _barrier()
+                    mbarrier.arrive(zeroed)
+                    mbarrier.wait(zeroed, crossings & 1)
+                    crossings += 1
+                acc = warpgroup_mma(a_bufs.index(2 * s + WG).permute((1, 0)), b_bufs.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc, ))
+                if r0 > row_start:  # the MMA before this one has finished reading its slot
+                    mbarrier.arrive(empty.index((c - 1) % NUM_STAGES))
+                c += 1
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(empty.index((c - 1) % NUM_STAGES))
+            if ACCUMULATE:
+                mbarrier.wait(c_bar, t & 1)
+                acc = acc + c_buf.load(ACC_LAYOUT).to(gl.float32)
+                _barrier()  # every lane has read the stored values before any overwrites them
+            else:
+                tma.store_wait(0)  # this warpgroup's previous store has read its staging buffer
+            c_buf.store(acc.to(out_desc.dtype))
+            fence_async_shared()
+            _barrier()
+            _tma_store(out_desc, [g * KA + kt * TILE_KA + WG * HALF, nt * BLOCK_N], c_buf)
+            if ACCUMULATE:  # the next tile's stored values, once this store has read the buffer
+                tma.store_wait(0)
+                more = t + 1 < my_tiles
+                gn, ktn, ntn = _k_locate(gl.minimum(tile + num_programs, total_tiles - 1), num_k, num_n, GROUP_K)
+                mbarrier.expect(c_bar, out_desc.block_type.nbytes, pred=more)
+                _tma_load(out_desc, [gn * KA + ktn * TILE_KA + WG * HALF, ntn * BLOCK_N], c_bar, c_buf, pred=more)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _gmm_k_ws_kernel(a_ptr, b_ptr, out_ptr, sizes_ptr, M, KA, NB, G, num_programs, stride_am, stride_bm,
+                         ACCUMULATE: gl.constexpr, SIZES_ARE_ENDS: gl.constexpr, BLOCK_G: gl.constexpr,
+                         GROUP_K: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """out[g] (+)= a[rows of g]^T @ b[rows of g]: a [M, KA] with KA a multiple of 128, b [M, NB], out
+        [G, KA, NB] contiguous (viewed as [G * KA, NB]: a tile never crosses a group's rows). Persistent, one
+        program per SM; the rounding is the tl kernel's (fp32 sum plus the stored value, rounded once)."""
+        dtype: gl.constexpr = a_ptr.dtype.element_ty
+        layout: gl.constexpr = gl.NVMMASharedLayout(128, 16, rank=2)
+        a_desc = tma.make_tensor_descriptor(a_ptr, [M, KA], [stride_am, 1], [BLOCK_R, HALF], layout)
+        b_desc = tma.make_tensor_descriptor(b_ptr, [M, NB], [stride_bm, 1], [BLOCK_R, BLOCK_N], layout)
+        out_desc = tma.make_tensor_descriptor(out_ptr, [G * KA, NB], [NB, 1], [HALF, BLOCK_N], layout)
+        a_bufs = gl.allocate_shared_memory(dtype, [2 * NUM_STAGES, BLOCK_R, HALF], layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_R, BLOCK_N], layout)
+        c_bufs = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        c_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)  # both warpgroups release each slot
+        mbarrier.init(zeroed, count=2)
+        mbarrier.init(c_bars.index(0), count=1)
+        mbarrier.init(c_bars.index(1), count=1)
+        total_tiles = G * (KA // TILE_KA) * gl.cdiv(NB, BLOCK_N)
+        gl.warp_specialize([
+            (_k_consumer, (0, a_bufs, b_bufs, c_bufs, ready, empty, zeroed, c_bars, out_desc, sizes_ptr, M, KA, NB,
+                           total_tiles, num_programs, ACCUMULATE, SIZES_ARE_ENDS, BLOCK_G, GROUP_K, NUM_STAGES)),
+            (_k_consumer, (1, a_bufs, b_bufs, c_bufs, ready, empty, zeroed, c_bars, out_desc, sizes_ptr, M, KA, NB,
+                           total_tiles, num_programs, ACCUMULATE, SIZES_ARE_ENDS, BLOCK_G, GROUP_K, NUM_STAGES)),
+            (_k_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sizes_ptr, M, KA, NB, total_tiles,
+                           num_programs, SIZES_ARE_ENDS, BLOCK_G, GROUP_K, NUM_STAGES)),
+        ], [4, 1], [232, 40])
+
+    _launch_k_ws = CachedLauncher(_gmm_k_ws_kernel, device_scratch=True)
+
 
 def _first_launch_or_none(launcher, grid, args, constexprs: dict, options: dict):
     """Launch; if a kernel that has never compiled here fails to, remember why, warn once, and return None (nothing
@@ -395,3 +589,19 @@ def launch_gated(x, w, scale, groups, a, h, programs: int):
     constexprs = dict(HAS_SCALE=scale is not None, STORE_H=h is not None, SIZES_ARE_ENDS=groups.are_ends,
                       ZERO_TAIL=groups.zero_tail, BLOCK_G=max(32, 1 << G.bit_length()), NUM_STAGES=GATED_STAGES)
     return _first_launch_or_none(_launch_gated_ws, (programs,), args, constexprs, dict(num_warps=4))
+
+
+K_STAGES = 6  # 6 x 24 KB of operands + 2 x 32 KB of store staging
+
+
+def launch_k(a, b, groups, out, accumulate: bool, programs: int, group_k: int):
+    """out (+)= the k-grouped GEMM of a and b through ``_gmm_k_ws_kernel`` (``k_eligible`` was checked); returns
+    the launcher and its arguments (tensors a, b, out, sizes: ``_launch_gmm_k``'s order), or None as ``launch``
+    does. ``programs``: at most one per SM."""
+    M, KA = a.shape
+    NB = b.shape[1]
+    G = groups.num_groups
+    args = (a, b, out, groups.sizes, M, KA, NB, G, programs, a.stride(0), b.stride(0))
+    constexprs = dict(ACCUMULATE=accumulate, SIZES_ARE_ENDS=groups.are_ends, BLOCK_G=max(32, 1 << G.bit_length()),
+                      GROUP_K=group_k, NUM_STAGES=K_STAGES)
+    return _first_launch_or_none(_launch_k_ws, (programs,), args, constexprs, dict(num_warps=4))

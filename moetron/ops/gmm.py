@@ -966,6 +966,14 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     G = groups.num_groups
     # the decode config was measured with 16-bit outputs only (its TMA store does not take fp32 main_grad tiles)
     few_rows = _few_rows(a.shape[0], G) and out.element_size() == 2
+    if not _CONFIG_OVERRIDES.get("wgrad") and _gluon_gmm.k_eligible(a, b, out, few_rows):
+        programs = max(1, min(num_sms(a.device.index or 0), G * (KA // 128) * cdiv(NB, 256)))
+        launched = _gluon_gmm.launch_k(a, b, groups, out, accumulate, programs, _GROUP_M)
+        if launched is not None:  # else it does not compile with this Triton: the tl kernel below
+            launcher, args, constexprs, options = launched
+            if plan_key is not None:  # its tensor arguments are `tensors` in order
+                _WGRAD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options)
+            return out
     cfg = _CONFIG_OVERRIDES.get("wgrad") or _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda, few_rows=few_rows)
     grid = (G * cdiv(KA, cfg["BK"]) * cdiv(NB, cfg["BN"]),)
     constexprs = dict(

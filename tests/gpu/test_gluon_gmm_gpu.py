@@ -1,8 +1,9 @@
-"""The warp-specialized Gluon m-grouped GEMM (moetron/ops/_gluon_gmm.py) on an H100: bitwise the `tl` kernel's
-result (same k-steps, same accumulation order, one rounding) and within the rounding of a float64 reference, with
-empty groups, groups that end inside either 64-row half of a tile, rows past the last group (zeroed or left),
-counts and cumulative ends, both weight layouts, bf16 and fp16. Outputs start as NaN, so a row the kernel should
-write and does not fails."""
+"""The warp-specialized Gluon grouped GEMMs (moetron/ops/_gluon_gmm.py) on an H100: bitwise the `tl` kernels'
+results (same k-steps, same accumulation order, one rounding) and within the rounding of a float64 reference, with
+empty groups, groups that end inside either 64-row half of a tile (m-grouped) or inside a 32-row step (the weight
+gradient), rows past the last group (zeroed or left; inf and NaN where only a missed mask would read them),
+counts and cumulative ends, both weight layouts, bf16 and fp16, and the weight gradient plain and accumulating.
+Outputs start as NaN, so an element the kernel should write and does not fails."""
 
 import contextlib
 import importlib
@@ -35,13 +36,14 @@ def _gluon(on: bool):
     other setting would replay its kernel."""
     old = os.environ.get("MOETRON_GLUON")
     os.environ["MOETRON_GLUON"] = "1" if on else "0"
-    G._FWD_PLANS.clear()
-    G._GATED_PLANS.clear()
+    plans = (G._FWD_PLANS, G._GATED_PLANS, G._WGRAD_PLANS)
+    for p in plans:
+        p.clear()
     try:
         yield
     finally:
-        G._FWD_PLANS.clear()
-        G._GATED_PLANS.clear()
+        for p in plans:
+            p.clear()
         if old is None:
             os.environ.pop("MOETRON_GLUON")
         else:
@@ -173,3 +175,60 @@ def test_gluon_gated_gmm_eligibility():
     assert not _gluon_gmm.gated_eligible(x, olmoe, "swiglu", False, False)  # measured level: the tl kernel
     assert not _gluon_gmm.gated_eligible(x, torch.empty(128, 1408, 2048, device="cuda", dtype=torch.bfloat16),
                                          "swiglu", False, False)  # F = 704, not a multiple of 128
+
+
+def _run_wgrad(a, b, sizes, are_ends, out0, accumulate, gluon: bool):
+    out = out0.clone() if accumulate else torch.full_like(out0, float("nan"))
+    with _gluon(gluon):
+        G._run_gmm_k(a, b, G._Groups(sizes, are_ends, a.shape[0]), out, accumulate)
+    return out
+
+
+@pytest.mark.parametrize("are_ends", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(384, 512), (128, 200)])  # (KA, NB): NB not a multiple of the 256-column tile
+def test_gluon_weight_gradient_matches_tl_bitwise_and_float64(are_ends, dtype, shape):
+    """out[g] (+)= a[rows of g]^T @ b[rows of g]. Groups end inside a 32-row step, on its boundary and in the first
+    row of one; empty groups (their gradient is zero, or the stored one unchanged); rows past the last group hold
+    inf in a and NaN in b, which any contribution of theirs would spread."""
+    torch.manual_seed(0)
+    KA, NB = shape
+    counts = [0, 5, 32, 33, 64, 0, 300, 1, 95, 0, 17]
+    rows = sum(counts)
+    M = rows + 29
+    a = torch.randn(M, KA, device="cuda", dtype=dtype)
+    b = torch.randn(M, NB, device="cuda", dtype=dtype)
+    a[rows:] = float("inf")
+    b[rows:] = float("nan")
+    counts_t = torch.tensor(counts, device="cuda")
+    sizes = counts_t.cumsum(0) if are_ends else counts_t.to(torch.int32)
+    out0 = torch.randn(len(counts), KA, NB, device="cuda", dtype=dtype)
+    assert _gluon_gmm.k_eligible(a, b, out0, False)
+    ref = torch.zeros(len(counts), KA, NB, dtype=torch.float64, device="cuda")
+    start = 0
+    for g, c in enumerate(counts):
+        ref[g] = a[start:start + c].double().T @ b[start:start + c].double()
+        start += c
+    for accumulate in (False, True):
+        got = _run_wgrad(a, b, sizes, are_ends, out0, accumulate, gluon=True)
+        want = _run_wgrad(a, b, sizes, are_ends, out0, accumulate, gluon=False)
+        assert torch.equal(got, want)
+        expect = ref + out0.double() if accumulate else ref
+        err = ((got.double() - expect).abs() / (expect.abs() + 1)).max().item()
+        assert err < 1e-2, err
+        assert torch.equal(got[0], out0[0] if accumulate else torch.zeros_like(out0[0]))  # an empty group
+
+
+def test_gluon_weight_gradient_eligibility():
+    def bf(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="cuda", dtype=dtype)
+
+    dh, x = bf(65536, 1536), bf(65536, 2048)
+    assert _gluon_gmm.k_eligible(dh, x, bf(128, 1536, 2048), False)  # Qwen3-30B's up projection
+    assert _gluon_gmm.k_eligible(x, bf(65536, 768), bf(128, 2048, 768), False)  # and its down projection
+    assert not _gluon_gmm.k_eligible(dh, x, bf(128, 1536, 2048), True)  # decode-sized rows
+    assert not _gluon_gmm.k_eligible(dh, x, bf(128, 1536, 2048, dtype=torch.float32), False)  # fp32 main_grad
+    assert not _gluon_gmm.k_eligible(bf(65536, 1344), x, bf(128, 1344, 2048), False)  # KA not a multiple of 128
+    assert not _gluon_gmm.k_eligible(bf(4096, 4096), bf(4096, 14336), bf(1, 4096, 14336), False)  # Mixtral-sized
+    assert not _gluon_gmm.k_eligible(bf(65536, 2049)[:, 1:], x, bf(128, 2048, 2048), False)  # rows misaligned
+    assert not _gluon_gmm.k_eligible(dh, x, bf(128, 2048, 1536).transpose(1, 2), False)  # out not contiguous
