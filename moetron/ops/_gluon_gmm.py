@@ -592,9 +592,12 @@ def launch_gated(x, w, scale, groups, a, h, programs: int):
 
 
 K_STAGES = 6  # 6 x 24 KB of operands + 2 x 32 KB of store staging
+# k-tiles per band of the tile order (gmm.py's tl kernel takes 8): with gradients accumulating, Qwen3-30B's up
+# projection ran 938-990 us against 973-1044 with 8, level elsewhere (session 25, H100)
+K_GROUP_K = 4
 
 
-def launch_k(a, b, groups, out, accumulate: bool, programs: int, group_k: int):
+def launch_k(a, b, groups, out, accumulate: bool, programs: int):
     """out (+)= the k-grouped GEMM of a and b through ``_gmm_k_ws_kernel`` (``k_eligible`` was checked); returns
     the launcher and its arguments (tensors a, b, out, sizes: ``_launch_gmm_k``'s order), or None as ``launch``
     does. ``programs``: at most one per SM."""
@@ -603,5 +606,5 @@ def launch_k(a, b, groups, out, accumulate: bool, programs: int, group_k: int):
     G = groups.num_groups
     args = (a, b, out, groups.sizes, M, KA, NB, G, programs, a.stride(0), b.stride(0))
     constexprs = dict(ACCUMULATE=accumulate, SIZES_ARE_ENDS=groups.are_ends, BLOCK_G=max(32, 1 << G.bit_length()),
-                      GROUP_K=group_k, NUM_STAGES=K_STAGES)
+                      GROUP_K=K_GROUP_K, NUM_STAGES=K_STAGES)
     return _first_launch_or_none(_launch_k_ws, (programs,), args, constexprs, dict(num_warps=4))

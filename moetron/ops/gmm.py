@@ -968,7 +968,7 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     few_rows = _few_rows(a.shape[0], G) and out.element_size() == 2
     if not _CONFIG_OVERRIDES.get("wgrad") and _gluon_gmm.k_eligible(a, b, out, few_rows):
         programs = max(1, min(num_sms(a.device.index or 0), G * (KA // 128) * cdiv(NB, 256)))
-        launched = _gluon_gmm.launch_k(a, b, groups, out, accumulate, programs, _GROUP_M)
+        launched = _gluon_gmm.launch_k(a, b, groups, out, accumulate, programs)
         if launched is not None:  # else it does not compile with this Triton: the tl kernel below
             launcher, args, constexprs, options = launched
             if plan_key is not None:  # its tensor arguments are `tensors` in order

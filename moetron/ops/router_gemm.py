@@ -196,12 +196,18 @@ def _config(kind: str, t: torch.Tensor, E: int, split_w: bool = False) -> tuple[
     # columns of H instead of per 64); dw 128x64 264 -> 128x128 with 8 warps 136. With a bf16 weight (session 16,
     # T=8192 / 2048, us with L2 flushed): 64-row logits tiles reducing 128 columns a step, 32.0 -> 24.4 / 20.8 ->
     # 15.6 (half the steps of a latency-bound loop); an fp32 weight's three parts keep 64 (register room).
+    # Session 25 (T=8192, bf16 weight, do_bench us with L2 flushed, bitwise the same): logits with 4 stages
+    # 24.3-25.1 -> 22.2-22.8; dx on 64x256 tiles with 4 warps 48.1-48.7 -> 42.3-43.0.
     if kind == "logits":
         if t.shape[0] >= 128 * (num_sms(t.device.index or 0) if t.is_cuda else 1):  # CPU: the compile test
             return dict(BM=128, BN=_expert_tile(E), BK=64, num_warps=8, num_stages=3), False
-        return dict(BM=64, BN=_expert_tile(E), BK=64 if split_w else 128, num_warps=4, num_stages=3), False
+        if split_w:
+            return dict(BM=64, BN=_expert_tile(E), BK=64, num_warps=4, num_stages=3), False
+        return dict(BM=64, BN=_expert_tile(E), BK=128, num_warps=4, num_stages=4), False
     if kind == "dx":
-        return dict(BM=128, BN=256, BK=min(64, _expert_tile(E)), num_warps=8, num_stages=2), False
+        if split_w:
+            return dict(BM=128, BN=256, BK=min(64, _expert_tile(E)), num_warps=8, num_stages=2), False
+        return dict(BM=64, BN=256, BK=min(64, _expert_tile(E)), num_warps=4, num_stages=2), False
     return dict(BE=_expert_tile(E), BN=128, BT=64, num_warps=8, num_stages=3), False
 
 
@@ -225,7 +231,7 @@ def _dx(g: torch.Tensor, w: torch.Tensor, x_dtype: torch.dtype, add: torch.Tenso
     T, E = g.shape
     H = w.shape[1]
     dx = torch.empty(T, H, dtype=x_dtype, device=g.device)
-    cfg, fixups = _config("dx", g, E)
+    cfg, fixups = _config("dx", g, E, split_w=w.dtype == torch.float32)
     _launch(_launch_dx, (cdiv(T, cfg["BM"]), cdiv(H, cfg["BN"])),
             (g, w, dx, dx if add is None else add, T, E, H, g.stride(0), w.stride(0), dx.stride(0),
              0 if add is None else add.stride(0)),
