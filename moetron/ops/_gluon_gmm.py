@@ -545,8 +545,9 @@ if gluon is not None:
 
 
 def _first_launch_or_none(launcher, grid, args, constexprs: dict, options: dict):
-    """Launch; if a kernel that has never compiled here fails to, remember why, warn once, and return None (nothing
-    ran, so the caller's tl kernel computes the call, and every later one)."""
+    """Launch; returns (launcher, grid, args, constexprs, options), what ``LaunchPlans.add`` takes after its key.
+    If a kernel that has never compiled here fails to, remember why, warn once, and return None (nothing ran, so
+    the caller's tl kernel computes the call, and every later one)."""
     global _unsupported
     try:
         launcher(grid, args, constexprs, **options)
@@ -557,13 +558,13 @@ def _first_launch_or_none(launcher, grid, args, constexprs: dict, options: dict)
         warnings.warn(f"moetron: the Gluon grouped GEMM does not compile with Triton {triton.__version__}; using "
                       f"the tl kernels ({_unsupported.splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
         return None
-    return launcher, args, constexprs, options
+    return launcher, grid, args, constexprs, options
 
 
 def launch(x, w, groups, out, trans_w: bool, programs: int):
-    """out = gmm(x, w) through ``_gmm_ws_kernel`` (``eligible`` was checked); returns the launcher and its
-    arguments so the caller can keep a launch plan, or None (nothing launched) if the kernel does not compile with
-    this Triton."""
+    """out = gmm(x, w) through ``_gmm_ws_kernel`` (``eligible`` was checked); returns the launch (see
+    ``_first_launch_or_none``) so the caller can keep a launch plan, or None (nothing launched) if the kernel does
+    not compile with this Triton."""
     M, K = x.shape
     N = out.shape[1]
     G = groups.num_groups
@@ -597,13 +598,14 @@ K_STAGES = 6  # 6 x 24 KB of operands + 2 x 32 KB of store staging
 K_GROUP_K = 4
 
 
-def launch_k(a, b, groups, out, accumulate: bool, programs: int):
+def launch_k(a, b, groups, out, accumulate: bool, max_programs: int):
     """out (+)= the k-grouped GEMM of a and b through ``_gmm_k_ws_kernel`` (``k_eligible`` was checked); returns
-    the launcher and its arguments (tensors a, b, out, sizes: ``_launch_gmm_k``'s order), or None as ``launch``
-    does. ``programs``: at most one per SM."""
+    the launch (its tensors a, b, out, sizes: ``_launch_gmm_k``'s order), or None, as ``launch`` does.
+    ``max_programs``: at most one per SM; no more are launched than there are output tiles."""
     M, KA = a.shape
     NB = b.shape[1]
     G = groups.num_groups
+    programs = max(1, min(max_programs, G * (KA // TILE_KA.value) * triton.cdiv(NB, BLOCK_N.value)))
     args = (a, b, out, groups.sizes, M, KA, NB, G, programs, a.stride(0), b.stride(0))
     constexprs = dict(ACCUMULATE=accumulate, SIZES_ARE_ENDS=groups.are_ends, BLOCK_G=max(32, 1 << G.bit_length()),
                       GROUP_K=K_GROUP_K, NUM_STAGES=K_STAGES)

@@ -824,12 +824,10 @@ def _launch_gmm(x, w, bias, groups: _Groups, out, trans_w: bool, gather=None, ga
     few_tiles = few_rows and x.is_cuda and (M // bm + min(G + 1, M)) * cdiv(N, bn) < num_sms(x.device.index or 0)
     if not _CONFIG_OVERRIDES.get("fwd") and _gluon_gmm.eligible(x, w, out, bias is not None, gather is not None,
                                                                  few_rows):
-        programs = num_sms(x.device.index or 0)
-        launched = _gluon_gmm.launch(x, w, groups, out, trans_w, programs)
+        launched = _gluon_gmm.launch(x, w, groups, out, trans_w, num_sms(x.device.index or 0))
         if launched is not None:  # else it does not compile with this Triton: the tl kernel below
-            launcher, args, constexprs, options = launched
             if plan_key is not None:  # its tensor arguments are x, w, out and the sizes: entries 0, 1, 3, 4
-                _FWD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options, pick=(0, 1, 3, 4))
+                _FWD_PLANS.add(plan_key, *launched, pick=(0, 1, 3, 4))
             return out
     cfg = _CONFIG_OVERRIDES.get("fwd") or _gmm_config(x.dtype, N, K, on_cpu=not x.is_cuda, trans_w=trans_w,
                                                       few_rows=few_rows, few_tiles=few_tiles)
@@ -931,12 +929,10 @@ def gmm_gated(x: torch.Tensor, w: torch.Tensor, groups: _Groups, activation: str
     G = groups.num_groups
     if (not _CONFIG_OVERRIDES.get("gated") and not scale_by_slot and x.shape[0] == M
             and _gluon_gmm.gated_eligible(x, w, activation, gather is not None, _few_rows(M, G))):
-        programs = num_sms(x.device.index or 0)
-        launched = _gluon_gmm.launch_gated(x, w, row_scale, groups, a, h_out, programs)
+        launched = _gluon_gmm.launch_gated(x, w, row_scale, groups, a, h_out, num_sms(x.device.index or 0))
         if launched is not None:  # else it does not compile with this Triton: the tl kernel below
-            launcher, args, constexprs, options = launched
             if plan_key is not None:  # x, w, scale, a, h, sizes: the first six of tensors
-                _GATED_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options, pick=(0, 1, 2, 3, 4, 5))
+                _GATED_PLANS.add(plan_key, *launched, pick=(0, 1, 2, 3, 4, 5))
             return a
     cfg = _CONFIG_OVERRIDES.get("gated") or _gmm_gated_config(not x.is_cuda, large_weight, _few_rows(M, G))
     max_tiles = (cdiv(M, cfg["BM"]) + G) * cdiv(F_, cfg["BN"])
@@ -967,12 +963,10 @@ def _launch_gmm_k(a, b, groups: _Groups, out, accumulate: bool):
     # the decode config was measured with 16-bit outputs only (its TMA store does not take fp32 main_grad tiles)
     few_rows = _few_rows(a.shape[0], G) and out.element_size() == 2
     if not _CONFIG_OVERRIDES.get("wgrad") and _gluon_gmm.k_eligible(a, b, out, few_rows):
-        programs = max(1, min(num_sms(a.device.index or 0), G * (KA // 128) * cdiv(NB, 256)))
-        launched = _gluon_gmm.launch_k(a, b, groups, out, accumulate, programs)
+        launched = _gluon_gmm.launch_k(a, b, groups, out, accumulate, num_sms(a.device.index or 0))
         if launched is not None:  # else it does not compile with this Triton: the tl kernel below
-            launcher, args, constexprs, options = launched
             if plan_key is not None:  # its tensor arguments are `tensors` in order
-                _WGRAD_PLANS.add(plan_key, launcher, (programs,), args, constexprs, options)
+                _WGRAD_PLANS.add(plan_key, *launched)
             return out
     cfg = _CONFIG_OVERRIDES.get("wgrad") or _gmm_k_config(a.dtype, KA, NB, on_cpu=not a.is_cuda, few_rows=few_rows)
     grid = (G * cdiv(KA, cfg["BK"]) * cdiv(NB, cfg["BN"]),)
